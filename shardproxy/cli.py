@@ -1,0 +1,134 @@
+"""Command line: ``shardproxy run | check | demo | version``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import tomli_w
+import trio
+
+from . import __version__, config, logs
+from .config import Config, ConfigError
+from .echo import serve_echo
+from .supervisor import StartError, Supervisor
+
+DEMO_PORT = 8080
+
+
+def _load(path: str) -> Config:
+    try:
+        return config.load(path)
+    except ConfigError as e:
+        print(f"shardproxy: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    print(f"# {args.config}: OK. Effective configuration (defaults filled in):")
+    print(tomli_w.dumps(cfg.to_dict()), end="")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    logs.configure(cfg.log.level, {"process.name": "supervisor"})
+    return _run_supervisor(cfg)
+
+
+def _run_supervisor(cfg: Config) -> int:
+    supervisor = Supervisor(cfg)
+    try:
+        supervisor.open_sockets()
+    except StartError as e:
+        print(f"shardproxy: {e}", file=sys.stderr)
+        return 1
+    trio.run(supervisor.run)
+    return 0
+
+
+def demo_config(backends: list[tuple[str, int]], port: int) -> Config:
+    return config.from_mapping(
+        {
+            "proxy": {"listen": [f"127.0.0.1:{port}"]},
+            "routes": [{"host": "*", "path_prefix": "/", "pool": "echo"}],
+            "pools": {
+                "echo": {
+                    "balance": "round_robin",
+                    "servers": [
+                        {"name": f"echo-{i}", "address": host, "ports": [p]}
+                        for i, (host, p) in enumerate(backends, 1)
+                    ],
+                }
+            },
+        },
+        "<demo>",
+    )
+
+
+async def _demo(port: int) -> int:
+    async with trio.open_nursery() as nursery:
+        backends = [await nursery.start(serve_echo, "127.0.0.1", 0, f"echo-{i}") for i in (1, 2)]
+        cfg = demo_config(backends, port)
+        supervisor = Supervisor(cfg)
+        try:
+            supervisor.open_sockets()
+        except StartError as e:
+            print(f"shardproxy: {e} (try: shardproxy demo --port 8081)", file=sys.stderr)
+            nursery.cancel_scope.cancel()
+            return 1
+
+        async def announce() -> None:
+            await supervisor.ready.wait()
+            print(
+                f"shardproxy demo: ws://127.0.0.1:{port}/ → echo backends "
+                f"{', '.join(f'{h}:{p}' for h, p in backends)} ({cfg.proxy.workers} workers). "
+                f"Connect with (send 'whoami' to see which backend answers; Ctrl-C stops):\n"
+                f"{sys.executable} -m websockets ws://127.0.0.1:{port}/",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        nursery.start_soon(announce)
+        await supervisor.run()
+        nursery.cancel_scope.cancel()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    logs.configure(args.log_level, {"process.name": "supervisor"})
+    return trio.run(_demo, args.port)
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"shardproxy {__version__}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="shardproxy",
+        description="WebSocket load balancer for very many concurrent websockets.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the proxy with a config file")
+    run.add_argument("-c", "--config", required=True, help="TOML config file")
+    run.set_defaults(func=cmd_run)
+    check = sub.add_parser("check", help="validate a config file and print the effective config")
+    check.add_argument("-c", "--config", required=True, help="TOML config file")
+    check.set_defaults(func=cmd_check)
+    demo = sub.add_parser(
+        "demo", help="run on 127.0.0.1:8080 in front of two built-in echo backends"
+    )
+    demo.add_argument("--port", type=int, default=DEMO_PORT, help="listen port (default 8080)")
+    demo.add_argument("--log-level", default="info", choices=config.LOG_LEVELS)
+    demo.set_defaults(func=cmd_demo)
+    version = sub.add_parser("version", help="print the version")
+    version.set_defaults(func=cmd_version)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    raise SystemExit(args.func(args))

@@ -1,0 +1,456 @@
+"""TOML configuration → frozen, validated objects.
+
+Everything an operator can write is checked here, once; nothing downstream
+reads raw dicts or re-validates. Every error is one line naming the file, the
+key and the reason, e.g.::
+
+    shardproxy.toml: pools.chat.servers[1].ports[0]: must be a port number 1-65535, got 70000
+
+The same parser serves ``check``, ``run``, ``demo`` and the workers: the
+supervisor sends each worker :meth:`Config.to_dict` (the effective config, all
+defaults filled in) and the worker parses it again with :func:`from_mapping`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Balance = Literal["round_robin", "least_conn", "hash"]
+HashKind = Literal["header", "cookie", "query", "client_ip"]
+
+BALANCES: tuple[Balance, ...] = ("round_robin", "least_conn", "hash")
+HASH_KINDS: tuple[HashKind, ...] = ("header", "cookie", "query", "client_ip")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``str()`` is the one-line explanation."""
+
+    def __init__(self, source: str, key: str, reason: str) -> None:
+        self.source = source
+        self.key = key
+        self.reason = reason
+        where = f"{source}: {key}: " if key else f"{source}: "
+        super().__init__(where + reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One ip:port a connection can go to (a backend port, or a listen address)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class HashKey:
+    kind: HashKind
+    name: str = ""  # header, cookie or query parameter name; "" for client_ip
+
+    def __str__(self) -> str:
+        return self.kind if self.kind == "client_ip" else f"{self.kind}:{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    name: str
+    address: str
+    ports: tuple[int, ...]
+    weight: int
+
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        return tuple(Endpoint(self.address, port) for port in self.ports)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    name: str
+    balance: Balance
+    hash_key: HashKey | None
+    servers: tuple[ServerConfig, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    host: str  # "*", "example.com" or "*.example.com"; lower-case, no port
+    path_prefix: str
+    pool: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    listen: tuple[Endpoint, ...]
+    workers: int
+    header_timeout: float
+    max_header_bytes: int
+    connect_timeout: float
+    response_timeout: float
+    max_connections: int | None  # per worker; None = derived from RLIMIT_NOFILE
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    proxy: ProxyConfig
+    log: LogConfig
+    routes: tuple[RouteConfig, ...]
+    pools: tuple[PoolConfig, ...]
+    source: str = field(default="<config>", compare=False)
+
+    def pool(self, name: str) -> PoolConfig:
+        for pool in self.pools:
+            if pool.name == name:
+                return pool
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The effective configuration as TOML-shaped data (defaults filled in)."""
+        p = self.proxy
+        return {
+            "proxy": {
+                "listen": [str(e) for e in p.listen],
+                "workers": p.workers,
+                "header_timeout": format_duration(p.header_timeout),
+                "max_header_bytes": p.max_header_bytes,
+                "connect_timeout": format_duration(p.connect_timeout),
+                "response_timeout": format_duration(p.response_timeout),
+                "max_connections": "auto" if p.max_connections is None else p.max_connections,
+            },
+            "log": {"level": self.log.level},
+            "routes": [
+                {"host": r.host, "path_prefix": r.path_prefix, "pool": r.pool} for r in self.routes
+            ],
+            "pools": {
+                pool.name: {
+                    "balance": pool.balance,
+                    **({"hash_key": str(pool.hash_key)} if pool.hash_key else {}),
+                    "servers": [
+                        {
+                            "name": s.name,
+                            "address": s.address,
+                            "ports": list(s.ports),
+                            "weight": s.weight,
+                        }
+                        for s in pool.servers
+                    ],
+                }
+                for pool in self.pools
+            },
+        }
+
+
+def load(path: str) -> Config:
+    """Read and validate a TOML file."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, "", "no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(path, "", "is a directory, not a config file") from None
+    except PermissionError:
+        raise ConfigError(path, "", "permission denied") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, "", f"TOML syntax error: {e}") from None
+    return from_mapping(data, path)
+
+
+def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
+    return _Parser(source).config(data)
+
+
+# -- scalar parsers ---------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """``"250ms"`` → 0.25, ``"10s"`` → 10.0, ``"2m"`` → 120.0, ``"1h"`` → 3600.0."""
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(f'must be a duration like "250ms", "10s", "2m" or "1h", got {text!r}')
+    return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+
+
+def format_duration(seconds: float) -> str:
+    ms = round(seconds * 1000)
+    if ms % 3_600_000 == 0 and ms:
+        return f"{ms // 3_600_000}h"
+    if ms % 60_000 == 0 and ms:
+        return f"{ms // 60_000}m"
+    if ms % 1000 == 0:
+        return f"{ms // 1000}s"
+    return f"{ms}ms"
+
+
+def parse_host_port(text: str) -> Endpoint:
+    """``"0.0.0.0:8080"``, ``"[::]:8080"`` → Endpoint; the host must be an IP literal."""
+    m = re.match(r"^\[([^\]]+)\]:(\d+)$", text) or re.match(r"^([^:\[\]]+):(\d+)$", text)
+    if not m:
+        raise ValueError(f'must be "ip:port" (IPv6 as "[ip]:port"), got {text!r}')
+    host, port = m.group(1), int(m.group(2))
+    _check_ip(host)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port must be 1-65535, got {port}")
+    return Endpoint(host, port)
+
+
+def _check_ip(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError(
+            f"must be an IP address, got {text!r} (host names are not resolved)"
+        ) from None
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+# -- the parser -------------------------------------------------------------
+
+_PROXY_DEFAULTS: dict[str, Any] = {
+    "listen": ["0.0.0.0:8080"],
+    "workers": "auto",
+    "header_timeout": "10s",
+    "max_header_bytes": 16384,
+    "connect_timeout": "3s",
+    "response_timeout": "10s",
+    "max_connections": "auto",
+}
+
+
+class _Parser:
+    """Walks the raw TOML data; every check names its key path on failure."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(self.source, key, reason)
+
+    def table(self, value: Any, key: str, allowed: set[str]) -> Mapping[str, Any]:
+        if not isinstance(value, Mapping):
+            raise self.fail(key, f"must be a table, got {_kind(value)}")
+        for name in value:
+            if name not in allowed:
+                hint = ", ".join(sorted(allowed))
+                raise self.fail(_join(key, name), f"unknown key (allowed here: {hint})")
+        return value
+
+    def check(self, key: str, fn: Any, value: Any) -> Any:
+        try:
+            return fn(value)
+        except ValueError as e:
+            raise self.fail(key, str(e)) from None
+
+    def string(self, value: Any, key: str) -> str:
+        if not isinstance(value, str):
+            raise self.fail(key, f"must be a string, got {_kind(value)}")
+        return value
+
+    def integer(self, value: Any, key: str, lo: int, hi: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(key, f"must be an integer, got {_kind(value)}")
+        if not lo <= value <= hi:
+            raise self.fail(key, f"must be between {lo} and {hi}, got {value}")
+        return value
+
+    def duration(self, value: Any, key: str, *, positive: bool = True) -> float:
+        seconds: float = self.check(key, parse_duration, self.string(value, key))
+        if positive and seconds <= 0:
+            raise self.fail(key, "must be greater than zero")
+        return seconds
+
+    def array(self, value: Any, key: str) -> list[Any]:
+        if not isinstance(value, list):
+            raise self.fail(key, f"must be an array, got {_kind(value)}")
+        return value
+
+    def config(self, data: Mapping[str, Any]) -> Config:
+        top = self.table(data, "", {"proxy", "log", "routes", "pools"})
+        proxy = self.proxy(top.get("proxy", {}))
+        log = self.log(top.get("log", {}))
+        pools = self.pools(top.get("pools"))
+        routes = self.routes(top.get("routes"), {p.name for p in pools})
+        return Config(
+            proxy=proxy,
+            log=log,
+            routes=routes,
+            pools=pools,
+            source=self.source,
+        )
+
+    def proxy(self, value: Any) -> ProxyConfig:
+        raw = {**_PROXY_DEFAULTS, **self.table(value, "proxy", set(_PROXY_DEFAULTS))}
+        listen_raw = self.array(raw["listen"], "proxy.listen")
+        if not listen_raw:
+            raise self.fail("proxy.listen", "needs at least one address")
+        listen = tuple(
+            self.check(f"proxy.listen[{i}]", parse_host_port, self.string(v, f"proxy.listen[{i}]"))
+            for i, v in enumerate(listen_raw)
+        )
+        for i, ep in enumerate(listen):
+            if ep in listen[:i]:
+                raise self.fail(f"proxy.listen[{i}]", f"{ep} is listed twice")
+        workers = raw["workers"]
+        if workers == "auto":
+            workers = available_cpus()
+        else:
+            workers = self.integer(workers, "proxy.workers", 1, 1024)
+        max_conn = raw["max_connections"]
+        if max_conn != "auto":
+            max_conn = self.integer(max_conn, "proxy.max_connections", 1, 10_000_000)
+        return ProxyConfig(
+            listen=listen,
+            workers=workers,
+            header_timeout=self.duration(raw["header_timeout"], "proxy.header_timeout"),
+            max_header_bytes=self.integer(
+                raw["max_header_bytes"], "proxy.max_header_bytes", 1024, 1 << 20
+            ),
+            connect_timeout=self.duration(raw["connect_timeout"], "proxy.connect_timeout"),
+            response_timeout=self.duration(raw["response_timeout"], "proxy.response_timeout"),
+            max_connections=None if max_conn == "auto" else max_conn,
+        )
+
+    def log(self, value: Any) -> LogConfig:
+        raw = self.table(value, "log", {"level"})
+        level = self.string(raw.get("level", "info"), "log.level")
+        if level not in LOG_LEVELS:
+            raise self.fail("log.level", f"must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+        return LogConfig(level=level)
+
+    def routes(self, value: Any, pool_names: set[str]) -> tuple[RouteConfig, ...]:
+        if value is None:
+            raise self.fail("routes", "at least one [[routes]] entry is required")
+        routes = []
+        for i, item in enumerate(self.array(value, "routes")):
+            key = f"routes[{i}]"
+            raw = self.table(item, key, {"host", "path_prefix", "pool"})
+            host = self.string(raw.get("host", "*"), f"{key}.host").lower()
+            if not re.fullmatch(r"\*|(\*\.)?[a-z0-9_.-]+", host) or ":" in host:
+                raise self.fail(
+                    f"{key}.host", f'must be "*", a host name or "*.domain", got {host!r}'
+                )
+            prefix = self.string(raw.get("path_prefix", "/"), f"{key}.path_prefix")
+            if not prefix.startswith("/"):
+                raise self.fail(f"{key}.path_prefix", f'must start with "/", got {prefix!r}')
+            if "pool" not in raw:
+                raise self.fail(f"{key}.pool", "is required")
+            pool = self.string(raw["pool"], f"{key}.pool")
+            if pool not in pool_names:
+                known = ", ".join(sorted(pool_names)) or "none defined"
+                raise self.fail(f"{key}.pool", f"no pool named {pool!r} (pools: {known})")
+            routes.append(RouteConfig(host=host, path_prefix=prefix, pool=pool))
+        if not routes:
+            raise self.fail("routes", "at least one [[routes]] entry is required")
+        return tuple(routes)
+
+    def pools(self, value: Any) -> tuple[PoolConfig, ...]:
+        if value is None:
+            raise self.fail("pools", "at least one pool is required ([pools.NAME])")
+        pools = self.table(value, "pools", set(value) if isinstance(value, Mapping) else set())
+        return tuple(self.pool(name, raw) for name, raw in pools.items())
+
+    def pool(self, name: str, value: Any) -> PoolConfig:
+        key = f"pools.{name}"
+        raw = self.table(value, key, {"balance", "hash_key", "servers"})
+        balance = self.string(raw.get("balance", "least_conn"), f"{key}.balance")
+        if balance not in BALANCES:
+            raise self.fail(
+                f"{key}.balance", f"must be one of {', '.join(BALANCES)}, got {balance!r}"
+            )
+        hash_key = None
+        if "hash_key" in raw:
+            if balance != "hash":
+                raise self.fail(f"{key}.hash_key", 'only applies with balance = "hash"')
+            text = self.string(raw["hash_key"], f"{key}.hash_key")
+            hash_key = self.check(f"{key}.hash_key", _parse_hash_key, text)
+        elif balance == "hash":
+            raise self.fail(
+                f"{key}.hash_key",
+                'is required with balance = "hash" '
+                "(header:NAME, cookie:NAME, query:NAME or client_ip)",
+            )
+        servers_raw = self.array(raw.get("servers", []), f"{key}.servers")
+        if not servers_raw:
+            raise self.fail(f"{key}.servers", "needs at least one server")
+        servers = tuple(
+            self.server(item, f"{key}.servers[{i}]") for i, item in enumerate(servers_raw)
+        )
+        seen: set[str] = set()
+        for i, s in enumerate(servers):
+            if s.name in seen:
+                raise self.fail(f"{key}.servers[{i}].name", f"{s.name!r} is used twice")
+            seen.add(s.name)
+        return PoolConfig(name=name, balance=balance, hash_key=hash_key, servers=servers)
+
+    def server(self, value: Any, key: str) -> ServerConfig:
+        raw = self.table(value, key, {"name", "address", "ports", "weight"})
+        if "address" not in raw:
+            raise self.fail(f"{key}.address", "is required")
+        address = self.check(
+            f"{key}.address", _check_ip, self.string(raw["address"], f"{key}.address")
+        )
+        if "ports" not in raw:
+            raise self.fail(f"{key}.ports", "is required (a list such as [8080, 8081])")
+        ports = tuple(
+            self.integer(p, f"{key}.ports[{i}]", 1, 65535)
+            for i, p in enumerate(self.array(raw["ports"], f"{key}.ports"))
+        )
+        if not ports:
+            raise self.fail(f"{key}.ports", "needs at least one port")
+        if len(set(ports)) != len(ports):
+            raise self.fail(f"{key}.ports", "lists a port twice")
+        weight = self.integer(raw.get("weight", 1), f"{key}.weight", 1, 1000)
+        default_name = f"[{address}]" if ":" in address else address
+        name = self.string(raw.get("name", default_name), f"{key}.name")
+        return ServerConfig(name=name, address=address, ports=ports, weight=weight)
+
+
+def _parse_hash_key(text: str) -> HashKey:
+    if text == "client_ip":
+        return HashKey("client_ip")
+    kind, sep, name = text.partition(":")
+    if not sep or kind not in ("header", "cookie", "query") or not name:
+        raise ValueError(f"must be header:NAME, cookie:NAME, query:NAME or client_ip, got {text!r}")
+    if kind == "header":
+        name = name.lower()
+    return HashKey(kind, name)  # type: ignore[arg-type]
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, int | float):
+        return f"a number ({value})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "a table"
+    return type(value).__name__

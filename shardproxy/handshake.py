@@ -1,0 +1,307 @@
+"""The WebSocket opening handshake as a proxy sees it, sans-IO.
+
+Two readers wrap h11's state machines:
+
+- :class:`RequestReader` takes the client's bytes and yields an
+  :class:`UpgradeRequest` once a complete, valid upgrade request head has
+  arrived (RFC 6455 §4.2.1), or raises :class:`Reject` carrying the HTTP status
+  to answer. Bytes that came after the head are kept in ``trailing``: they
+  belong to the tunnel (a client may send its first frame right behind the
+  head) and must reach the backend.
+- :class:`ResponseReader` takes the backend's bytes after the forwarded head
+  and yields the response head; after a 101 its ``trailing`` holds the first
+  tunnel bytes from the backend. A non-101 answer is passed back with its body
+  re-framed as close-delimited, since the connection ends after it.
+
+Who is at fault decides the error: the client's mistakes are :class:`Reject`
+with a 4xx; the backend's are :class:`BackendError`, which the worker answers
+with 502 or 504. Nothing here imports trio or touches a socket.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Final
+
+import h11
+
+
+class NeedData:
+    """Sentinel: the head is not complete yet; feed more bytes."""
+
+
+NEED_DATA: Final = NeedData()
+
+
+class Reject(Exception):
+    """The client's request cannot be proxied; answer ``status`` and close.
+
+    ``reason`` is a short stable token for logs and metrics; ``detail`` a
+    human sentence that goes in the response body and the log event.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        detail: str,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.reason = reason
+        self.detail = detail
+        self.headers = headers
+
+
+class BackendError(Exception):
+    """The backend broke the handshake (malformed or missing response)."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpgradeRequest:
+    method: bytes
+    target: bytes
+    raw_headers: tuple[tuple[bytes, bytes], ...]  # as sent, original case
+    headers: tuple[tuple[bytes, bytes], ...]  # lower-case names, for lookups
+    host: str  # lower-case, port stripped
+    path: str  # target without the query
+
+    def header(self, name: bytes) -> bytes | None:
+        for n, v in self.headers:
+            if n == name:
+                return v
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    status: int
+    head: bytes  # the bytes to send to the client
+
+
+def _tokens(value: bytes | None) -> set[bytes]:
+    if value is None:
+        return set()
+    return {t.strip().lower() for t in value.split(b",")}
+
+
+class RequestReader:
+    """Reads one upgrade request head under a size limit."""
+
+    def __init__(self, max_header_bytes: int) -> None:
+        self._max = max_header_bytes
+        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+        self._received = 0
+        self.trailing = b""
+
+    @property
+    def received(self) -> int:
+        """Bytes fed so far (0 means the client sent nothing)."""
+        return self._received
+
+    def feed(self, data: bytes) -> UpgradeRequest | NeedData:
+        """Feed bytes; ``b""`` means the client closed its side."""
+        self._received += len(data)
+        self._conn.receive_data(data)
+        try:
+            event = self._conn.next_event()
+        except h11.RemoteProtocolError as e:
+            status = e.error_status_hint
+            if status == 431:
+                raise Reject(431, "header_too_large", "request head is too large") from None
+            raise Reject(status, "bad_request", f"malformed request: {e}") from None
+        if event is h11.NEED_DATA:
+            if not data:
+                raise Reject(400, "client_closed", "connection closed before the head was complete")
+            return NEED_DATA
+        if isinstance(event, h11.ConnectionClosed):
+            raise Reject(400, "client_closed", "connection closed before the head was complete")
+        assert isinstance(event, h11.Request), event
+        return self._finish(event)
+
+    def _finish(self, event: h11.Request) -> UpgradeRequest:
+        # h11 only limits the incomplete buffer; a complete head that arrived
+        # in one piece must respect the limit too.
+        if self._received - len(self._conn.trailing_data[0]) > self._max:
+            raise Reject(431, "header_too_large", "request head is too large")
+        request = validate_upgrade(event)
+        after = self._conn.next_event()
+        if not isinstance(after, h11.EndOfMessage):
+            raise Reject(400, "bad_request", "an upgrade request must not have a body")
+        if self._conn.next_event() is not h11.PAUSED:  # pragma: no cover - h11 contract
+            raise Reject(400, "bad_request", "not an upgrade request")
+        self.trailing = bytes(self._conn.trailing_data[0])
+        return request
+
+
+def validate_upgrade(event: h11.Request) -> UpgradeRequest:
+    """RFC 6455 §4.2.1: what the server must find in an opening handshake."""
+    headers = tuple((bytes(n), bytes(v)) for n, v in event.headers)
+    by_name: dict[bytes, list[bytes]] = {}
+    for name, value in headers:
+        by_name.setdefault(name, []).append(value)
+
+    def joined(name: bytes) -> bytes | None:
+        values = by_name.get(name)
+        return b", ".join(values) if values else None
+
+    if b"websocket" not in _tokens(joined(b"upgrade")):
+        raise Reject(
+            426,
+            "not_upgrade",
+            "this endpoint only accepts WebSocket upgrades",
+            (("Upgrade", "websocket"), ("Connection", "Upgrade")),
+        )
+    if event.method != b"GET":
+        raise Reject(400, "bad_request", "a WebSocket upgrade must use GET")
+    if event.http_version != b"1.1":
+        raise Reject(400, "bad_request", "a WebSocket upgrade needs HTTP/1.1")
+    if b"upgrade" not in _tokens(joined(b"connection")):
+        raise Reject(400, "bad_request", "Connection header must contain 'upgrade'")
+    versions = by_name.get(b"sec-websocket-version", [])
+    if not versions:
+        raise Reject(400, "bad_version", "missing Sec-WebSocket-Version")
+    if versions != [b"13"]:
+        raise Reject(
+            426,
+            "bad_version",
+            "unsupported Sec-WebSocket-Version (only 13)",
+            (("Sec-WebSocket-Version", "13"),),
+        )
+    keys = by_name.get(b"sec-websocket-key", [])
+    if len(keys) != 1 or not _valid_key(keys[0]):
+        raise Reject(400, "bad_key", "Sec-WebSocket-Key must be 16 bytes in base64")
+    target = bytes(event.target)
+    return UpgradeRequest(
+        method=bytes(event.method),
+        target=target,
+        raw_headers=tuple((bytes(n), bytes(v)) for n, v in event.headers.raw_items()),
+        headers=headers,
+        host=_host_name(by_name[b"host"][0]),  # h11 requires Host on HTTP/1.1
+        path=target.split(b"?", 1)[0].decode("latin-1"),
+    )
+
+
+def _valid_key(value: bytes) -> bool:
+    # §4.1: "a randomly selected 16-byte value that has been base64-encoded"
+    try:
+        return len(base64.b64decode(value.strip(), validate=True)) == 16
+    except (binascii.Error, ValueError):
+        return False
+
+
+def _host_name(value: bytes) -> str:
+    host = value.decode("latin-1").strip().lower()
+    if host.startswith("["):  # [v6]:port
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+_FORWARDED = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-port")
+
+
+def forward_head(request: UpgradeRequest, client_ip: str, proto: str, listen_port: int) -> bytes:
+    """The request head to send upstream: the client's, plus X-Forwarded-*.
+
+    X-Forwarded-For is appended to (the chain grows by one hop, as nginx's
+    $proxy_add_x_forwarded_for does); X-Forwarded-Proto and -Port describe the
+    listener and replace whatever the client claimed.
+    """
+    prior_xff = [v for n, v in request.headers if n == b"x-forwarded-for"]
+    lines = [request.method + b" " + request.target + b" HTTP/1.1"]
+    for name, value in request.raw_headers:
+        if name.lower() not in _FORWARDED:
+            lines.append(name + b": " + value)
+    xff = b", ".join([*prior_xff, client_ip.encode()])
+    lines.append(b"X-Forwarded-For: " + xff)
+    lines.append(b"X-Forwarded-Proto: " + proto.encode())
+    lines.append(b"X-Forwarded-Port: " + str(listen_port).encode())
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+_HOP_BY_HOP = (b"connection", b"keep-alive", b"transfer-encoding", b"content-length")
+
+
+class ResponseReader:
+    """Reads the backend's answer to a forwarded upgrade request."""
+
+    def __init__(self, request: UpgradeRequest, max_header_bytes: int) -> None:
+        self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)
+        # Put h11's client side in the state "upgrade request sent", so that
+        # it knows a 101 switches protocols.
+        self._conn.send(
+            h11.Request(method=request.method, target=request.target, headers=list(request.headers))
+        )
+        self._conn.send(h11.EndOfMessage())
+        self.trailing = b""
+
+    def feed(self, data: bytes) -> ResponseHead | NeedData:
+        self._conn.receive_data(data)
+        while True:
+            try:
+                event = self._conn.next_event()
+            except h11.RemoteProtocolError as e:
+                raise BackendError(f"malformed response: {e}") from None
+            if event is h11.NEED_DATA:
+                if not data:
+                    raise BackendError("backend closed before its response head")
+                return NEED_DATA
+            if isinstance(event, h11.ConnectionClosed):
+                raise BackendError("backend closed before its response head")
+            if isinstance(event, h11.InformationalResponse) and event.status_code == 101:
+                trailing, _closed = self._conn.trailing_data
+                self.trailing = bytes(trailing)
+                return ResponseHead(101, _status_line(event) + _header_block(event, keep_all=True))
+            if isinstance(event, h11.Response):
+                head = _status_line(event) + _header_block(event, keep_all=False)
+                return ResponseHead(event.status_code, head)
+            # Other 1xx (e.g. 100 Continue): skip, the real answer follows.
+
+    def body(self, data: bytes) -> tuple[bytes, bool]:
+        """After a non-101 head: feed bytes, get (body bytes to pass on, done)."""
+        self._conn.receive_data(data)
+        out = bytearray()
+        while True:
+            try:
+                event = self._conn.next_event()
+            except h11.RemoteProtocolError as e:
+                raise BackendError(f"malformed response body: {e}") from None
+            if isinstance(event, h11.Data):
+                out += event.data
+            elif event is h11.NEED_DATA:
+                return bytes(out), False
+            else:  # EndOfMessage, ConnectionClosed
+                return bytes(out), True
+
+
+def _status_line(event: h11.InformationalResponse | h11.Response) -> bytes:
+    reason = bytes(event.reason) or HTTPStatus(event.status_code).phrase.encode()
+    return b"HTTP/1.1 %d " % event.status_code + reason + b"\r\n"
+
+
+def _header_block(event: h11.InformationalResponse | h11.Response, *, keep_all: bool) -> bytes:
+    lines = []
+    for name, value in event.headers.raw_items():
+        if keep_all or name.lower() not in _HOP_BY_HOP:
+            lines.append(name + b": " + value + b"\r\n")
+    if not keep_all:
+        # The body is passed on close-delimited and the connection ends.
+        lines.append(b"Connection: close\r\n")
+    return b"".join(lines) + b"\r\n"
+
+
+def error_response(status: int, detail: str, headers: tuple[tuple[str, str], ...] = ()) -> bytes:
+    """A complete HTTP/1.1 answer from the proxy itself; the connection closes after it."""
+    body = (detail + "\n").encode()
+    lines = [
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+        "Content-Type: text/plain; charset=utf-8",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+        *(f"{k}: {v}" for k, v in headers),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body

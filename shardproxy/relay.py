@@ -1,0 +1,304 @@
+"""The relay engine: every established tunnel of a worker in one epoll set.
+
+After the 101, a tunnel is two connected TCP sockets and two byte streams.
+Giving each tunnel two trio tasks costs about 11 KB of Python memory per idle
+tunnel; this engine costs a few hundred bytes: one :class:`Tunnel` and two
+:class:`Flow` objects (``__slots__``), two dict entries, and nothing else.
+One receive buffer serves every tunnel of the worker.
+
+Kernel semantics this relies on (Linux ``epoll(7)``, ``socket(7)``, ``tcp(7)``):
+
+- The set is **level-triggered**: a readable socket is reported again on the
+  next ``epoll_wait`` until drained, so one read per event per round is enough
+  and a busy tunnel cannot starve the others (fairness by construction).
+- ``EPOLLERR`` and ``EPOLLHUP`` are reported whether asked for or not. A
+  socket whose reading is paused (backpressure) and whose peer has gone would
+  be reported forever, so a descriptor with nothing to wait for is removed
+  from the set entirely (``mask == 0``) and added back when it has.
+- ``read`` returning 0 is the peer's FIN: the stream in that direction is over,
+  and we pass it on with ``shutdown(SHUT_WR)`` on the other socket (TCP
+  half-close, RFC 9293 §3.6). Every byte before it has been written already,
+  since the source is not read while bytes are parked. The other
+  direction keeps flowing. ``ECONNRESET`` is an abort: we pass it on as an
+  abort too, by closing the other socket with ``SO_LINGER {1, 0}``, which
+  sends RST instead of FIN.
+- ``write`` on a non-blocking socket may take fewer bytes than offered when
+  the socket's send buffer is full. The rest is *parked* on the flow (a bytes
+  object of at most one read, 64 KiB) and the engine stops reading the source
+  until the destination is writable again and the parked bytes are gone.
+  Memory per tunnel is therefore bounded by two reads, whatever the peers do;
+  the kernel's socket buffers provide the rest of the backpressure all the way
+  back to the sender (TCP flow control).
+- Python ignores SIGPIPE, so writing to a reset socket raises ``EPIPE``
+  (or ``ECONNRESET``) instead of killing the process.
+- trio waits on the epoll descriptor itself (``wait_readable`` on a nested
+  epoll fd): trio's own epoll reports it readable when any of ours is ready.
+  The sockets were detached from trio before they came here, and trio keeps
+  no waiter on them.
+
+Resource handling: the engine owns the descriptors of every tunnel added to it
+and closes both when the tunnel ends or the engine is closed. Error handling:
+socket errors end only the tunnel they happen on; the engine never raises
+them.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from .frames import FrameTracker
+
+BUFFER_SIZE = 65536
+MAX_EVENTS = 1024
+
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
+_ERR = select.EPOLLERR | select.EPOLLHUP
+
+# Flow.state. A FIN is only ever read while nothing is parked (reading is
+# paused otherwise), so it can be passed on at once: no "FIN pending" state.
+OPEN = 0  # bytes may still come from the source
+SHUT = 1  # the source sent FIN and it was passed on; this direction is over
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class Flow(FrameTracker):
+    """One direction of a tunnel: bytes from ``src`` are written to ``dst``.
+
+    It is the frame tracker of that direction too (frames, messages, the
+    first Close code), so that a direction costs one object.
+    """
+
+    __slots__ = ("dst", "mask", "nbytes", "parked", "src", "state")
+
+    def __init__(self, src: int, dst: int) -> None:
+        super().__init__()
+        self.src = src
+        self.dst = dst
+        self.parked: bytes | None = None  # written to dst when it becomes writable
+        self.nbytes = 0
+        self.state = OPEN
+        self.mask = 0  # epoll interest currently registered for ``src``
+
+    @property
+    def reading(self) -> bool:
+        return self.state == OPEN and self.parked is None
+
+
+class Tunnel:
+    """An established client⇄backend connection pair."""
+
+    __slots__ = ("down", "info", "started", "up")
+
+    def __init__(self, client_fd: int, backend_fd: int, info: Any) -> None:
+        self.up = Flow(client_fd, backend_fd)  # client → backend
+        self.down = Flow(backend_fd, client_fd)  # backend → client
+        self.started = time.monotonic()
+        self.info = info  # the worker's record for the access log and accounting
+
+    @property
+    def client_fd(self) -> int:
+        return self.up.src
+
+    @property
+    def backend_fd(self) -> int:
+        return self.down.src
+
+
+# The ways a tunnel ends, for the access log and metrics.
+CLOSED = "closed"  # both directions finished with FIN
+CLIENT_RESET = "client_reset"
+BACKEND_RESET = "backend_reset"
+STOPPED = "stopped"  # the engine was closed (worker shutdown)
+
+OnClose = Callable[[Tunnel, str], None]
+
+
+class RelayEngine:
+    """Moves bytes for every tunnel of one worker from a single trio task.
+
+    ``on_close(tunnel, outcome)`` is called once per tunnel after its sockets
+    are closed; it must not raise or block.
+    """
+
+    def __init__(self, on_close: OnClose, buffer_size: int = BUFFER_SIZE) -> None:
+        self._epoll = select.epoll()
+        self._tunnels: dict[int, Tunnel] = {}  # both descriptors of each tunnel
+        self._buffer = bytearray(buffer_size)
+        self._view = memoryview(self._buffer)
+        self._buffers = [self._buffer]  # os.readv's argument, built once
+        self._on_close = on_close
+
+    def __len__(self) -> int:
+        return len(self._tunnels) // 2
+
+    def tunnels(self) -> list[Tunnel]:
+        return [t for fd, t in self._tunnels.items() if fd == t.client_fd]
+
+    def add(
+        self, client_fd: int, backend_fd: int, info: Any, to_backend: bytes, to_client: bytes
+    ) -> Tunnel:
+        """Take over two connected non-blocking sockets.
+
+        ``to_backend``/``to_client`` are the tunnel's first bytes, which
+        arrived together with the handshake heads; they are sent first.
+        """
+        t = Tunnel(client_fd, backend_fd, info)
+        self._tunnels[client_fd] = t
+        self._tunnels[backend_fd] = t
+        for flow, first in ((t.up, to_backend), (t.down, to_client)):
+            if first:
+                flow.feed(first)
+                flow.nbytes += len(first)
+                self._write(t, flow, first)
+        if client_fd in self._tunnels:  # the first writes may have ended it
+            self._update(t)
+        return t
+
+    async def run(self) -> None:
+        """Relay until cancelled. Busy rounds poll without sleeping; an idle
+        engine sleeps in trio until the epoll descriptor is readable."""
+        poll = self._epoll.poll
+        dispatch = self._dispatch
+        while True:
+            events = poll(0, MAX_EVENTS)
+            if events:
+                for fd, ev in events:
+                    dispatch(fd, ev)
+                await trio.lowlevel.checkpoint()
+            else:
+                await trio.lowlevel.wait_readable(self._epoll.fileno())
+
+    def close(self) -> None:
+        """End every tunnel (as a reset would) and release the epoll set."""
+        for t in self.tunnels():
+            self._finish(t, STOPPED)
+        self._epoll.close()
+
+    # -- the per-event path -------------------------------------------------
+
+    def _dispatch(self, fd: int, ev: int) -> None:
+        t = self._tunnels.get(fd)
+        if t is None:  # ended earlier in this round
+            return
+        src, into = (t.up, t.down) if fd == t.up.src else (t.down, t.up)
+        # ``into`` is the flow whose destination is fd: flush what it parked.
+        if into.parked is not None and ev & (_OUT | _ERR):
+            self._flush(t, into)
+            if fd not in self._tunnels:
+                return
+        if src.reading:
+            if ev & (_IN | _ERR):
+                self._pump(t, src)
+        elif ev & select.EPOLLERR:
+            # Paused or finished, and the socket failed: nothing more will
+            # come from it, and nothing can be written to it.
+            self._finish(t, CLIENT_RESET if src is t.up else BACKEND_RESET)
+
+    def _pump(self, t: Tunnel, flow: Flow) -> None:
+        """One read from the flow's source, written on to its destination."""
+        try:
+            n = os.readv(flow.src, self._buffers)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._finish(t, CLIENT_RESET if flow is t.up else BACKEND_RESET)
+            return
+        if n == 0:
+            self._shut(t, flow)
+            return
+        chunk = self._view[:n]
+        flow.feed(chunk)
+        flow.nbytes += n
+        self._write(t, flow, chunk)
+
+    def _write(self, t: Tunnel, flow: Flow, data: bytes | memoryview) -> None:
+        try:
+            written = os.write(flow.dst, data)
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            self._finish(t, BACKEND_RESET if flow is t.up else CLIENT_RESET)
+            return
+        if written < len(data):
+            flow.parked = bytes(data[written:])
+            self._update(t)
+
+    def _flush(self, t: Tunnel, flow: Flow) -> None:
+        parked = flow.parked
+        assert parked is not None
+        flow.parked = None
+        self._write(t, flow, parked)
+        if flow.parked is None and t.up.src in self._tunnels:
+            self._update(t)
+
+    def _shut(self, t: Tunnel, flow: Flow) -> None:
+        """Pass the source's FIN on to the destination."""
+        flow.state = SHUT
+        try:
+            _with_socket(flow.dst, lambda s: s.shutdown(socket.SHUT_WR))
+        except OSError:
+            pass  # the destination is gone; its own events will end the tunnel
+        if t.up.state == SHUT and t.down.state == SHUT:
+            self._finish(t, CLOSED)
+        else:
+            self._update(t)
+
+    # -- registration -------------------------------------------------------
+
+    def _update(self, t: Tunnel) -> None:
+        """Register what each descriptor waits for now (see the module notes
+        for why a descriptor waiting for nothing leaves the set)."""
+        for src, other in ((t.up, t.down), (t.down, t.up)):
+            mask = (_IN if src.reading else 0) | (_OUT if other.parked is not None else 0)
+            if mask == src.mask:
+                continue
+            if src.mask == 0:
+                self._epoll.register(src.src, mask)
+            elif mask == 0:
+                self._epoll.unregister(src.src)
+            else:
+                self._epoll.modify(src.src, mask)
+            src.mask = mask
+
+    def _finish(self, t: Tunnel, outcome: str) -> None:
+        """Close both sockets; an abort is passed on as an abort."""
+        for flow in (t.up, t.down):
+            del self._tunnels[flow.src]
+            if flow.mask:
+                self._epoll.unregister(flow.src)
+                flow.mask = 0
+        if outcome == CLIENT_RESET:
+            _reset(t.backend_fd)
+        elif outcome == BACKEND_RESET:
+            _reset(t.client_fd)
+        os.close(t.client_fd)
+        os.close(t.backend_fd)
+        self._on_close(t, outcome)
+
+
+def _with_socket(fd: int, op: Callable[[socket.socket], object]) -> None:
+    """Run a socket-object operation on a bare descriptor without owning it."""
+    s = socket.socket(fileno=fd)
+    try:
+        op(s)
+    finally:
+        s.detach()
+
+
+def _reset(fd: int) -> None:
+    try:
+        _with_socket(fd, lambda s: s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET))
+    except OSError as e:  # pragma: no cover - only on a descriptor already dead
+        if e.errno not in (errno.EBADF, errno.ENOTSOCK):
+            raise

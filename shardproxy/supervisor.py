@@ -1,0 +1,227 @@
+"""The supervisor: listen sockets, one worker process per slot, signals.
+
+For every worker slot and every listen address the supervisor opens one
+``SO_REUSEPORT`` socket and keeps it open for its whole life; the kernel
+spreads incoming connections over the sockets of a port. A worker is a fresh
+interpreter (``python -m shardproxy.worker``, never a fork of this trio
+process) that receives its slot's sockets as inherited descriptors. Because
+the supervisor still holds them, a worker that dies loses nothing that waits
+in its accept queue: the replacement accepts it.
+
+Worker lifecycle, per slot (all transitions in :meth:`Supervisor._keep_slot`)::
+
+    spawn → ready → (exits) → restart after a backoff → spawn …
+                  → (stop requested) → SIGTERM → exited
+
+Resource handling: RLIMIT_NOFILE is raised to the hard limit at start (workers
+inherit it) and the capacity it allows is logged. Error handling: a listen
+address that cannot be bound fails the start with one clear line; a worker
+that dies is logged with its exit status and restarted, immediately the first
+time and with an exponential backoff (up to 30 s) while it keeps dying within
+a few seconds of its start.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+from typing import Any
+
+import trio
+
+from . import logs
+from .config import Config, Endpoint
+from .control import Channel
+from .limits import fd_capacity, raise_nofile_limit
+
+LISTEN_BACKLOG = 65535  # the kernel caps it at net.core.somaxconn
+STOP_GRACE = 10.0  # seconds a worker gets after SIGTERM before SIGKILL
+RESTART_BACKOFF_MAX = 30.0
+STABLE_AFTER = 5.0  # a worker that ran this long resets the backoff
+
+
+class StartError(Exception):
+    """The supervisor cannot start; ``str()`` says why in one line."""
+
+
+def open_listen_socket(endpoint: Endpoint) -> socket.socket:
+    family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((endpoint.host, endpoint.port))
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as e:
+        sock.close()
+        raise StartError(f"cannot listen on {endpoint}: {e.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+class Supervisor:
+    def __init__(self, cfg: Config) -> None:
+        self.config = cfg
+        self.log = logs.get_logger()
+        self.nofile = raise_nofile_limit()
+        # slots[i] holds worker i's listen sockets, one per listen address.
+        self.slots: list[list[socket.socket]] = []
+        self.processes: dict[int, trio.Process] = {}
+        self.stats: dict[int, dict[str, Any]] = {}
+        self.ready = trio.Event()  # every slot has reported ready once
+        self._ready_slots: set[int] = set()
+        self._stopping = False
+
+    def open_sockets(self) -> None:
+        """Bind every (slot, address) socket; all or nothing."""
+        try:
+            for _ in range(self.config.proxy.workers):
+                self.slots.append([open_listen_socket(ep) for ep in self.config.proxy.listen])
+        except StartError:
+            self.close_sockets()
+            raise
+
+    def close_sockets(self) -> None:
+        for sockets in self.slots:
+            for s in sockets:
+                s.close()
+        self.slots.clear()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until SIGTERM or SIGINT, then stop the workers and return."""
+        if not self.slots:
+            self.open_sockets()
+        p = self.config.proxy
+        per_worker = fd_capacity(self.nofile)
+        self.log.info(
+            f"supervisor starting {p.workers} workers on {', '.join(map(str, p.listen))}; "
+            f"RLIMIT_NOFILE {self.nofile} allows {per_worker} tunnels per worker "
+            f"({per_worker * p.workers} in all)",
+            **{
+                "event.action": "supervisor-start",
+                "shardproxy.workers": p.workers,
+                "shardproxy.nofile": self.nofile,
+                "shardproxy.capacity_per_worker": per_worker,
+            },
+        )
+        try:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async with trio.open_nursery() as nursery:
+                    for slot in range(p.workers):
+                        nursery.start_soon(self._keep_slot, slot)
+                    task_status.started()
+                    async for signum in signals:
+                        self.log.info(
+                            f"received {signal.Signals(signum).name}; stopping",
+                            **{"event.action": "supervisor-stop"},
+                        )
+                        break
+                    await self.stop_workers()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.close_sockets()
+        self.log.info("supervisor stopped", **{"event.action": "supervisor-stopped"})
+
+    async def stop_workers(self) -> None:
+        self._stopping = True
+        for proc in self.processes.values():
+            proc.send_signal(signal.SIGTERM)
+        with trio.move_on_after(STOP_GRACE):
+            for proc in list(self.processes.values()):
+                await proc.wait()
+        for slot, proc in self.processes.items():
+            if proc.returncode is None:
+                self.log.warning(
+                    f"worker {slot} did not stop in {STOP_GRACE:g}s; killing it",
+                    **{"event.action": "worker-kill", "shardproxy.worker": slot},
+                )
+                proc.kill()
+                await proc.wait()
+
+    async def _keep_slot(self, slot: int) -> None:
+        failures = 0
+        while not self._stopping:
+            started = trio.current_time()
+            code = await self._run_worker(slot)
+            if self._stopping:
+                return
+            failures = failures + 1 if trio.current_time() - started < STABLE_AFTER else 0
+            delay = 0.0 if failures <= 1 else min(0.5 * 2 ** (failures - 2), RESTART_BACKOFF_MAX)
+            self.log.error(
+                f"worker {slot} exited ({_describe_exit(code)}); restarting in {delay:g}s",
+                **{
+                    "event.action": "worker-exited",
+                    "event.outcome": "failure",
+                    "shardproxy.worker": slot,
+                    "process.exit_code": code,
+                    "shardproxy.restart_delay": delay,
+                },
+            )
+            await trio.sleep(delay)
+
+    async def _run_worker(self, slot: int) -> int:
+        """Spawn one worker for ``slot`` and wait until it exits."""
+        ours, theirs = socket.socketpair()
+        listen_fds = [s.fileno() for s in self.slots[slot]]
+        try:
+            proc = await trio.lowlevel.open_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "shardproxy.worker",
+                    str(slot),
+                    str(theirs.fileno()),
+                    *map(str, listen_fds),
+                ],
+                pass_fds=[theirs.fileno(), *listen_fds],
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        self.processes[slot] = proc
+        channel = Channel(trio.socket.from_stdlib_socket(ours))
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._listen_to, slot, channel)
+                await channel.send(
+                    {
+                        "type": "start",
+                        "slot": slot,
+                        "config": self.config.to_dict(),
+                        "source": self.config.source,
+                    }
+                )
+                code = await proc.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            channel.close()
+            self.stats.pop(slot, None)
+        return code
+
+    async def _listen_to(self, slot: int, channel: Channel) -> None:
+        try:
+            while (message := await channel.receive()) is not None:
+                if message["type"] == "ready":
+                    self.log.info(
+                        f"worker {slot} ready (pid {message['pid']})",
+                        **{
+                            "event.action": "worker-ready",
+                            "shardproxy.worker": slot,
+                            "shardproxy.capacity": message["capacity"],
+                        },
+                    )
+                    self._ready_slots.add(slot)
+                    if len(self._ready_slots) == self.config.proxy.workers:
+                        self.ready.set()
+                elif message["type"] == "stats":
+                    self.stats[slot] = message
+        except (OSError, ValueError):
+            pass  # the worker went away; _run_worker sees it exit
