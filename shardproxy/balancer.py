@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Collection, Sequence
-from http.cookies import CookieError, SimpleCookie
 from typing import Protocol
 from urllib.parse import parse_qsl, urlsplit
 
@@ -222,16 +221,19 @@ def extract_hash_key(
         values = [v for n, v in headers if n == wanted]
         return b",".join(values) if values else None
     if key.kind == "cookie":
+        # RFC 6265 §5.4: "name=value" pairs joined by "; ". Split them as
+        # HAProxy's req.cook does; http.cookies.SimpleCookie is not used because
+        # one cookie it dislikes (a space, a quote, a JSON value from another
+        # app) makes it drop every cookie of the header, so stickiness would
+        # silently depend on unrelated cookies.
+        wanted = key.name.encode()
         for n, v in headers:
             if n != b"cookie":
                 continue
-            jar: SimpleCookie = SimpleCookie()
-            try:
-                jar.load(v.decode("latin-1"))
-            except CookieError:
-                continue
-            if key.name in jar:
-                return jar[key.name].value.encode()
+            for pair in v.split(b";"):
+                cookie, sep, cookie_value = pair.partition(b"=")
+                if sep and cookie.strip() == wanted:
+                    return cookie_value.strip()
         return None
     query = urlsplit(target.decode("latin-1")).query
     for name, value in parse_qsl(query, keep_blank_values=True):

@@ -19,6 +19,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Literal
 
 Balance = Literal["round_robin", "least_conn", "hash"]
@@ -166,6 +167,8 @@ def load(path: str) -> Config:
         raise ConfigError(path, "", "permission denied") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, "", f"TOML syntax error: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, "", f"not UTF-8 text (TOML must be UTF-8): {e.reason}") from None
     return from_mapping(data, path)
 
 
@@ -176,15 +179,23 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
 # -- scalar parsers ---------------------------------------------------------
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
 
 
 def parse_duration(text: str) -> float:
-    """``"250ms"`` → 0.25, ``"10s"`` → 10.0, ``"2m"`` → 120.0, ``"1h"`` → 3600.0."""
+    """``"250ms"`` → 0.25, ``"10s"`` → 10.0, ``"2m"`` → 120.0, ``"1h"`` → 3600.0.
+
+    Durations have millisecond resolution, computed exactly (Decimal), so that
+    :func:`format_duration` gives back the same value: workers re-parse the
+    effective config the supervisor formatted.
+    """
     m = _DURATION.match(text)
     if not m:
         raise ValueError(f'must be a duration like "250ms", "10s", "2m" or "1h", got {text!r}')
-    return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    ms = Decimal(m.group(1)) * _UNIT_MS[m.group(2)]
+    if ms != ms.to_integral_value():
+        raise ValueError(f"must be a whole number of milliseconds, got {text!r}")
+    return int(ms) / 1000
 
 
 def format_duration(seconds: float) -> str:
@@ -203,8 +214,7 @@ def parse_host_port(text: str) -> Endpoint:
     m = re.match(r"^\[([^\]]+)\]:(\d+)$", text) or re.match(r"^([^:\[\]]+):(\d+)$", text)
     if not m:
         raise ValueError(f'must be "ip:port" (IPv6 as "[ip]:port"), got {text!r}')
-    host, port = m.group(1), int(m.group(2))
-    _check_ip(host)
+    host, port = _check_ip(m.group(1)), int(m.group(2))  # canonical, so duplicates show
     if not 1 <= port <= 65535:
         raise ValueError(f"port must be 1-65535, got {port}")
     return Endpoint(host, port)

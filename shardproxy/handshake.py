@@ -110,6 +110,10 @@ class RequestReader:
         try:
             event = self._conn.next_event()
         except h11.RemoteProtocolError as e:
+            if not data:  # h11: "peer unexpectedly closed" with a partial head
+                raise Reject(
+                    400, "client_closed", "connection closed before the head was complete"
+                ) from None
             status = e.error_status_hint
             if status == 431:
                 raise Reject(431, "header_too_large", "request head is too large") from None
@@ -140,6 +144,8 @@ class RequestReader:
 
 def validate_upgrade(event: h11.Request) -> UpgradeRequest:
     """RFC 6455 §4.2.1: what the server must find in an opening handshake."""
+    if event.http_version not in (b"1.0", b"1.1"):
+        raise Reject(505, "bad_request", "HTTP version not supported")
     headers = tuple((bytes(n), bytes(v)) for n, v in event.headers)
     by_name: dict[bytes, list[bytes]] = {}
     for name, value in headers:
@@ -262,7 +268,12 @@ class ResponseReader:
             # Other 1xx (e.g. 100 Continue): skip, the real answer follows.
 
     def body(self, data: bytes) -> tuple[bytes, bool]:
-        """After a non-101 head: feed bytes, get (body bytes to pass on, done)."""
+        """After a non-101 head: feed bytes, get (body bytes to pass on, done).
+
+        As in :meth:`feed`, ``b""`` means the backend closed its side (which
+        ends a close-delimited body); body bytes that came with the head are
+        returned by the next call.
+        """
         self._conn.receive_data(data)
         out = bytearray()
         while True:
@@ -278,8 +289,13 @@ class ResponseReader:
                 return bytes(out), True
 
 
+_PHRASES = {s.value: s.phrase.encode() for s in HTTPStatus}
+
+
 def _status_line(event: h11.InformationalResponse | h11.Response) -> bytes:
-    reason = bytes(event.reason) or HTTPStatus(event.status_code).phrase.encode()
+    # The reason phrase may be empty (RFC 7230 §3.1.2) and the code unknown to
+    # HTTPStatus (e.g. 599); only fill in a phrase we know.
+    reason = bytes(event.reason) or _PHRASES.get(event.status_code, b"")
     return b"HTTP/1.1 %d " % event.status_code + reason + b"\r\n"
 
 
@@ -297,11 +313,12 @@ def _header_block(event: h11.InformationalResponse | h11.Response, *, keep_all: 
 def error_response(status: int, detail: str, headers: tuple[tuple[str, str], ...] = ()) -> bytes:
     """A complete HTTP/1.1 answer from the proxy itself; the connection closes after it."""
     body = (detail + "\n").encode()
+    connection = [v for k, v in headers if k.lower() == "connection"] + ["close"]
     lines = [
         f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
         "Content-Type: text/plain; charset=utf-8",
         f"Content-Length: {len(body)}",
-        "Connection: close",
-        *(f"{k}: {v}" for k, v in headers),
+        f"Connection: {', '.join(connection)}",
+        *(f"{k}: {v}" for k, v in headers if k.lower() != "connection"),
     ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body

@@ -39,6 +39,7 @@ from .control import Channel
 from .handshake import (
     NEED_DATA,
     BackendError,
+    NeedData,
     Reject,
     RequestReader,
     ResponseHead,
@@ -53,6 +54,7 @@ from .routing import Router
 
 RECV_SIZE = 65536
 ACCEPT_BACKOFF = 0.1
+LINGER_TIMEOUT = 2.0  # to send an error answer and see the client close
 _EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
@@ -145,7 +147,7 @@ class Worker:
             self.counts["tunnels"] += 1
         except Reject as r:
             await self._reject(client, r, client_ip, client_port, started)
-        except (OSError, trio.BrokenResourceError) as e:
+        except OSError as e:
             self.counts["rejected.client_gone"] += 1
             self.log.info(
                 "client connection failed during the handshake",
@@ -156,6 +158,20 @@ class Worker:
                     "client.port": client_port,
                     "error.message": str(e),
                 },
+            )
+        except Exception:
+            # A bug of ours must cost one connection, never the worker and
+            # the tunnels it holds.
+            self.log.exception(
+                "internal error while handling a connection",
+                **{"event.action": "internal-error", "client.ip": client_ip},
+            )
+            await self._reject(
+                client,
+                Reject(500, "internal_error", "internal proxy error"),
+                client_ip,
+                client_port,
+                started,
             )
         finally:
             self.handshakes -= 1
@@ -228,6 +244,7 @@ class Worker:
         reader: ResponseReader,
     ) -> int:
         """Forward the request; pass the backend's answer back. Returns its status."""
+        response: ResponseHead | NeedData = NEED_DATA
         try:
             await _send_all(backend, head)
             with trio.move_on_after(self.config.proxy.response_timeout):
@@ -278,11 +295,11 @@ class Worker:
             "shardproxy.reason": r.reason,
         }
         self.log.info(r.detail, **fields)
-        if r.reason == "backend_refused":
-            return  # the backend's own answer has been passed back already
-        with trio.move_on_after(1.0):
+        with trio.move_on_after(LINGER_TIMEOUT):
             try:
-                await _send_all(client, error_response(r.status, r.detail, r.headers))
+                if r.reason != "backend_refused":  # else the backend's answer went already
+                    await _send_all(client, error_response(r.status, r.detail, r.headers))
+                await _linger(client)
             except OSError:
                 pass
 
@@ -335,6 +352,16 @@ class Worker:
             "capacity": self.capacity,
             "counts": dict(self.counts),
         }
+
+
+async def _linger(sock: trio.socket.SocketType) -> None:
+    """Close the way nginx's lingering close does: closing a socket that still
+    has unread request bytes makes the kernel send RST, which can destroy the
+    answer before the client reads it. So send FIN, and read and drop what the
+    client still sends until it closes too (bounded by the caller's timeout)."""
+    sock.shutdown(socket.SHUT_WR)
+    while await sock.recv(RECV_SIZE):
+        pass
 
 
 async def _send_all(sock: trio.socket.SocketType, data: bytes) -> None:

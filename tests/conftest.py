@@ -1,0 +1,157 @@
+"""Run a real ``shardproxy run`` subprocess for integration tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from peers import parse_json_lines
+
+START_TIMEOUT = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def toml_config(
+    backends: list[int],
+    *,
+    port: int,
+    workers: int = 2,
+    proxy: dict[str, Any] | None = None,
+    extra: str = "",
+    routes: str | None = None,
+) -> str:
+    proxy_lines = "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in (proxy or {}).items())
+    servers = ", ".join(
+        f'{{ name = "b{i}", address = "127.0.0.1", ports = [{p}] }}' for i, p in enumerate(backends)
+    )
+    routes = routes or '[[routes]]\nhost = "*"\npath_prefix = "/"\npool = "main"\n'
+    return (
+        f'[proxy]\nlisten = ["127.0.0.1:{port}"]\nworkers = {workers}\n{proxy_lines}\n'
+        f"{routes}\n[pools.main]\nservers = [{servers}]\n{extra}"
+    )
+
+
+class Proxy:
+    """A running ``shardproxy run -c FILE`` and its JSON log."""
+
+    def __init__(self, config_path: Path, port: int, workers: int) -> None:
+        self.port = port
+        self.workers = workers
+        self.log_path = config_path.with_suffix(".log")
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "shardproxy", "run", "-c", str(config_path)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self.wait_for(
+            lambda evs: (
+                sum(
+                    1
+                    for e in evs
+                    if e.get("event", {}).get("action") == "worker-ready"
+                    and e.get("process", {}).get("name") == "supervisor"
+                )
+                >= workers
+            ),
+            what="every worker ready",
+        )
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def events(self) -> list[dict[str, Any]]:
+        return parse_json_lines(self.log_path.read_text(errors="replace"))
+
+    def actions(self, action: str) -> list[dict[str, Any]]:
+        return [e for e in self.events() if e.get("event", {}).get("action") == action]
+
+    def wait_for(
+        self,
+        predicate: Callable[[list[dict[str, Any]]], Any],
+        what: str,
+        timeout: float = START_TIMEOUT,
+    ) -> Any:
+        """Poll the log until ``predicate(events)`` is truthy; return its value."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            result = predicate(self.events())
+            if result:
+                return result
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        tail = self.log_path.read_text(errors="replace")[-3000:]
+        raise AssertionError(f"timed out waiting for {what}; log tail:\n{tail}")
+
+    def worker_pids(self) -> dict[int, int]:
+        """slot → pid of the worker currently serving it."""
+        pids: dict[int, int] = {}
+        for e in self.actions("worker-ready"):
+            if e.get("process", {}).get("name") == "worker":
+                pids[e["shardproxy"]["worker"]] = e["process"]["pid"]
+        return pids
+
+    def rss(self) -> int:
+        """Resident memory of the supervisor and every worker, in bytes."""
+        parent = psutil.Process(self.proc.pid)
+        return sum(p.memory_info().rss for p in [parent, *parent.children(recursive=True)])
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
+    """Factory: ``start_proxy(backend_ports, workers=2, proxy={...}, extra=...)``."""
+    started: list[Proxy] = []
+
+    def start(backends: list[int], *, workers: int = 2, **kw: Any) -> Proxy:
+        port = free_port()
+        path = tmp_path / f"shardproxy-{len(started)}.toml"
+        path.write_text(toml_config(backends, port=port, workers=workers, **kw))
+        proxy = Proxy(path, port, workers)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The websockets client honours HTTP(S)_PROXY; the tests talk to loopback only.
+    for name in (
+        "http_proxy",
+        "https_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "all_proxy",
+        "ALL_PROXY",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
