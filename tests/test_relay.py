@@ -1,0 +1,222 @@
+"""The relay engine on its own, over real loopback TCP connections.
+
+Each test builds tunnels by hand: a "client" socket connected to the proxy
+side A, and a "backend" socket connected to the proxy side B; the engine
+relays A⇄B. The test plays both peers with blocking sockets in threads
+(trio.to_thread), so the engine runs exactly as in a worker.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from shardproxy.relay import BACKEND_RESET, CLIENT_RESET, CLOSED, STOPPED, RelayEngine, Tunnel
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """(peer, proxy side) of one loopback TCP connection."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        peer = socket.create_connection(server.getsockname())
+        proxy_side, _ = server.accept()
+    proxy_side.setblocking(False)
+    return peer, proxy_side
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.closed: list[tuple[Tunnel, str]] = []
+        self.engine = RelayEngine(lambda t, outcome: self.closed.append((t, outcome)))
+        self.ended = trio.Event()
+
+    def tunnel(
+        self, to_backend: bytes = b"", to_client: bytes = b""
+    ) -> tuple[socket.socket, socket.socket, Tunnel]:
+        client, a = tcp_pair()
+        backend, b = tcp_pair()
+        t = self.engine.add(a.detach(), b.detach(), "info", to_backend, to_client)
+        for s in (client, backend):
+            s.settimeout(10)
+        return client, backend, t
+
+    async def wait_closed(self, count: int = 1) -> list[str]:
+        with trio.fail_after(10):
+            while len(self.closed) < count:
+                await trio.sleep(0.01)
+        return [outcome for _, outcome in self.closed]
+
+
+def run(test: Callable[[Harness], Awaitable[None]]) -> Harness:
+    harness = Harness()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(harness.engine.run)
+            await test(harness)
+            nursery.cancel_scope.cancel()
+        harness.engine.close()
+
+    trio.run(main)
+    return harness
+
+
+def recv_exactly(s: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        assert chunk, f"EOF after {len(data)} of {n} bytes"
+        data += chunk
+    return data
+
+
+def test_bytes_flow_both_ways_and_first_bytes_go_first() -> None:
+    async def test(h: Harness) -> None:
+        client, backend, _ = h.tunnel(to_backend=b"early-up ", to_client=b"early-down ")
+        await trio.to_thread.run_sync(client.sendall, b"later-up")
+        assert await trio.to_thread.run_sync(recv_exactly, backend, 17) == b"early-up later-up"
+        await trio.to_thread.run_sync(backend.sendall, b"later-down")
+        assert await trio.to_thread.run_sync(recv_exactly, client, 21) == b"early-down later-down"
+        client.close()
+        backend.close()
+
+    run(test)
+
+
+def test_half_close_is_passed_on_and_the_other_direction_keeps_flowing() -> None:
+    async def test(h: Harness) -> None:
+        client, backend, t = h.tunnel()
+        client.sendall(b"last words")
+        client.shutdown(socket.SHUT_WR)  # FIN from the client
+        got = await trio.to_thread.run_sync(lambda: recv_exactly(backend, 10) + backend.recv(10))
+        assert got == b"last words"  # ...then EOF: the FIN was passed on
+        assert not h.closed  # the tunnel stays up for the other direction
+        await trio.to_thread.run_sync(backend.sendall, b"reply after FIN")
+        assert await trio.to_thread.run_sync(recv_exactly, client, 15) == b"reply after FIN"
+        backend.shutdown(socket.SHUT_WR)
+        assert await trio.to_thread.run_sync(client.recv, 10) == b""
+        assert await h.wait_closed() == [CLOSED]
+        assert (t.up.nbytes, t.down.nbytes) == (10, 15)
+        client.close()
+        backend.close()
+
+    run(test)
+
+
+def _abort(s: socket.socket) -> None:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+
+
+def test_client_reset_is_passed_on_as_a_reset() -> None:
+    async def test(h: Harness) -> None:
+        client, backend, _ = h.tunnel()
+        _abort(client)
+        assert await h.wait_closed() == [CLIENT_RESET]
+        try:
+            data = await trio.to_thread.run_sync(backend.recv, 10)
+        except ConnectionResetError:
+            data = None
+        assert data is None, "the backend should see a reset, not a clean EOF"
+        backend.close()
+
+    run(test)
+
+
+def test_backend_reset_is_passed_on_as_a_reset() -> None:
+    async def test(h: Harness) -> None:
+        client, backend, _ = h.tunnel()
+        _abort(backend)
+        assert await h.wait_closed() == [BACKEND_RESET]
+        try:
+            data = await trio.to_thread.run_sync(client.recv, 10)
+        except ConnectionResetError:
+            data = None
+        assert data is None
+        client.close()
+
+    run(test)
+
+
+def test_slow_reader_parks_at_most_one_read_and_loses_nothing() -> None:
+    total = 32 << 20
+
+    async def test(h: Harness) -> None:
+        client, backend, t = h.tunnel()
+
+        payload = os.urandom(1 << 20)
+        sent = 0
+
+        def flood() -> None:
+            nonlocal sent
+            backend.settimeout(0.5)
+            try:
+                while sent < total:
+                    sent += backend.send(payload[: min(len(payload), total - sent)])
+            except TimeoutError:
+                pass  # the proxy stopped taking bytes: backpressure reached us
+
+        await trio.to_thread.run_sync(flood)
+        assert sent < total, "the backend was never held back"
+        assert t.down.parked is not None and len(t.down.parked) <= 65536
+        assert not t.down.reading  # the source is paused while bytes are parked
+
+        received = bytearray()
+
+        def drain() -> None:
+            while len(received) < total:
+                received.extend(client.recv(1 << 20))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(trio.to_thread.run_sync, drain)
+            backend.settimeout(10)
+            rest = total - sent
+            chunks = [payload[: min(len(payload), rest - i)] for i in range(0, rest, len(payload))]
+            for chunk in chunks:
+                await trio.to_thread.run_sync(backend.sendall, chunk)
+        assert len(received) == total
+        assert t.down.nbytes == total
+        client.close()
+        backend.close()
+
+    run(test)
+
+
+def test_frames_are_tracked_per_direction() -> None:
+    ping = bytes([0x89, 0x80]) + b"mask"  # masked, empty ping: not a message
+    text = bytes([0x81, 0x82]) + b"\x00\x00\x00\x00" + b"hi"
+    close = bytes([0x88, 0x82]) + b"\x00\x00\x00\x00" + struct.pack("!H", 4321)
+
+    async def test(h: Harness) -> None:
+        client, backend, t = h.tunnel(to_backend=text)
+        await trio.to_thread.run_sync(client.sendall, ping + text + close)
+        await trio.to_thread.run_sync(recv_exactly, backend, 2 * len(text) + len(ping) + len(close))
+        assert (t.up.messages, t.up.close_code, t.up.at_boundary) == (2, 4321, True)
+        assert (t.down.messages, t.down.close_code) == (0, None)
+        client.close()
+        backend.close()
+
+    run(test)
+
+
+def test_closing_the_engine_ends_every_tunnel() -> None:
+    peers: list[Any] = []
+
+    async def test(h: Harness) -> None:
+        for _ in range(3):
+            peers.append(h.tunnel())
+
+    h = run(test)
+    assert [o for _, o in h.closed] == [STOPPED] * 3
+    assert len(h.engine) == 0
+    for client, backend, _ in peers:
+        for s in (client, backend):
+            try:
+                assert s.recv(1) == b""
+            except ConnectionResetError:
+                pass
+            s.close()
