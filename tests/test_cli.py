@@ -1,0 +1,118 @@
+"""The command line as an operator meets it: demo, version, and docs that
+match the code."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+from conftest import free_port
+from websockets.asyncio.client import connect
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_version() -> None:
+    from shardproxy import __version__
+
+    out = subprocess.run(
+        [sys.executable, "-m", "shardproxy", "version"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == f"shardproxy {__version__}"
+
+
+def test_demo_serves_two_echo_backends_and_prints_a_pasteable_line() -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shardproxy", "demo", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        lines = [proc.stderr.readline() for _ in range(2)]
+        command = lines[1].strip()
+        assert command == f"{sys.executable} -m websockets ws://127.0.0.1:{port}/", lines
+
+        async def whoami() -> set[str]:
+            names = set()
+            for _ in range(6):
+                async with connect(f"ws://127.0.0.1:{port}/") as ws:
+                    await ws.send("whoami")
+                    names.add(str(await ws.recv()))
+                    await ws.send("echo me")
+                    assert await ws.recv() == "echo me"
+            return names
+
+        assert asyncio.run(asyncio.wait_for(whoami(), 30)) == {"echo-1", "echo-2"}
+
+        # The printed client line works as pasted: websockets' interactive client.
+        client = subprocess.run(
+            command.split(),
+            input="hello from a paste\n",
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        # (With stdin at EOF it closes at once, so only the connection is checked.)
+        assert f"Connected to ws://127.0.0.1:{port}/" in client.stdout, (
+            client.stdout + client.stderr
+        )
+        assert client.returncode == 0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+
+
+def test_demo_port_in_use_says_so() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "shardproxy", "demo", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert out.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in out.stderr
+
+
+def test_example_config_is_valid_and_documents_every_key() -> None:
+    example = ROOT / "deploy" / "shardproxy.example.toml"
+    out = subprocess.run(
+        [sys.executable, "-m", "shardproxy", "check", "-c", str(example)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    effective = tomllib.loads(
+        "\n".join(x for x in out.stdout.splitlines() if not x.startswith("#"))
+    )
+    readme = (ROOT / "README.md").read_text()
+    example_text = example.read_text()
+    keys = {*effective["proxy"], *effective["log"], *effective["routes"][0]}
+    keys |= {k for pool in effective["pools"].values() for k in pool}
+    keys |= {k for pool in effective["pools"].values() for s in pool["servers"] for k in s}
+    for key in keys:
+        assert re.search(rf"`{key}`", readme), f"README does not document {key}"
+        assert re.search(rf"^\s*{key} =|[{{,] {key} =", example_text, re.M), f"example lacks {key}"
+
+
+def test_readme_shows_exactly_two_setup_commands_and_ci_runs_the_test_one() -> None:
+    readme = (ROOT / "README.md").read_text()
+    setup = readme.split("## Set up", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"```sh\n(.*?)\n```", setup, re.S)
+    assert len(commands) == 2
+    assert commands[0].endswith("shardproxy demo")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert f"exec {commands[1]}" in ci
