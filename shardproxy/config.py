@@ -379,6 +379,8 @@ class _Parser:
         if value is None:
             raise self.fail("pools", "at least one pool is required ([pools.NAME])")
         pools = self.table(value, "pools", set(value) if isinstance(value, Mapping) else set())
+        if not pools:
+            raise self.fail("pools", "at least one pool is required ([pools.NAME])")
         return tuple(self.pool(name, raw) for name, raw in pools.items())
 
     def pool(self, name: str, value: Any) -> PoolConfig:

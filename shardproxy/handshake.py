@@ -25,6 +25,7 @@ import binascii
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Final
+from urllib.parse import urlsplit
 
 import h11
 
@@ -188,8 +189,17 @@ def validate_upgrade(event: h11.Request) -> UpgradeRequest:
         raw_headers=tuple((bytes(n), bytes(v)) for n, v in event.headers.raw_items()),
         headers=headers,
         host=_host_name(by_name[b"host"][0]),  # h11 requires Host on HTTP/1.1
-        path=target.split(b"?", 1)[0].decode("latin-1"),
+        path=_path(target),
     )
+
+
+def _path(target: bytes) -> str:
+    """The path of an origin-form (``/a?b``) or absolute-form
+    (``http://host/a?b``, RFC 9112 §3.2.2) request target, without the query."""
+    text = target.decode("latin-1")
+    if not text.startswith("/"):
+        text = urlsplit(text).path or "/"
+    return text.split("?", 1)[0]
 
 
 def _valid_key(value: bytes) -> bool:
@@ -243,9 +253,12 @@ class ResponseReader:
             h11.Request(method=request.method, target=request.target, headers=list(request.headers))
         )
         self._conn.send(h11.EndOfMessage())
+        self._max = max_header_bytes
+        self._received = 0
         self.trailing = b""
 
     def feed(self, data: bytes) -> ResponseHead | NeedData:
+        self._received += len(data)
         self._conn.receive_data(data)
         while True:
             try:
@@ -259,22 +272,31 @@ class ResponseReader:
             if isinstance(event, h11.ConnectionClosed):
                 raise BackendError("backend closed before its response head")
             if isinstance(event, h11.InformationalResponse) and event.status_code == 101:
+                self._check_size()
                 trailing, _closed = self._conn.trailing_data
                 self.trailing = bytes(trailing)
                 return ResponseHead(101, _status_line(event) + _header_block(event, keep_all=True))
             if isinstance(event, h11.Response):
+                self._check_size()
                 head = _status_line(event) + _header_block(event, keep_all=False)
                 return ResponseHead(event.status_code, head)
             # Other 1xx (e.g. 100 Continue): skip, the real answer follows.
 
-    def body(self, data: bytes) -> tuple[bytes, bool]:
+    def _check_size(self) -> None:
+        # As for requests: h11 only limits the incomplete buffer, so a head
+        # that arrived in one piece is measured here (interim 1xx heads count).
+        if self._received - len(self._conn.trailing_data[0]) > self._max:
+            raise BackendError("response head is too large")
+
+    def body(self, data: bytes | None) -> tuple[bytes, bool]:
         """After a non-101 head: feed bytes, get (body bytes to pass on, done).
 
-        As in :meth:`feed`, ``b""`` means the backend closed its side (which
-        ends a close-delimited body); body bytes that came with the head are
-        returned by the next call.
+        ``None`` feeds nothing: call it first, for body bytes that came with
+        the head. As in :meth:`feed`, ``b""`` means the backend closed its
+        side (which ends a close-delimited body).
         """
-        self._conn.receive_data(data)
+        if data is not None:
+            self._conn.receive_data(data)
         out = bytearray()
         while True:
             try:

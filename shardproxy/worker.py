@@ -270,16 +270,17 @@ class Worker:
     ) -> None:
         """After a non-101 head: the rest of the backend's answer, then close."""
         with trio.move_on_after(self.config.proxy.response_timeout):
-            data, done = reader.body(b"")
+            received: bytes | None = None  # body bytes that came with the head first
             while True:
-                if data:
-                    await _send_all(client, data)
+                try:
+                    body, done = reader.body(received)
+                except BackendError:
+                    return  # a broken body ends the answer; the client sees the close
+                if body:
+                    await _send_all(client, body)
                 if done:
                     return
-                try:
-                    data, done = reader.body(await backend.recv(RECV_SIZE))
-                except BackendError:
-                    return
+                received = await backend.recv(RECV_SIZE)
 
     async def _reject(
         self, client: trio.socket.SocketType, r: Reject, ip: str, port: int, started: float

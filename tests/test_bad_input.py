@@ -45,6 +45,20 @@ def _forbidden(conn: socket.socket) -> None:
     )
 
 
+def _slow_body(conn: socket.socket) -> None:
+    read_head(conn)
+    conn.sendall(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 12\r\n\r\nlog ")
+    time.sleep(0.2)
+    conn.sendall(b"in first")
+
+
+def _close_delimited_body(conn: socket.socket) -> None:
+    read_head(conn)
+    conn.sendall(b"HTTP/1.1 500 Internal Server Error\r\n\r\nsomething ")
+    time.sleep(0.2)
+    conn.sendall(b"broke")
+
+
 def _vanish(conn: socket.socket) -> None:
     read_head(conn)
 
@@ -90,6 +104,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         RawServer(_silent) as silent,
         RawServer(_forbidden) as forbidden,
         RawServer(_vanish) as vanish,
+        RawServer(_slow_body) as slow_body,
+        RawServer(_close_delimited_body) as close_body,
         RawServer(_half_frame_then_reset) as half,
         closed_port() as refused1,
         closed_port() as refused2,
@@ -101,6 +117,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             "/silent": [silent.port],
             "/forbidden": [forbidden.port],
             "/vanish": [vanish.port],
+            "/slowbody": [slow_body.port],
+            "/closebody": [close_body.port],
             "/half": [half.port],
             "/": [backend.port],
         }
@@ -267,6 +285,19 @@ def test_backend_non_101_answer_is_passed_back(lab: Lab) -> None:
     assert _status(answer) == 403
     assert answer.endswith(b"\r\n\r\nnope")
     assert _header(answer, b"Connection") == b"close"
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "body"),
+    [("/slowbody", 401, b"log in first"), ("/closebody", 500, b"something broke")],
+    ids=["length-in-pieces", "close-delimited"],
+)
+def test_backend_answer_body_arriving_later_is_passed_back_whole(
+    lab: Lab, path: str, status: int, body: bytes
+) -> None:
+    answer = lab.ask(upgrade_head(path))
+    assert _status(answer) == status
+    assert answer.split(b"\r\n\r\n", 1)[1] == body
 
 
 def test_backend_vanishing_mid_handshake_is_502(lab: Lab) -> None:

@@ -64,9 +64,7 @@ def run(port: int, body: Callable[[ClientConnection], Awaitable[T]]) -> T:
     return asyncio.run(main())
 
 
-async def echo(
-    ws: ClientConnection, message: str | bytes | list[str] | list[bytes]
-) -> str | bytes:
+async def echo(ws: ClientConnection, message: str | bytes | list[str] | list[bytes]) -> str | bytes:
     await ws.send(message)
     return await ws.recv()
 
@@ -150,9 +148,7 @@ def test_subprotocol_offer_selects_none(port: int) -> None:
     async def main() -> str | None:
         async with asyncio.timeout(TIMEOUT):
             url = f"ws://127.0.0.1:{port}/"
-            async with connect(
-                url, proxy=None, subprotocols=[Subprotocol("chat")]
-            ) as ws:
+            async with connect(url, proxy=None, subprotocols=[Subprotocol("chat")]) as ws:
                 assert await echo(ws, "x") == "x"
                 return ws.subprotocol
 

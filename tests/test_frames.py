@@ -167,9 +167,7 @@ def test_rsv_bits_from_permessage_deflate_are_not_errors() -> None:
     client.receive_data(server.send(accept))
     list(client.events())
 
-    stream = client.send(Message(data="compress me " * 50)) + client.send(
-        Message(data=b"a")
-    )
+    stream = client.send(Message(data="compress me " * 50)) + client.send(Message(data=b"a"))
     assert stream[0] & 0x40, "wsproto should have set RSV1"
     assert snapshot(feed_chunks([stream])) == (2, None, True, None)
 
@@ -268,8 +266,7 @@ ERROR_CASES = {
     "64-bit length MSB": bytes([0x82, 0xFF]) + (1 << 63).to_bytes(8, "big") + b"mask",
     "lone continuation": raw_frame(0x0, b"x"),
     "continuation after finished message": raw_frame(0x1, b"x") + raw_frame(0x0, b"y"),
-    "text inside fragmented message": raw_frame(0x1, b"a", fin=False)
-    + raw_frame(0x1, b"b"),
+    "text inside fragmented message": raw_frame(0x1, b"a", fin=False) + raw_frame(0x1, b"b"),
     "binary inside fragmented message": raw_frame(0x2, b"a", fin=False)
     + raw_frame(0x9)
     + raw_frame(0x2, b"b"),
@@ -404,9 +401,7 @@ def streams(draw: st.DrawFn) -> Stream:
                 big_frames += 1
                 size = size if big_frames == 1 else 300  # keep the test fast
             filler = draw(st.integers(0, 255))  # payloads that look like headers
-            payload: str | bytes = (
-                chr(filler & 0x7F) * size if text else bytes([filler]) * size
-            )
+            payload: str | bytes = chr(filler & 0x7F) * size if text else bytes([filler]) * size
             emit(proto.send_data(payload, fin=i == fragments - 1))
             if i < fragments - 1:
                 maybe_control()
