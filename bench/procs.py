@@ -1,0 +1,156 @@
+"""Child processes of the orchestrator, spoken to by lines; free ports."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class BenchError(Exception):
+    """The run cannot go on; ``str()`` says why."""
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def pick_port(
+    host: str = "127.0.0.1", lo: int = 20000, hi: int = 32000, avoid: set[int] | None = None
+) -> int:
+    """A port below the ephemeral range that nothing uses now, TIME_WAIT included.
+
+    The test bind is made without SO_REUSEADDR, so a port with leftover
+    TIME_WAIT tuples from an earlier run fails it and is skipped.
+    """
+    avoid = avoid or set()
+    for _ in range(200):
+        port = random.randint(lo, hi)
+        if port in avoid:
+            continue
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                continue
+            raise
+        finally:
+            s.close()
+        return port
+    raise BenchError(f"no free port found on {host} in {lo}-{hi}")
+
+
+class LineProcess:
+    """A child whose stdout is read line by line with timeouts, stdin written by line."""
+
+    def __init__(self, name: str, argv: list[str], *, stdin: bool = True) -> None:
+        self.name = name
+        self.argv = argv
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=REPO,
+            env=child_env(),
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=None,  # passes through: diagnostics reach the operator
+        )
+        assert self.proc.stdout is not None
+        self._fd = self.proc.stdout.fileno()
+        self._buf = b""
+        self.seen: list[str] = []
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def readline(self, timeout: float) -> str | None:
+        """The next line, or None at EOF; raises BenchError on timeout."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError(f"{self.name}: no answer within {timeout:g}s")
+            r, _, _ = select.select([self._fd], [], [], left)
+            if not r:
+                continue
+            chunk = os.read(self._fd, 65536)
+            if not chunk:
+                if self._buf:
+                    line, self._buf = self._buf, b""
+                    return line.decode(errors="replace")
+                return None
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        text = line.decode(errors="replace").rstrip("\r")
+        self.seen.append(text)
+        return text
+
+    def expect(self, word: str, timeout: float) -> list[str]:
+        """Read lines until one whose first word is ``word``; its words."""
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.readline(max(0.0, deadline - time.monotonic()))
+            if line is None:
+                code = self.proc.poll()
+                raise BenchError(
+                    f"{self.name}: ended (exit {code}) before saying {word!r}; "
+                    f"last lines: {self.seen[-5:]}"
+                )
+            words = line.split(" ", 4)
+            if words and words[0] == word:
+                return words
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write((line + "\n").encode())
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            raise BenchError(f"{self.name}: gone (exit {self.proc.poll()})") from None
+
+    def stop(self, timeout: float = 10.0, sig: int = signal.SIGTERM) -> int:
+        """Ask politely (closing stdin, then ``sig``), then kill; the exit code."""
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+        return stop_process(self.proc, timeout, sig)
+
+
+def stop_process(
+    proc: subprocess.Popen[bytes], timeout: float, sig: int = signal.SIGTERM, grace: float = 1.0
+) -> int:
+    """Wait ``grace`` seconds for it to leave on its own, then ``sig``, then
+    SIGKILL after ``timeout``; the exit code."""
+    if proc.poll() is None:
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                print(f"bench: pid {proc.pid} ignored signal {sig}; killing", file=sys.stderr)
+                proc.kill()
+                proc.wait(5)
+    for stream in (proc.stdout, proc.stdin):
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:
+                pass
+    return proc.returncode
