@@ -91,6 +91,17 @@ class Lab:
                 s.shutdown(socket.SHUT_WR)
             return read_until_closed(s)
 
+    def closed_with(self, outcome: str) -> list[dict[str, Any]]:
+        """Wait for, and return, the tunnel-closed events with this outcome."""
+        return self.proxy.wait_for(
+            lambda _: [
+                e
+                for e in self.proxy.actions("tunnel-closed")
+                if e["shardproxy"]["outcome"] == outcome
+            ],
+            f"a tunnel-closed event with outcome {outcome}",
+        )
+
     def rejected(self, reason: str) -> list[dict[str, Any]]:
         return [
             e for e in self.proxy.actions("request-rejected") if e["shardproxy"]["reason"] == reason
@@ -323,15 +334,7 @@ def test_client_vanishing_mid_frame_closes_both_sides(lab: Lab) -> None:
     while len(lab.backend.close_codes) == before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert lab.backend.close_codes[before:] == [1006]  # abnormal closure, seen by the backend
-    closed = lab.proxy.wait_for(
-        lambda evs: [
-            e
-            for e in evs
-            if e.get("event", {}).get("action") == "tunnel-closed"
-            and e["shardproxy"]["outcome"] == "client_reset"
-        ],
-        "access event",
-    )
+    closed = lab.closed_with("client_reset")
     assert closed[0]["shardproxy"]["bytes"]["up"] == 4 + 4 + len(b"partial")
 
 
@@ -343,16 +346,7 @@ def test_backend_vanishing_mid_frame_closes_both_sides(lab: Lab) -> None:
             while chunk := s.recv(65536):
                 received += chunk
     assert _status(received) == 101
-    closed = lab.proxy.wait_for(
-        lambda evs: [
-            e
-            for e in evs
-            if e.get("event", {}).get("action") == "tunnel-closed"
-            and e["shardproxy"]["outcome"] == "backend_reset"
-        ],
-        "access event",
-    )
-    assert closed
+    assert lab.closed_with("backend_reset")
 
 
 def test_over_capacity_is_503_with_retry_after(start_proxy: Callable[..., Proxy], lab: Lab) -> None:
