@@ -121,6 +121,8 @@ class Worker:
         handed_over = False
         started = time.monotonic()
         try:
+            # Frames are written whole; waiting for ACKs (Nagle) only adds latency.
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.connections > self.capacity:
                 raise Reject(
                     503,
@@ -138,11 +140,13 @@ class Worker:
             backend, endpoint = await self._connect(pool, request, client_ip)
             head = forward_head(request, client_ip, "http", listen_port)
             reader = ResponseReader(request, self.config.proxy.max_header_bytes)
-            status = await self._relay_response(client, backend, head + first_up, reader)
+            status = await self._relay_response(client, backend, head, reader)
             if status != 101:
                 raise Reject(status, "backend_refused", f"backend answered {status}")
             info = TunnelInfo(client_ip, client_port, route, endpoint, request.path)
-            self.engine.add(client.detach(), backend.detach(), info, b"", reader.trailing)
+            # Bytes that came behind either head are the tunnel's first: the
+            # engine sends them, so that its frame trackers see them too.
+            self.engine.add(client.detach(), backend.detach(), info, first_up, reader.trailing)
             handed_over = True
             self.counts["tunnels"] += 1
         except Reject as r:
@@ -280,7 +284,10 @@ class Worker:
                     await _send_all(client, body)
                 if done:
                     return
-                received = await backend.recv(RECV_SIZE)
+                try:
+                    received = await backend.recv(RECV_SIZE)
+                except OSError:
+                    return  # the backend reset: the answer ends here
 
     async def _reject(
         self, client: trio.socket.SocketType, r: Reject, ip: str, port: int, started: float

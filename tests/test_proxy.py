@@ -127,16 +127,22 @@ def _masked_text(text: bytes) -> bytes:
     )
 
 
-def test_frame_sent_with_the_head_is_delivered(proxy: Proxy) -> None:
-    """A client may send its first frame in the same packet as the head."""
+@pytest.mark.parametrize("with_head", [16, 3], ids=["whole-frame", "part-of-a-frame"])
+def test_frame_sent_with_the_head_is_delivered(proxy: Proxy, with_head: int) -> None:
+    """A client may send its first frame (or part of it) in the same packet
+    as the head; it is forwarded, and counted as the message it is."""
+    frame = _masked_text(b"early bird")
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
-        s.sendall(upgrade_head("/echo") + _masked_text(b"early bird"))
+        s.sendall(upgrade_head("/echo") + frame[:with_head])
         data = read_head(s)
         assert data.startswith(b"HTTP/1.1 101")
+        s.sendall(frame[with_head:])
         rest = data.split(b"\r\n\r\n", 1)[1]
         while len(rest) < 12:
             rest += s.recv(100)
         assert rest[:12] == bytes([0x81, 10]) + b"early bird"
+    closed = proxy.wait_for(lambda _: proxy.actions("tunnel-closed"), "the access event")
+    assert closed[0]["shardproxy"]["messages"] == {"up": 1, "down": 1}
 
 
 def test_backend_message_right_after_101_is_delivered(proxy: Proxy) -> None:
