@@ -157,11 +157,11 @@ class RelayEngine:
         self._tunnels[client_fd] = t
         self._tunnels[backend_fd] = t
         for flow, first in ((t.up, to_backend), (t.down, to_client)):
-            if first:
+            if first and client_fd in self._tunnels:  # a failed write ends the tunnel
                 flow.feed(first)
                 flow.nbytes += len(first)
                 self._write(t, flow, first)
-        if client_fd in self._tunnels:  # the first writes may have ended it
+        if client_fd in self._tunnels:
             self._update(t)
         return t
 
@@ -180,7 +180,7 @@ class RelayEngine:
                 await trio.lowlevel.wait_readable(self._epoll.fileno())
 
     def close(self) -> None:
-        """End every tunnel (as a reset would) and release the epoll set."""
+        """Close every tunnel's sockets and release the epoll set."""
         for t in self.tunnels():
             self._finish(t, STOPPED)
         self._epoll.close()

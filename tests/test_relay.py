@@ -205,3 +205,26 @@ def test_closing_the_engine_ends_every_tunnel() -> None:
             except ConnectionResetError:
                 pass
             s.close()
+
+
+def test_first_bytes_to_a_dead_backend_end_the_tunnel_once() -> None:
+    async def test(h: Harness) -> None:
+        client, a = tcp_pair()
+        backend, b = tcp_pair()
+        _abort(backend)  # the backend is gone before the engine takes over
+        with trio.fail_after(5):
+            while True:  # the proxy side sees the reset once it arrives
+                try:
+                    b.send(b"x")
+                except OSError:
+                    break
+                await trio.sleep(0.01)
+        h.engine.add(a.detach(), b.detach(), "info", b"to the backend", b"to the client")
+        assert await h.wait_closed() == [BACKEND_RESET]
+        assert len(h.engine) == 0
+        client.settimeout(5)
+        with pytest.raises(ConnectionResetError):
+            client.recv(100)
+        client.close()
+
+    run(test)
