@@ -61,6 +61,14 @@ def open_listen_socket(endpoint: Endpoint) -> socket.socket:
     return sock
 
 
+def restart_delay(failures: int) -> float:
+    """Seconds before restarting a worker that died ``failures`` times in a
+    row, each within STABLE_AFTER of its start: 0, 0.5, 1, 2, … up to 30."""
+    if failures <= 1:
+        return 0.0
+    return float(min(0.5 * 2 ** (failures - 2), RESTART_BACKOFF_MAX))
+
+
 def _describe_exit(code: int) -> str:
     if code < 0:
         return f"killed by {signal.Signals(-code).name}"
@@ -153,8 +161,8 @@ class Supervisor:
             code = await self._run_worker(slot)
             if self._stopping:
                 return
-            failures = failures + 1 if trio.current_time() - started < STABLE_AFTER else 0
-            delay = 0.0 if failures <= 1 else min(0.5 * 2 ** (failures - 2), RESTART_BACKOFF_MAX)
+            failures = failures + 1 if trio.current_time() - started < STABLE_AFTER else 1
+            delay = restart_delay(failures)
             self.log.error(
                 f"worker {slot} exited ({_describe_exit(code)}); restarting in {delay:g}s",
                 **{

@@ -129,3 +129,34 @@ def test_listen_address_in_use_is_one_clear_line(tmp_path: Any, backend: WsBacke
         result.stderr.strip()
         == f"shardproxy: cannot listen on 127.0.0.1:{port}: Address already in use"
     )
+
+
+def test_worker_that_keeps_dying_is_restarted_with_backoff(
+    backend: WsBackend, start_proxy: Callable[..., Proxy]
+) -> None:
+    proxy = start_proxy([backend.port], workers=1)
+    for kills in range(1, 4):
+        pid = proxy.worker_pids()[0]
+        os.kill(pid, signal.SIGKILL)  # each one dies soon after its start
+        proxy.wait_for(lambda _, old=pid: proxy.worker_pids().get(0) not in (None, old), "restart")
+        assert len(proxy.actions("worker-exited")) == kills
+    delays = [e["shardproxy"]["restart_delay"] for e in proxy.actions("worker-exited")]
+    assert delays == [0.0, 0.5, 1.0]
+    assert echoes_through(proxy)
+
+
+def test_restart_delay_grows_to_a_ceiling() -> None:
+    from shardproxy.supervisor import RESTART_BACKOFF_MAX, restart_delay
+
+    delays = [restart_delay(n) for n in range(1, 12)]
+    assert delays[:4] == [0.0, 0.5, 1.0, 2.0]
+    assert delays == sorted(delays)
+    assert delays[-1] == RESTART_BACKOFF_MAX
+
+
+def echoes_through(proxy: Proxy) -> bool:
+    async def echo() -> bool:
+        async with connect(proxy.url + "/echo") as ws:
+            return await _echoes(ws, "after the restarts")
+
+    return bool(asyncio.run(asyncio.wait_for(echo(), 20)))
