@@ -16,7 +16,13 @@ import psutil
 import pytest
 from peers import parse_json_lines
 
+from shardproxy.limits import raise_nofile_limit
+
 START_TIMEOUT = 20.0
+
+# Some tests hold thousands of sockets in this process (clients and the
+# websockets backend): use the whole descriptor allowance, as the proxy does.
+raise_nofile_limit()
 
 
 def free_port() -> int:
