@@ -102,6 +102,7 @@ class ProxyConfig:
 @dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str
+    stats_interval: float  # seconds between "stats" events; 0 = none
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +132,10 @@ class Config:
                 "response_timeout": format_duration(p.response_timeout),
                 "max_connections": "auto" if p.max_connections is None else p.max_connections,
             },
-            "log": {"level": self.log.level},
+            "log": {
+                "level": self.log.level,
+                "stats_interval": format_duration(self.log.stats_interval),
+            },
             "routes": [
                 {"host": r.host, "path_prefix": r.path_prefix, "pool": r.pool} for r in self.routes
             ],
@@ -343,11 +347,14 @@ class _Parser:
         )
 
     def log(self, value: Any) -> LogConfig:
-        raw = self.table(value, "log", {"level"})
+        raw = self.table(value, "log", {"level", "stats_interval"})
         level = self.string(raw.get("level", "info"), "log.level")
         if level not in LOG_LEVELS:
             raise self.fail("log.level", f"must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
-        return LogConfig(level=level)
+        interval = self.duration(
+            raw.get("stats_interval", "60s"), "log.stats_interval", positive=False
+        )
+        return LogConfig(level=level, stats_interval=interval)
 
     def routes(self, value: Any, pool_names: set[str]) -> tuple[RouteConfig, ...]:
         if value is None:

@@ -27,11 +27,12 @@ import signal
 import socket
 import subprocess
 import sys
+from collections import Counter
 from typing import Any
 
 import trio
 
-from . import logs
+from . import logs, stats
 from .config import Config, Endpoint
 from .control import Channel
 from .limits import fd_capacity, raise_nofile_limit
@@ -83,7 +84,8 @@ class Supervisor:
         # slots[i] holds worker i's listen sockets, one per listen address.
         self.slots: list[list[socket.socket]] = []
         self.processes: dict[int, trio.Process] = {}
-        self.stats: dict[int, dict[str, Any]] = {}
+        self.stats: dict[int, dict[str, Any]] = {}  # slot → its latest snapshot
+        self.retired: Counter[str] = Counter()  # counts of workers that exited
         self.ready = trio.Event()  # every slot has reported ready once
         self._ready_slots: set[int] = set()
         self._stopping = False
@@ -125,6 +127,8 @@ class Supervisor:
                 async with trio.open_nursery() as nursery:
                     for slot in range(p.workers):
                         nursery.start_soon(self._keep_slot, slot)
+                    if self.config.log.stats_interval > 0:
+                        nursery.start_soon(self._log_stats, self.config.log.stats_interval)
                     task_status.started()
                     async for signum in signals:
                         self.log.info(
@@ -211,8 +215,19 @@ class Supervisor:
                 nursery.cancel_scope.cancel()
         finally:
             channel.close()
-            self.stats.pop(slot, None)
+            last = self.stats.pop(slot, None)
+            if last is not None:
+                self.retired.update(last["counts"])
         return code
+
+    async def _log_stats(self, interval: float) -> None:
+        while True:
+            await trio.sleep(interval)
+            record = stats.summary(self.stats, self.retired)
+            self.log.info(
+                f"{record['tunnels']} tunnels, {record['handshakes']} handshakes in flight",
+                **{"event.action": "stats", "shardproxy.stats": record},
+            )
 
     async def _listen_to(self, slot: int, channel: Channel) -> None:
         try:

@@ -1,0 +1,59 @@
+"""Aggregating the workers' stats snapshots, sans-IO.
+
+Each worker sends a snapshot every second (see ``control.py``): its current
+tunnels and handshakes, its capacity, and ``counts``, a flat mapping of
+totals since it started (``"tunnels"``, ``"rejected.no_route"``,
+``"closed.client_reset"``, ``"bytes.up"``…; bytes and messages are added when
+a tunnel ends). A worker that exits takes its counts with it, so the
+supervisor folds its last snapshot into ``retired`` and totals stay monotonic
+across restarts, as counters must.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+
+def total_counts(
+    snapshots: Iterable[Mapping[str, Any]], retired: Mapping[str, int]
+) -> Counter[str]:
+    totals: Counter[str] = Counter(retired)
+    for snapshot in snapshots:
+        totals.update(snapshot.get("counts", {}))
+    return totals
+
+
+def nest(flat: Mapping[str, int]) -> dict[str, Any]:
+    """``{"rejected.no_route": 2}`` → ``{"rejected": {"no_route": 2}}``."""
+    out: dict[str, Any] = {}
+    for key in sorted(flat):
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = flat[key]
+    return out
+
+
+def summary(
+    snapshots: Mapping[int, Mapping[str, Any]], retired: Mapping[str, int]
+) -> dict[str, Any]:
+    """One record of the whole instance: current figures and totals."""
+    workers = [
+        {
+            "slot": slot,
+            "tunnels": s["tunnels"],
+            "handshakes": s["handshakes"],
+            "capacity": s["capacity"],
+        }
+        for slot, s in sorted(snapshots.items())
+    ]
+    return {
+        "tunnels": sum(w["tunnels"] for w in workers),
+        "handshakes": sum(w["handshakes"] for w in workers),
+        "capacity": sum(w["capacity"] for w in workers),
+        "workers": workers,
+        "totals": nest(total_counts(snapshots.values(), retired)),
+    }

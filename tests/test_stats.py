@@ -1,0 +1,80 @@
+"""Aggregation of worker snapshots (sans-IO), and the periodic stats event
+of a running proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from conftest import Proxy
+from peers import WsBackend, upgrade_head
+from websockets.asyncio.client import connect
+
+from shardproxy.stats import nest, summary, total_counts
+
+
+def snapshot(current: int, **counts: int) -> dict[str, Any]:
+    return {"tunnels": current, "handshakes": 1, "capacity": 100, "counts": counts}
+
+
+def test_nest_splits_dotted_names() -> None:
+    assert nest({"tunnels": 3, "rejected.no_route": 2, "rejected.bad_key": 1}) == {
+        "tunnels": 3,
+        "rejected": {"bad_key": 1, "no_route": 2},
+    }
+
+
+def test_totals_include_retired_workers() -> None:
+    snaps = [{"counts": {"tunnels": 2}}, {"counts": {"tunnels": 3, "bytes.up": 10}}]
+    assert total_counts(snaps, {"tunnels": 5}) == {"tunnels": 10, "bytes.up": 10}
+
+
+def test_summary_adds_workers_up() -> None:
+    record = summary({1: snapshot(4, tunnels=9), 0: snapshot(2, tunnels=2)}, {"tunnels": 1})
+    assert (record["tunnels"], record["handshakes"], record["capacity"]) == (6, 2, 200)
+    assert [w["slot"] for w in record["workers"]] == [0, 1]
+    assert record["totals"] == {"tunnels": 12}
+
+
+def test_running_proxy_logs_stats_that_survive_a_worker_restart(
+    start_proxy: Callable[..., Proxy],
+) -> None:
+    with WsBackend() as backend:
+        proxy = start_proxy([backend.port], workers=2, extra='\n[log]\nstats_interval = "200ms"\n')
+
+        def stats_where(pred: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+            found = proxy.wait_for(
+                lambda _: [e for e in proxy.actions("stats") if pred(e["shardproxy"]["stats"])],
+                "a matching stats event",
+            )
+            return found[-1]["shardproxy"]["stats"]
+
+        async def main() -> None:
+            conns = [await connect(proxy.url + "/echo") for _ in range(6)]
+            record = stats_where(lambda s: s["tunnels"] == 6)
+            assert record["totals"].get("tunnels") == 6
+            assert len(record["workers"]) == 2
+            # A worker restart keeps the totals (the dead worker's are retired).
+            os.kill(proxy.worker_pids()[0], signal.SIGKILL)
+            for ws in conns:
+                await ws.close()
+            for _ in range(3):
+                async with connect(proxy.url + "/echo"):
+                    pass
+
+        asyncio.run(asyncio.wait_for(main(), 30))
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+            s.sendall(upgrade_head("/echo").replace(b"Version: 13", b"Version: 7"))
+            s.recv(1000)
+        record = stats_where(
+            lambda s: (
+                s["totals"].get("tunnels") == 9
+                and s["totals"].get("rejected", {}).get("bad_version") == 1
+                and len(s["workers"]) == 2
+            )
+        )
+        assert record["tunnels"] == 0
