@@ -152,7 +152,7 @@ class Worker:
         except Reject as r:
             await self._reject(client, r, client_ip, client_port, started)
         except OSError as e:
-            self.counts["rejected.client_gone"] += 1
+            self.counts["handshake_failed"] += 1
             self.log.info(
                 "client connection failed during the handshake",
                 **{

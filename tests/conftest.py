@@ -14,6 +14,7 @@ from typing import Any
 
 import psutil
 import pytest
+import tomli_w
 from peers import parse_json_lines
 
 from shardproxy.limits import raise_nofile_limit
@@ -38,16 +39,15 @@ def toml_config(
     workers: int = 2,
     proxy: dict[str, Any] | None = None,
     extra: str = "",
-    routes: str | None = None,
 ) -> str:
-    proxy_lines = "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in (proxy or {}).items())
+    proxy_table = {"listen": [f"127.0.0.1:{port}"], "workers": workers, **(proxy or {})}
     servers = ", ".join(
         f'{{ name = "b{i}", address = "127.0.0.1", ports = [{p}] }}' for i, p in enumerate(backends)
     )
-    routes = routes or '[[routes]]\nhost = "*"\npath_prefix = "/"\npool = "main"\n'
     return (
-        f'[proxy]\nlisten = ["127.0.0.1:{port}"]\nworkers = {workers}\n{proxy_lines}\n'
-        f"{routes}\n[pools.main]\nservers = [{servers}]\n{extra}"
+        f"{tomli_w.dumps({'proxy': proxy_table})}\n"
+        '[[routes]]\nhost = "*"\npath_prefix = "/"\npool = "main"\n\n'
+        f"[pools.main]\nservers = [{servers}]\n{extra}"
     )
 
 

@@ -235,3 +235,25 @@ def _wait_until_stalled(progress: Callable[[], int], quiet: float = 1.0, limit: 
         if progress() != last:
             last, since = progress(), time.monotonic()
     return last
+
+
+def test_several_listen_addresses_including_ipv6(
+    backend: WsBackend, start_proxy: Callable[..., Proxy]
+) -> None:
+    from conftest import free_port
+
+    v4, v6 = free_port(), free_port()
+    proxy = start_proxy(
+        [backend.port], workers=2, proxy={"listen": [f"127.0.0.1:{v4}", f"[::1]:{v6}"]}
+    )
+
+    async def main() -> list[str]:
+        seen = []
+        for url in (f"ws://127.0.0.1:{v4}/headers", f"ws://[::1]:{v6}/headers"):
+            async with connect(url) as ws:
+                headers = dict((k.lower(), v) for k, v in json.loads(await ws.recv()))
+                seen.append(headers["x-forwarded-for"] + " " + headers["x-forwarded-port"])
+        return seen
+
+    assert run(main()) == [f"127.0.0.1 {v4}", f"::1 {v6}"]
+    assert proxy.actions("worker-ready")
