@@ -383,8 +383,7 @@ class _Parser:
         return tuple(routes)
 
     def pools(self, value: Any) -> tuple[PoolConfig, ...]:
-        if value is None:
-            raise self.fail("pools", "at least one pool is required ([pools.NAME])")
+        value = {} if value is None else value
         pools = self.table(value, "pools", set(value) if isinstance(value, Mapping) else set())
         if not pools:
             raise self.fail("pools", "at least one pool is required ([pools.NAME])")
