@@ -112,19 +112,17 @@ class RequestReader:
             event = self._conn.next_event()
         except h11.RemoteProtocolError as e:
             if not data:  # h11: "peer unexpectedly closed" with a partial head
-                raise Reject(
-                    400, "client_closed", "connection closed before the head was complete"
-                ) from None
+                raise _client_closed() from None
             status = e.error_status_hint
             if status == 431:
                 raise Reject(431, "header_too_large", "request head is too large") from None
             raise Reject(status, "bad_request", f"malformed request: {e}") from None
         if event is h11.NEED_DATA:
             if not data:
-                raise Reject(400, "client_closed", "connection closed before the head was complete")
+                raise _client_closed()
             return NEED_DATA
         if isinstance(event, h11.ConnectionClosed):
-            raise Reject(400, "client_closed", "connection closed before the head was complete")
+            raise _client_closed()
         assert isinstance(event, h11.Request), event
         return self._finish(event)
 
@@ -141,6 +139,10 @@ class RequestReader:
             raise Reject(400, "bad_request", "not an upgrade request")
         self.trailing = bytes(self._conn.trailing_data[0])
         return request
+
+
+def _client_closed() -> Reject:
+    return Reject(400, "client_closed", "connection closed before the head was complete")
 
 
 def validate_upgrade(event: h11.Request) -> UpgradeRequest:
