@@ -1,22 +1,87 @@
 """structlog → ECS JSON lines (Elastic Common Schema), one event per line.
 
 Events are logged with ECS dotted field names (``client.ip``,
-``event.action``…); ``ecs-logging``'s formatter nests them, adds
-``@timestamp``, ``log.level`` and ``ecs.version``. Fields of our own live
-under ``shardproxy.*``. Every process logs to its stdout, which workers
-inherit from the supervisor, so one stream carries the whole instance.
+``event.action``…); :func:`ecs_json` nests them and adds ``@timestamp``,
+``log.level``, ``message`` and ``ecs.version``, producing the same document
+as ``ecs-logging``'s ``StructlogFormatter`` (a test holds the two side by
+side). Fields of our own live under ``shardproxy.*``. Every process logs to
+its stdout, which workers inherit from the supervisor, so one stream carries
+the whole instance.
+
+Why not ``ecs-logging``'s formatter itself: it costs about 50 µs per event
+(generic dict normalising and merging, three ``json.dumps`` calls), and a
+worker writes one access event per tunnel: that was a third of the CPU of a
+handshake. This one splits each key once (cached) and serialises once.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+import time
+import traceback
+from collections.abc import Mapping
 from typing import Any, TextIO
 
-import ecs_logging
 import structlog
 from structlog.typing import EventDict, WrappedLogger
+
+ECS_VERSION = "1.6.0"
+
+_paths: dict[str, tuple[str, ...]] = {}
+_second = -1
+_second_text = ""
+
+
+def _timestamp(now: float) -> str:
+    """``2026-11-26T13:08:22.746Z``; the part up to the second is cached."""
+    global _second, _second_text
+    whole = int(now)
+    if whole != _second:
+        _second = whole
+        _second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return f"{_second_text}.{int((now - whole) * 1000):03d}Z"
+
+
+def _nest(fields: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in fields.items():
+        path = _paths.get(key)
+        if path is None:
+            path = _paths[key] = tuple(key.split("."))
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
+
+
+def ecs_json(_: WrappedLogger, method_name: str, event: EventDict) -> str:
+    """The structlog renderer: one ECS JSON document per event."""
+    message = str(event.pop("event", ""))
+    exc = event.pop("exc_info", None)
+    if exc:  # log.exception(), or exc_info= given explicitly
+        if isinstance(exc, BaseException):
+            exc = (type(exc), exc, exc.__traceback__)
+        elif not isinstance(exc, tuple):
+            exc = sys.exc_info()
+        event["error.stack_trace"] = "".join(traceback.format_exception(*exc))
+    head = {
+        "@timestamp": _timestamp(time.time()),
+        "log.level": "warning" if method_name == "warn" else method_name,
+        "message": message,
+    }
+    body = _nest(event)
+    body["ecs"] = {"version": ECS_VERSION}
+    return (
+        json.dumps(head, separators=(",", ":"), ensure_ascii=False)[:-1]
+        + ","
+        + json.dumps(body, separators=(",", ":"), sort_keys=True, ensure_ascii=False, default=str)[
+            1:
+        ]
+    )
 
 
 def configure(
@@ -32,11 +97,7 @@ def configure(
         return event
 
     structlog.configure(
-        processors=[
-            add_static,
-            structlog.processors.format_exc_info,
-            ecs_logging.StructlogFormatter(),  # type: ignore[list-item]  # dict vs MutableMapping
-        ],
+        processors=[add_static, ecs_json],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),

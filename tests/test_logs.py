@@ -1,0 +1,67 @@
+"""The ECS renderer gives the documents ecs-logging's formatter gives."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import ecs_logging
+import pytest
+
+from shardproxy import logs
+
+
+def _nested(doc: dict[str, Any]) -> dict[str, Any]:
+    """Dotted top-level keys nested, so both shapes ECS allows compare equal."""
+    out: dict[str, Any] = {}
+    for key, value in doc.items():
+        *parents, leaf = key.split(".") if key != "@timestamp" else [key]
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+            node[leaf].update(value)
+        else:
+            node[leaf] = value
+    return out
+
+
+EVENTS = [
+    {"event": "tunnel closed", "event.action": "tunnel-closed", "client.ip": "127.0.0.1",
+     "client.port": 5, "shardproxy.bytes.up": 10, "shardproxy.bytes.down": 0,
+     "shardproxy.close.client_code": None, "event.category": ["network", "web"]},
+    {"event": "plain message"},
+    {"event": "ünïcode ✓", "url.path": "/chät", "http.response.status_code": 404},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("event", EVENTS)
+@pytest.mark.parametrize("level", ["info", "warning", "error", "debug"])
+def test_same_document_as_ecs_logging(event: dict[str, Any], level: str) -> None:
+    ours = json.loads(logs.ecs_json(None, level, dict(event)))
+    theirs = json.loads(ecs_logging.StructlogFormatter()(None, level, dict(event)))
+    ours_ts, theirs_ts = ours.pop("@timestamp"), theirs.pop("@timestamp")
+    assert len(ours_ts) == len(theirs_ts) == len("2026-11-26T13:08:22.746Z")
+    assert ours_ts.endswith("Z") and ours_ts[10] == "T"
+    assert _nested(ours) == _nested(theirs)
+    assert list(ours)[:2] == ["log.level", "message"]  # ECS: these lead the line
+
+
+def test_configured_logger_writes_one_line_per_event_with_static_fields() -> None:
+    stream = io.StringIO()
+    logs.configure("info", {"shardproxy.worker": 3}, stream=stream)
+    log = logs.get_logger()
+    log.debug("filtered out")
+    log.info("hello", **{"event.action": "greet"})
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("failed", **{"event.action": "fail"})
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    first, second = (json.loads(line) for line in lines)
+    assert first["message"] == "hello" and first["shardproxy"]["worker"] == 3
+    assert first["process"]["pid"] > 0
+    assert second["log.level"] == "error"
+    assert "ValueError: boom" in second["error"]["stack_trace"]
