@@ -1,6 +1,6 @@
 """The WebSocket opening handshake as a proxy sees it, sans-IO.
 
-Two readers wrap h11's state machines:
+Two readers, on the strict head parser of :mod:`shardproxy.http1`:
 
 - :class:`RequestReader` takes the client's bytes and yields an
   :class:`UpgradeRequest` once a complete, valid upgrade request head has
@@ -11,7 +11,8 @@ Two readers wrap h11's state machines:
 - :class:`ResponseReader` takes the backend's bytes after the forwarded head
   and yields the response head; after a 101 its ``trailing`` holds the first
   tunnel bytes from the backend. A non-101 answer is passed back with its body
-  re-framed as close-delimited, since the connection ends after it.
+  re-framed as close-delimited, since the connection ends after it (h11
+  frames that body: chunked, length or close-delimited).
 
 Who is at fault decides the error: the client's mistakes are :class:`Reject`
 with a 4xx; the backend's are :class:`BackendError`, which the worker answers
@@ -28,6 +29,8 @@ from typing import Final
 from urllib.parse import urlsplit
 
 import h11
+
+from . import http1
 
 
 class NeedData:
@@ -95,7 +98,7 @@ class RequestReader:
 
     def __init__(self, max_header_bytes: int) -> None:
         self._max = max_header_bytes
-        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+        self._buffer = b""
         self._received = 0
         self.trailing = b""
 
@@ -106,38 +109,26 @@ class RequestReader:
 
     def feed(self, data: bytes) -> UpgradeRequest | NeedData:
         """Feed bytes; ``b""`` means the client closed its side."""
-        self._received += len(data)
-        self._conn.receive_data(data)
-        try:
-            event = self._conn.next_event()
-        except h11.RemoteProtocolError as e:
-            if not data:  # h11: "peer unexpectedly closed" with a partial head
-                raise _client_closed() from None
-            status = e.error_status_hint
-            if status == 431:
-                raise Reject(431, "header_too_large", "request head is too large") from None
-            raise Reject(status, "bad_request", f"malformed request: {e}") from None
-        if event is h11.NEED_DATA:
-            if not data:
-                raise _client_closed()
-            return NEED_DATA
-        if isinstance(event, h11.ConnectionClosed):
+        if not data:
             raise _client_closed()
-        assert isinstance(event, h11.Request), event
-        return self._finish(event)
-
-    def _finish(self, event: h11.Request) -> UpgradeRequest:
-        # h11 only limits the incomplete buffer; a complete head that arrived
-        # in one piece must respect the limit too.
-        if self._received - len(self._conn.trailing_data[0]) > self._max:
+        self._received += len(data)
+        # Look for the end of the head only where it can be: in the new
+        # bytes, or straddling the old ones' last 3.
+        start = max(0, len(self._buffer) - 3)
+        buffer = self._buffer = self._buffer + data if self._buffer else data
+        end = http1.head_end(buffer, start)
+        if end < 0:
+            if len(buffer) > self._max:
+                raise Reject(431, "header_too_large", "request head is too large")
+            return NEED_DATA
+        if end > self._max:
             raise Reject(431, "header_too_large", "request head is too large")
-        request = validate_upgrade(event)
-        after = self._conn.next_event()
-        if not isinstance(after, h11.EndOfMessage):
-            raise Reject(400, "bad_request", "an upgrade request must not have a body")
-        if self._conn.next_event() is not h11.PAUSED:  # pragma: no cover - h11 contract
-            raise Reject(400, "bad_request", "not an upgrade request")
-        self.trailing = bytes(self._conn.trailing_data[0])
+        try:
+            method, target, version, fields = http1.parse_request(buffer[:end])
+        except http1.HeadError as e:
+            raise Reject(400, "bad_request", f"malformed request: {e}") from None
+        request = validate_upgrade(method, target, version, fields)
+        self.trailing = buffer[end:]
         return request
 
 
@@ -145,14 +136,20 @@ def _client_closed() -> Reject:
     return Reject(400, "client_closed", "connection closed before the head was complete")
 
 
-def validate_upgrade(event: h11.Request) -> UpgradeRequest:
+def validate_upgrade(
+    method: bytes, target: bytes, version: bytes, fields: http1.Headers
+) -> UpgradeRequest:
     """RFC 6455 §4.2.1: what the server must find in an opening handshake."""
-    if event.http_version not in (b"1.0", b"1.1"):
+    if version not in (b"1.0", b"1.1"):
         raise Reject(505, "bad_request", "HTTP version not supported")
-    headers = tuple((bytes(n), bytes(v)) for n, v in event.headers)
+    headers = tuple((n.lower(), v) for n, v in fields)
     by_name: dict[bytes, list[bytes]] = {}
     for name, value in headers:
         by_name.setdefault(name, []).append(value)
+    hosts = by_name.get(b"host", [])
+    if len(hosts) > 1 or (version == b"1.1" and not hosts):
+        # RFC 9112 §3.2: exactly one Host in an HTTP/1.1 request.
+        raise Reject(400, "bad_request", "malformed request: exactly one Host header is required")
 
     def joined(name: bytes) -> bytes | None:
         values = by_name.get(name)
@@ -165,10 +162,14 @@ def validate_upgrade(event: h11.Request) -> UpgradeRequest:
             "this endpoint only accepts WebSocket upgrades",
             (("Upgrade", "websocket"), ("Connection", "Upgrade")),
         )
-    if event.method != b"GET":
+    if method != b"GET":
         raise Reject(400, "bad_request", "a WebSocket upgrade must use GET")
-    if event.http_version != b"1.1":
+    if version != b"1.1":
         raise Reject(400, "bad_request", "a WebSocket upgrade needs HTTP/1.1")
+    if b"transfer-encoding" in by_name or any(
+        v.strip() != b"0" for v in by_name.get(b"content-length", [])
+    ):
+        raise Reject(400, "bad_request", "an upgrade request must not have a body")
     if b"upgrade" not in _tokens(joined(b"connection")):
         raise Reject(400, "bad_request", "Connection header must contain 'upgrade'")
     versions = by_name.get(b"sec-websocket-version", [])
@@ -184,13 +185,12 @@ def validate_upgrade(event: h11.Request) -> UpgradeRequest:
     keys = by_name.get(b"sec-websocket-key", [])
     if len(keys) != 1 or not _valid_key(keys[0]):
         raise Reject(400, "bad_key", "Sec-WebSocket-Key must be 16 bytes in base64")
-    target = bytes(event.target)
     return UpgradeRequest(
-        method=bytes(event.method),
+        method=method,
         target=target,
-        raw_headers=tuple((bytes(n), bytes(v)) for n, v in event.headers.raw_items()),
+        raw_headers=tuple(fields),
         headers=headers,
-        host=_host_name(by_name[b"host"][0]),  # h11 requires Host on HTTP/1.1
+        host=_host_name(hosts[0]),
         path=_path(target),
     )
 
@@ -248,47 +248,66 @@ class ResponseReader:
     """Reads the backend's answer to a forwarded upgrade request."""
 
     def __init__(self, request: UpgradeRequest, max_header_bytes: int) -> None:
-        self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)
-        # Put h11's client side in the state "upgrade request sent", so that
-        # it knows a 101 switches protocols.
-        self._conn.send(
-            h11.Request(method=request.method, target=request.target, headers=list(request.headers))
-        )
-        self._conn.send(h11.EndOfMessage())
+        self._request = request
         self._max = max_header_bytes
-        self._received = 0
+        self._buffer = b""
+        self._consumed = 0  # bytes of interim (1xx) heads already skipped
+        self._body: h11.Connection | None = None
         self.trailing = b""
 
     def feed(self, data: bytes) -> ResponseHead | NeedData:
-        self._received += len(data)
-        self._conn.receive_data(data)
+        """Feed bytes; ``b""`` means the backend closed its side."""
+        if not data:
+            raise BackendError("backend closed before its response head")
+        start = max(0, len(self._buffer) - 3)
+        self._buffer = self._buffer + data if self._buffer else data
         while True:
-            try:
-                event = self._conn.next_event()
-            except h11.RemoteProtocolError as e:
-                raise BackendError(f"malformed response: {e}") from None
-            if event is h11.NEED_DATA:
-                if not data:
-                    raise BackendError("backend closed before its response head")
+            buffer = self._buffer
+            end = http1.head_end(buffer, start)
+            if end < 0 or self._consumed + end > self._max:
+                if self._consumed + len(buffer) > self._max:
+                    raise BackendError("response head is too large")
                 return NEED_DATA
-            if isinstance(event, h11.ConnectionClosed):
-                raise BackendError("backend closed before its response head")
-            if isinstance(event, h11.InformationalResponse) and event.status_code == 101:
-                self._check_size()
-                trailing, _closed = self._conn.trailing_data
-                self.trailing = bytes(trailing)
-                return ResponseHead(101, _status_line(event) + _header_block(event, keep_all=True))
-            if isinstance(event, h11.Response):
-                self._check_size()
-                head = _status_line(event) + _header_block(event, keep_all=False)
-                return ResponseHead(event.status_code, head)
-            # Other 1xx (e.g. 100 Continue): skip, the real answer follows.
+            head = buffer[:end]
+            try:
+                _version, status, reason, fields = http1.parse_response(head)
+            except http1.HeadError as e:
+                raise BackendError(f"malformed response: {e}") from None
+            if status == 101:
+                self.trailing = buffer[end:]
+                return ResponseHead(101, head)  # passed on as it came
+            if status >= 200:
+                return ResponseHead(status, self._final(head, status, reason, fields, buffer[end:]))
+            # Other 1xx (e.g. 100 Continue): skip it, the real answer follows.
+            self._buffer = buffer[end:]
+            self._consumed += end
+            start = 0
 
-    def _check_size(self) -> None:
-        # As for requests: h11 only limits the incomplete buffer, so a head
-        # that arrived in one piece is measured here (interim 1xx heads count).
-        if self._received - len(self._conn.trailing_data[0]) > self._max:
-            raise BackendError("response head is too large")
+    def _final(
+        self, head: bytes, status: int, reason: bytes, fields: http1.Headers, rest: bytes
+    ) -> bytes:
+        """A final non-101 answer: h11 takes over to frame its body."""
+        self._body = conn = h11.Connection(h11.CLIENT)
+        conn.send(
+            h11.Request(
+                method=self._request.method,
+                target=self._request.target,
+                headers=list(self._request.headers),
+            )
+        )
+        conn.send(h11.EndOfMessage())
+        conn.receive_data(head + rest)
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as e:
+            raise BackendError(f"malformed response: {e}") from None
+        assert isinstance(event, h11.Response), event
+        reason = reason or _PHRASES.get(status, b"")
+        lines = [b"HTTP/1.1 %d " % status + reason]
+        lines += [n + b": " + v for n, v in fields if n.lower() not in _HOP_BY_HOP]
+        # The body is passed on close-delimited and the connection ends.
+        lines.append(b"Connection: close")
+        return b"\r\n".join(lines) + b"\r\n\r\n"
 
     def body(self, data: bytes | None) -> tuple[bytes, bool]:
         """After a non-101 head: feed bytes, get (body bytes to pass on, done).
@@ -297,12 +316,14 @@ class ResponseReader:
         the head. As in :meth:`feed`, ``b""`` means the backend closed its
         side (which ends a close-delimited body).
         """
+        conn = self._body
+        assert conn is not None, "body() comes after a final non-101 head"
         if data is not None:
-            self._conn.receive_data(data)
+            conn.receive_data(data)
         out = bytearray()
         while True:
             try:
-                event = self._conn.next_event()
+                event = conn.next_event()
             except h11.RemoteProtocolError as e:
                 raise BackendError(f"malformed response body: {e}") from None
             if isinstance(event, h11.Data):
@@ -314,24 +335,6 @@ class ResponseReader:
 
 
 _PHRASES = {s.value: s.phrase.encode() for s in HTTPStatus}
-
-
-def _status_line(event: h11.InformationalResponse | h11.Response) -> bytes:
-    # The reason phrase may be empty (RFC 7230 §3.1.2) and the code unknown to
-    # HTTPStatus (e.g. 599); only fill in a phrase we know.
-    reason = bytes(event.reason) or _PHRASES.get(event.status_code, b"")
-    return b"HTTP/1.1 %d " % event.status_code + reason + b"\r\n"
-
-
-def _header_block(event: h11.InformationalResponse | h11.Response, *, keep_all: bool) -> bytes:
-    lines = []
-    for name, value in event.headers.raw_items():
-        if keep_all or name.lower() not in _HOP_BY_HOP:
-            lines.append(name + b": " + value + b"\r\n")
-    if not keep_all:
-        # The body is passed on close-delimited and the connection ends.
-        lines.append(b"Connection: close\r\n")
-    return b"".join(lines) + b"\r\n"
 
 
 def error_response(status: int, detail: str, headers: tuple[tuple[str, str], ...] = ()) -> bytes:
