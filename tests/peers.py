@@ -58,8 +58,10 @@ class WsBackend:
 
     async def _main(self) -> None:
         self._stop = self._loop.create_future()
+        # A deep accept queue: the proxy opens upstream connections as fast as
+        # clients arrive, and asyncio's default backlog of 100 overflows.
         async with serve(
-            self._handler, "127.0.0.1", 0, max_size=None, ping_interval=None
+            self._handler, "127.0.0.1", 0, max_size=None, ping_interval=None, backlog=4096
         ) as server:
             self.port = server.sockets[0].getsockname()[1]
             self._ready.set()

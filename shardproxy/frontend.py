@@ -1,0 +1,580 @@
+"""The handshake engine: accept, upgrade, connect upstream, in one epoll set.
+
+Every connection from accept until its 101 (or its rejection) is a
+:class:`Handshake`, a small state machine driven by epoll events and timers,
+in the same shape as the relay engine and for the same reason: a trio task
+per connection cost about 300 µs of CPU per handshake (scheduling, cancel
+scopes, one wakeup per socket wait), several times HAProxy's whole handshake.
+The protocol decisions stay in the sans-IO modules (``handshake``,
+``routing``, ``balancer``); this module only moves bytes and keeps time.
+
+States of a handshake (every transition is in :class:`Frontend`)::
+
+    READ_REQUEST ─head valid, routed─► CONNECTING ─connected─► READ_RESPONSE
+      │                                  │ refused, timeout:         │
+      │                                  │ next server               ├─101─► relay engine
+      │                                  └─none left: 502/504 ─┐     └─other─► PASS_BODY ─┐
+      └─bad head, timeout, no route: error answer ─────────────┴──► LINGER ─EOF/timeout─► closed
+
+Writes of heads are attempted at once and almost always complete (a head is
+smaller than a socket buffer); what does not fit is kept in ``out`` and
+finished on EPOLLOUT (state WRITE, which then moves on to ``after_write``).
+
+Kernel semantics relied on: accepted sockets inherit TCP_NODELAY from the
+listening socket (Linux copies the TCP options on accept), but not O_NONBLOCK,
+which is set per descriptor; a non-blocking connect() reports completion as
+EPOLLOUT with the outcome in SO_ERROR (connect(2)).
+
+Resource handling: the engine owns every descriptor of a handshake until it
+hands both to the relay engine or closes them. Error handling: socket errors
+and protocol errors end only their own handshake, with an HTTP answer where
+one can still be sent; accept errors from descriptor exhaustion (EMFILE,
+ENFILE, ENOBUFS, ENOMEM) stop accepting for ACCEPT_BACKOFF instead of spinning.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import itertools
+import os
+import select
+import socket
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from . import balancer
+from .balancer import EndpointState, ServerState
+from .handshake import (
+    NEED_DATA,
+    BackendError,
+    Reject,
+    RequestReader,
+    ResponseHead,
+    ResponseReader,
+    UpgradeRequest,
+    error_response,
+    forward_head,
+)
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+RECV_SIZE = 65536
+ACCEPTS_PER_EVENT = 64  # fairness: accepting must not starve the handshakes in flight
+ACCEPT_BACKOFF = 0.1
+LINGER_TIMEOUT = 2.0  # to send an error answer and see the client close
+_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
+_ERR = select.EPOLLERR | select.EPOLLHUP
+
+# Handshake.state
+READ_REQUEST = "read_request"
+CONNECTING = "connecting"
+READ_RESPONSE = "read_response"
+PASS_BODY = "pass_body"
+WRITE = "write"
+LINGER = "linger"
+CLOSED = "closed"
+
+
+class Handshake:
+    """One connection on its way to becoming a tunnel."""
+
+    __slots__ = (
+        "after_write",
+        "backend",
+        "client",
+        "client_ip",
+        "client_port",
+        "deadline",
+        "endpoint",
+        "first_up",
+        "listen_port",
+        "out",
+        "out_fd",
+        "reader",
+        "reject",
+        "request",
+        "response",
+        "route",
+        "started",
+        "state",
+        "timeouts",
+        "tried",
+    )
+
+    def __init__(self, client: int, addr: Any, listen_port: int, deadline: float) -> None:
+        self.client = client
+        self.client_ip: str = addr[0]
+        self.client_port: int = addr[1]
+        self.listen_port = listen_port
+        self.started = time.monotonic()
+        self.state = READ_REQUEST
+        self.deadline = deadline
+        self.reader = None  # type: RequestReader | None
+        self.request: UpgradeRequest | None = None
+        self.first_up = b""  # tunnel bytes that came behind the request head
+        self.route: Any = None
+        self.tried: list[ServerState] = []
+        self.timeouts = 0
+        self.endpoint: EndpointState | None = None
+        self.backend: socket.socket | None = None
+        self.response: ResponseReader | None = None
+        self.out = b""
+        self.out_fd = -1
+        self.after_write: Callable[[Handshake], None] | None = None
+        self.reject: Reject | None = None
+
+
+class Frontend:
+    """Accepts on a worker's listen sockets and upgrades connections.
+
+    ``worker`` provides the configuration, the router and pools, the relay
+    engine that takes finished tunnels, the counts and the log.
+    """
+
+    def __init__(self, worker: Worker, listeners: list[socket.socket]) -> None:
+        self.worker = worker
+        self.proxy = worker.config.proxy
+        self._epoll = select.epoll()
+        self._listeners = {s.fileno(): s for s in listeners}
+        self._ports = {s.fileno(): s.getsockname()[1] for s in listeners}
+        self._by_fd: dict[int, Handshake] = {}
+        self._masks: dict[int, int] = {}  # what each handshake descriptor waits for
+        self._timers: list[tuple[float, int, Handshake]] = []
+        self._seq = itertools.count()
+        self._paused_until = 0.0
+        self.handshakes = 0
+        for fd in self._listeners:
+            self._epoll.register(fd, _IN)
+
+    # -- the loop -----------------------------------------------------------
+
+    async def run(self) -> None:
+        poll = self._epoll.poll
+        while True:
+            now = time.monotonic()
+            self._fire_timers(now)
+            events = poll(0, 256)
+            if events:
+                for fd, ev in events:
+                    try:
+                        self._dispatch(fd, ev)
+                    except Exception:
+                        self._internal_error(fd)
+                await trio.lowlevel.checkpoint()
+                continue
+            wake = self._timers[0][0] if self._timers else now + 3600
+            if self._paused_until:
+                wake = min(wake, self._paused_until)
+            with trio.move_on_at(trio.current_time() + max(0.0, wake - now)):
+                await trio.lowlevel.wait_readable(self._epoll.fileno())
+
+    def close(self) -> None:
+        for h in list(self._by_fd.values()):
+            self._close(h)
+        self._epoll.close()
+
+    def _fire_timers(self, now: float) -> None:
+        if self._paused_until and now >= self._paused_until:
+            self._paused_until = 0.0
+            for fd in self._listeners:
+                self._epoll.register(fd, _IN)
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            deadline, _, h = heapq.heappop(timers)
+            if h.state != CLOSED and h.deadline == deadline:
+                self._timed_out(h)
+
+    def _arm(self, h: Handshake, seconds: float) -> None:
+        h.deadline = time.monotonic() + seconds
+        heapq.heappush(self._timers, (h.deadline, next(self._seq), h))
+
+    def _dispatch(self, fd: int, ev: int) -> None:
+        h = self._by_fd.get(fd)
+        if h is None:
+            if fd in self._listeners:
+                self._accept(fd)
+            return
+        state = h.state
+        if state == READ_REQUEST:
+            self._read_request(h)
+        elif state == CONNECTING:
+            self._connected(h)
+        elif state == READ_RESPONSE:
+            self._read_response(h)
+        elif state == WRITE:
+            self._write_more(h)
+        elif state == PASS_BODY:
+            self._pass_body(h)
+        elif state == LINGER:
+            self._linger(h)
+
+    # -- accept -------------------------------------------------------------
+
+    def _accept(self, fd: int) -> None:
+        listener = self._listeners[fd]
+        for _ in range(ACCEPTS_PER_EVENT):
+            try:
+                client, addr = listener._accept()  # type: ignore[attr-defined]  # (fd, addr): no socket object
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in _EXHAUSTED:
+                    self._pause_accepting(e)
+                    return
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue  # the client gave up while queued, or a firewall said no
+                raise
+            os.set_blocking(client, False)
+            self._start(client, addr, self._ports[fd])
+
+    def _pause_accepting(self, e: OSError) -> None:
+        self.worker.log.error(
+            "accept failed: out of descriptors or memory; backing off",
+            **{"event.action": "accept-error", "error.message": os.strerror(e.errno or 0)},
+        )
+        for fd in self._listeners:
+            self._epoll.unregister(fd)
+        self._paused_until = time.monotonic() + ACCEPT_BACKOFF
+
+    def _start(self, client: int, addr: Any, listen_port: int) -> None:
+        worker = self.worker
+        worker.connections += 1
+        self.handshakes += 1
+        h = Handshake(client, addr, listen_port, 0.0)
+        self._by_fd[client] = h
+        if worker.connections > worker.capacity:
+            self._reject(
+                h,
+                Reject(
+                    503,
+                    "over_capacity",
+                    "this worker is at its connection limit",
+                    (("Retry-After", "1"),),
+                ),
+            )
+            return
+        h.reader = RequestReader(self.proxy.max_header_bytes)
+        self._arm(h, self.proxy.header_timeout)
+        self._want(client, _IN)
+        self._read_request(h)  # the head often arrives with the connection
+
+    # -- the request --------------------------------------------------------
+
+    def _read_request(self, h: Handshake) -> None:
+        try:
+            data = os.read(h.client, RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._failed(h, e)
+            return
+        assert h.reader is not None
+        try:
+            result = h.reader.feed(data)
+            if result is NEED_DATA:
+                return
+            assert isinstance(result, UpgradeRequest)
+            route = self.worker.router.match(result.host, result.path)
+            if route is None:
+                raise Reject(
+                    404, "no_route", f"no route for host {result.host!r} path {result.path!r}"
+                )
+        except Reject as r:
+            self._reject(h, r)
+            return
+        h.request, h.route, h.first_up, h.reader = result, route, h.reader.trailing, None
+        self._want(h.client, 0)  # nothing more to read until the 101
+        self._connect_next(h)
+
+    # -- upstream -----------------------------------------------------------
+
+    def _connect_next(self, h: Handshake) -> None:
+        """Connect to the next server of the pool not tried yet (every server once)."""
+        request = h.request
+        assert request is not None
+        pool = self.worker.pools[h.route.pool]
+        key = balancer.extract_hash_key(
+            pool.config.hash_key, request.headers, request.target, h.client_ip
+        )
+        while (server := pool.choose(key, h.tried)) is not None:
+            h.tried.append(server)
+            endpoint = server.least_used_endpoint()
+            ep = endpoint.endpoint
+            sock = socket.socket(socket.AF_INET6 if ":" in ep.host else socket.AF_INET)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            err = sock.connect_ex((ep.host, ep.port))
+            if err not in (0, errno.EINPROGRESS):
+                sock.close()
+                self._connect_failed(h, server, endpoint, os.strerror(err))
+                continue
+            balancer.acquire(endpoint)
+            h.endpoint, h.backend, h.state = endpoint, sock, CONNECTING
+            self._by_fd[sock.fileno()] = h
+            self._want(sock.fileno(), _OUT)
+            self._arm(h, self.proxy.connect_timeout)
+            return
+        if h.tried and h.timeouts == len(h.tried):
+            r = Reject(504, "upstream_timeout", "no server of the pool answered in time")
+        else:
+            r = Reject(502, "upstream_unavailable", "no server of the pool accepted the connection")
+        self._reject(h, r)
+
+    def _connected(self, h: Handshake) -> None:
+        sock = h.backend
+        assert sock is not None and h.request is not None
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            endpoint = h.endpoint
+            assert endpoint is not None
+            self._drop_backend(h)
+            self._connect_failed(h, endpoint.server, endpoint, os.strerror(err))
+            self._connect_next(h)
+            return
+        head = forward_head(h.request, h.client_ip, "http", h.listen_port)
+        h.response = ResponseReader(h.request, self.proxy.max_header_bytes)
+        self._arm(h, self.proxy.response_timeout)
+        self._want(sock.fileno(), 0)
+        self._send(h, sock.fileno(), head, self._await_response)
+
+    def _await_response(self, h: Handshake) -> None:
+        h.state = READ_RESPONSE
+        assert h.backend is not None
+        self._want(h.backend.fileno(), _IN)
+        self._read_response(h)
+
+    def _read_response(self, h: Handshake) -> None:
+        assert h.backend is not None and h.response is not None
+        try:
+            data = os.read(h.backend.fileno(), RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._reject(h, Reject(502, "bad_gateway", f"backend failed the handshake: {e}"))
+            return
+        try:
+            head = h.response.feed(data)
+        except BackendError as e:
+            self._reject(h, Reject(502, "bad_gateway", f"backend failed the handshake: {e}"))
+            return
+        if head is NEED_DATA:
+            return
+        assert isinstance(head, ResponseHead)
+        self._want(h.backend.fileno(), 0)
+        after = self._hand_over if head.status == 101 else self._start_body
+        if head.status != 101:
+            h.reject = Reject(head.status, "backend_refused", f"backend answered {head.status}")
+        self._send(h, h.client, head.head, after)
+
+    def _start_body(self, h: Handshake) -> None:
+        h.state = PASS_BODY
+        assert h.backend is not None
+        self._want(h.backend.fileno(), _IN)
+        self._pass_body(h, first=True)
+
+    def _pass_body(self, h: Handshake, first: bool = False) -> None:
+        """After a non-101 head: the rest of the backend's answer, then close."""
+        assert h.backend is not None and h.response is not None and h.reject is not None
+        received: bytes | None = None  # body bytes that came with the head first
+        if not first:
+            try:
+                received = os.read(h.backend.fileno(), RECV_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                received = b""  # a reset ends the answer
+        try:
+            body, done = h.response.body(received)
+        except BackendError:
+            body, done = b"", True
+        if done:
+            self._drop_backend(h)
+            self._send(h, h.client, body, lambda h: self._finish_reject(h))
+        elif body:
+            self._want(h.backend.fileno(), 0)
+            self._send(h, h.client, body, self._start_body)
+
+    # -- endings ------------------------------------------------------------
+
+    def _hand_over(self, h: Handshake) -> None:
+        """The 101 is out: both sockets go to the relay engine."""
+        assert h.backend is not None and h.endpoint is not None and h.response is not None
+        worker = self.worker
+        backend = h.backend.fileno()
+        self._want(h.client, 0)
+        self._want(backend, 0)
+        del self._by_fd[h.client], self._by_fd[backend]
+        h.state = CLOSED
+        self.handshakes -= 1
+        info = worker.tunnel_info(h)
+        worker.engine.add(h.client, h.backend.detach(), info, h.first_up, h.response.trailing)
+        worker.counts["tunnels"] += 1
+
+    def _reject(self, h: Handshake, r: Reject) -> None:
+        """Answer the client with ``r`` (unless the backend's answer went already)."""
+        h.reject = r
+        self._drop_backend(h)
+        if h.client not in self._by_fd:
+            return
+        self._want(h.client, 0)
+        self._send(h, h.client, error_response(r.status, r.detail, r.headers), self._finish_reject)
+
+    def _finish_reject(self, h: Handshake) -> None:
+        """Log the rejection, then close the way nginx's lingering close does:
+        closing a socket with unread request bytes makes the kernel send RST,
+        which can destroy the answer before the client reads it. So send FIN,
+        and read and drop what the client still sends until it closes."""
+        r = h.reject
+        assert r is not None
+        self.worker.rejected(h, r)
+        h.state = LINGER
+        self._arm(h, LINGER_TIMEOUT)
+        try:
+            _shutdown_write(h.client)
+        except OSError:
+            self._close(h)
+            return
+        self._want(h.client, _IN)
+        self._linger(h)
+
+    def _linger(self, h: Handshake) -> None:
+        while True:
+            try:
+                data = os.read(h.client, RECV_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._close(h)
+                return
+
+    def _timed_out(self, h: Handshake) -> None:
+        state = h.state
+        if state == READ_REQUEST:
+            self._reject(h, Reject(408, "header_timeout", "request head not complete in time"))
+        elif state == CONNECTING:
+            h.timeouts += 1
+            assert h.endpoint is not None
+            endpoint = h.endpoint
+            self._drop_backend(h)
+            self._connect_failed(h, endpoint.server, endpoint, "timed out")
+            self._connect_next(h)
+        elif state == READ_RESPONSE:
+            self._reject(h, Reject(504, "upstream_timeout", "backend did not answer in time"))
+        else:  # WRITE, PASS_BODY, LINGER: give up on this client
+            if h.reject is not None and state != LINGER:
+                self.worker.rejected(h, h.reject)
+            self._close(h)
+
+    def _internal_error(self, fd: int) -> None:
+        """A bug of ours must cost one connection, never the worker and the
+        tunnels it holds: log it, answer 500 if we still can, close."""
+        self.worker.log.exception(
+            "internal error while handling a connection", **{"event.action": "internal-error"}
+        )
+        h = self._by_fd.get(fd)
+        if h is None or h.state == CLOSED:
+            return
+        try:
+            if h.state in (READ_REQUEST, CONNECTING, READ_RESPONSE):
+                self._reject(h, Reject(500, "internal_error", "internal proxy error"))
+                return
+        except Exception:
+            pass
+        self._close(h)
+
+    def _failed(self, h: Handshake, e: OSError) -> None:
+        """The client's socket failed (reset, gone) before its tunnel was up."""
+        self.worker.handshake_failed(h, e)
+        self._close(h)
+
+    def _connect_failed(
+        self, h: Handshake, server: ServerState, endpoint: EndpointState, reason: str
+    ) -> None:
+        self.worker.connect_failed(h.route.pool, server, endpoint, reason)
+
+    # -- descriptors --------------------------------------------------------
+
+    def _send(self, h: Handshake, fd: int, data: bytes, after: Callable[[Handshake], None]) -> None:
+        """Write ``data`` to ``fd``, then call ``after(h)``; waits for EPOLLOUT
+        if the socket takes only part of it."""
+        try:
+            written = os.write(fd, data) if data else 0
+        except BlockingIOError:
+            written = 0
+        except OSError as e:
+            if fd == h.client:
+                self._failed(h, e)
+            else:
+                self._reject(h, Reject(502, "bad_gateway", f"backend failed the handshake: {e}"))
+            return
+        if written == len(data):
+            after(h)
+            return
+        h.out, h.out_fd, h.after_write, h.state = data[written:], fd, after, WRITE
+        self._want(fd, _OUT)
+
+    def _write_more(self, h: Handshake) -> None:
+        fd, data, after = h.out_fd, h.out, h.after_write
+        assert after is not None
+        h.out, h.out_fd, h.after_write = b"", -1, None
+        self._want(fd, 0)
+        self._send(h, fd, data, after)
+
+    def _want(self, fd: int, mask: int) -> None:
+        """Wait for ``mask`` on ``fd``. A descriptor that waits for nothing
+        leaves the set, since EPOLLERR and EPOLLHUP are reported whatever the
+        mask (epoll_ctl(2)) and would wake us for a socket we are not serving."""
+        current = self._masks.get(fd, 0)
+        if mask == current:
+            return
+        if not mask:
+            self._epoll.unregister(fd)
+            del self._masks[fd]
+            return
+        if current:
+            self._epoll.modify(fd, mask)
+        else:
+            self._epoll.register(fd, mask)
+        self._masks[fd] = mask
+
+    def _drop_backend(self, h: Handshake) -> None:
+        sock = h.backend
+        if sock is None:
+            return
+        fd = sock.fileno()
+        self._want(fd, 0)
+        self._by_fd.pop(fd, None)
+        sock.close()
+        h.backend = None
+        if h.endpoint is not None:
+            balancer.release(h.endpoint)
+            h.endpoint = None
+
+    def _close(self, h: Handshake) -> None:
+        if h.state == CLOSED:
+            return
+        self._drop_backend(h)
+        self._want(h.client, 0)
+        self._by_fd.pop(h.client, None)
+        os.close(h.client)
+        h.state = CLOSED
+        self.handshakes -= 1
+        self.worker.connections -= 1
+
+
+def _shutdown_write(fd: int) -> None:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)
+    try:
+        s.shutdown(socket.SHUT_WR)
+    finally:
+        s.detach()
