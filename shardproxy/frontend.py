@@ -59,6 +59,7 @@ from .handshake import (
     error_response,
     forward_head,
 )
+from .relay import shutdown_write
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -438,7 +439,7 @@ class Frontend:
         h.state = LINGER
         self._arm(h, LINGER_TIMEOUT)
         try:
-            _shutdown_write(h.client)
+            shutdown_write(h.client)
         except OSError:
             self._close(h)
             return
@@ -570,11 +571,3 @@ class Frontend:
         h.state = CLOSED
         self.handshakes -= 1
         self.worker.connections -= 1
-
-
-def _shutdown_write(fd: int) -> None:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)
-    try:
-        s.shutdown(socket.SHUT_WR)
-    finally:
-        s.detach()

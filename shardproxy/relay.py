@@ -246,7 +246,7 @@ class RelayEngine:
         """Pass the source's FIN on to the destination."""
         flow.state = SHUT
         try:
-            _with_socket(flow.dst, lambda s: s.shutdown(socket.SHUT_WR))
+            shutdown_write(flow.dst)
         except OSError:
             pass  # the destination is gone; its own events will end the tunnel
         if t.up.state == SHUT and t.down.state == SHUT:
@@ -287,18 +287,30 @@ class RelayEngine:
         self._on_close(t, outcome)
 
 
-def _with_socket(fd: int, op: Callable[[socket.socket], object]) -> None:
-    """Run a socket-object operation on a bare descriptor without owning it."""
-    s = socket.socket(fileno=fd)
+def _socket_of(fd: int) -> socket.socket:
+    """A socket object over a bare descriptor, to call what ``os`` lacks
+    (shutdown, setsockopt); ``detach()`` it after. Family and type are given
+    because otherwise CPython asks the kernel for them (three getsockopt
+    calls), and neither matters to those calls."""
+    return socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)
+
+
+def shutdown_write(fd: int) -> None:
+    """Send FIN on ``fd`` (TCP half-close); the descriptor stays open."""
+    s = _socket_of(fd)
     try:
-        op(s)
+        s.shutdown(socket.SHUT_WR)
     finally:
         s.detach()
 
 
 def _reset(fd: int) -> None:
+    """Make the coming close() send RST instead of FIN (SO_LINGER {1, 0})."""
+    s = _socket_of(fd)
     try:
-        _with_socket(fd, lambda s: s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
     except OSError as e:  # pragma: no cover - only on a descriptor already dead
         if e.errno not in (errno.EBADF, errno.ENOTSOCK):
             raise
+    finally:
+        s.detach()
