@@ -197,6 +197,20 @@ class Frontend:
         h.deadline = time.monotonic() + seconds
         heapq.heappush(self._timers, (h.deadline, next(self._seq), h))
 
+    def _retire(self, h: Handshake) -> None:
+        """``h`` is over (closed or handed over). Its timers stay in the heap
+        until due, so drop what it holds now, and rebuild the heap when dead
+        entries outnumber live ones (at thousands of handshakes a second and
+        10 s timers they would otherwise pile up)."""
+        h.state = CLOSED
+        h.request = h.response = h.reader = h.backend = h.reject = None
+        h.first_up = h.out = b""
+        self.handshakes -= 1
+        timers = self._timers
+        if len(timers) > 1024 and len(timers) > 4 * self.handshakes:
+            self._timers = [t for t in timers if t[2].state != CLOSED and t[2].deadline == t[0]]
+            heapq.heapify(self._timers)
+
     def _dispatch(self, fd: int, ev: int) -> None:
         h = self._by_fd.get(fd)
         if h is None:
@@ -413,11 +427,10 @@ class Frontend:
         self._want(h.client, 0)
         self._want(backend, 0)
         del self._by_fd[h.client], self._by_fd[backend]
-        h.state = CLOSED
-        self.handshakes -= 1
         info = worker.tunnel_info(h)
         worker.engine.add(h.client, h.backend.detach(), info, h.first_up, h.response.trailing)
         worker.counts["tunnels"] += 1
+        self._retire(h)
 
     def _reject(self, h: Handshake, r: Reject) -> None:
         """Answer the client with ``r`` (unless the backend's answer went already)."""
@@ -568,6 +581,5 @@ class Frontend:
         self._want(h.client, 0)
         self._by_fd.pop(h.client, None)
         os.close(h.client)
-        h.state = CLOSED
-        self.handshakes -= 1
+        self._retire(h)
         self.worker.connections -= 1

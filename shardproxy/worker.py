@@ -190,6 +190,8 @@ async def serve(slot: int, control_fd: int, listen_fds: list[int]) -> None:
     cfg = config.from_mapping(start["config"], start.get("source", "<supervisor>"))
     logs.configure(cfg.log.level, {"shardproxy.worker": slot, "process.name": "worker"})
     listeners = [socket.socket(fileno=fd) for fd in listen_fds]
+    for listener in listeners:
+        listener.setblocking(False)
     worker = Worker(slot, cfg, raise_nofile_limit(), listeners)
     try:
         async with trio.open_nursery() as nursery:
