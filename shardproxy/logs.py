@@ -54,7 +54,11 @@ def _nest(fields: Mapping[str, Any]) -> dict[str, Any]:
         node = out
         for part in path[:-1]:
             node = node.setdefault(part, {})
-        node[path[-1]] = value
+        leaf = path[-1]
+        if type(value) is dict and leaf in node:
+            node[leaf].update(value)  # a namespace given both nested and dotted
+        else:
+            node[leaf] = value
     return out
 
 
@@ -78,9 +82,7 @@ def ecs_json(_: WrappedLogger, method_name: str, event: EventDict) -> str:
     return (
         json.dumps(head, separators=(",", ":"), ensure_ascii=False)[:-1]
         + ","
-        + json.dumps(body, separators=(",", ":"), sort_keys=True, ensure_ascii=False, default=str)[
-            1:
-        ]
+        + json.dumps(body, separators=(",", ":"), ensure_ascii=False, default=str)[1:]
     )
 
 
