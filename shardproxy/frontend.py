@@ -278,8 +278,7 @@ class Frontend:
             return
         h.reader = RequestReader(self.proxy.max_header_bytes)
         self._arm(h, self.proxy.header_timeout)
-        self._want(client, _IN)
-        self._read_request(h)  # the head often arrives with the connection
+        self._read_request(h)  # the head usually came with the connection
 
     # -- the request --------------------------------------------------------
 
@@ -287,6 +286,7 @@ class Frontend:
         try:
             data = os.read(h.client, RECV_SIZE)
         except BlockingIOError:
+            self._want(h.client, _IN)
             return
         except OSError as e:
             self._failed(h, e)
@@ -295,6 +295,7 @@ class Frontend:
         try:
             result = h.reader.feed(data)
             if result is NEED_DATA:
+                self._want(h.client, _IN)
                 return
             assert isinstance(result, UpgradeRequest)
             route = self.worker.router.match(result.host, result.path)
@@ -323,8 +324,8 @@ class Frontend:
             h.tried.append(server)
             endpoint = server.least_used_endpoint()
             ep = endpoint.endpoint
-            sock = socket.socket(socket.AF_INET6 if ":" in ep.host else socket.AF_INET)
-            sock.setblocking(False)
+            family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             err = sock.connect_ex((ep.host, ep.port))
             if err not in (0, errno.EINPROGRESS):
@@ -357,8 +358,7 @@ class Frontend:
         head = forward_head(h.request, h.client_ip, "http", h.listen_port)
         h.response = ResponseReader(h.request, self.proxy.max_header_bytes)
         self._arm(h, self.proxy.response_timeout)
-        self._want(sock.fileno(), 0)
-        self._send(h, sock.fileno(), head, self._await_response)
+        self._send(h, sock.fileno(), head, self._await_response)  # still waits for OUT
 
     def _await_response(self, h: Handshake) -> None:
         h.state = READ_RESPONSE
