@@ -97,6 +97,7 @@ class ProxyConfig:
     connect_timeout: float
     response_timeout: float
     max_connections: int | None  # per worker; None = derived from RLIMIT_NOFILE
+    max_handshakes: int  # per worker, in progress at once; the rest wait in the accept queue
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +132,7 @@ class Config:
                 "connect_timeout": format_duration(p.connect_timeout),
                 "response_timeout": format_duration(p.response_timeout),
                 "max_connections": "auto" if p.max_connections is None else p.max_connections,
+                "max_handshakes": p.max_handshakes,
             },
             "log": {
                 "level": self.log.level,
@@ -250,6 +252,7 @@ _PROXY_DEFAULTS: dict[str, Any] = {
     "connect_timeout": "3s",
     "response_timeout": "10s",
     "max_connections": "auto",
+    "max_handshakes": 1024,
 }
 
 
@@ -344,6 +347,9 @@ class _Parser:
             connect_timeout=self.duration(raw["connect_timeout"], "proxy.connect_timeout"),
             response_timeout=self.duration(raw["response_timeout"], "proxy.response_timeout"),
             max_connections=None if max_conn == "auto" else max_conn,
+            max_handshakes=self.integer(
+                raw["max_handshakes"], "proxy.max_handshakes", 1, 1_000_000
+            ),
         )
 
     def log(self, value: Any) -> LogConfig:

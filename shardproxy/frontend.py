@@ -65,6 +65,7 @@ if TYPE_CHECKING:
     from .worker import Worker
 
 RECV_SIZE = 65536
+MAX_EVENTS = 1024
 ACCEPTS_PER_EVENT = 64  # fairness: accepting must not starve the handshakes in flight
 ACCEPT_BACKOFF = 0.1
 LINGER_TIMEOUT = 2.0  # to send an error answer and see the client close
@@ -150,30 +151,33 @@ class Frontend:
         self._masks: dict[int, int] = {}  # what each handshake descriptor waits for
         self._timers: list[tuple[float, int, Handshake]] = []
         self._seq = itertools.count()
-        self._paused_until = 0.0
+        self._backoff_until = 0.0  # accept failed for lack of descriptors: wait
+        self._full = False  # max_handshakes in flight: leave the rest queued
+        self._accepting = False
         self.handshakes = 0
-        for fd in self._listeners:
-            self._epoll.register(fd, _IN)
+        self._sync_listeners()
 
     # -- the loop -----------------------------------------------------------
 
     async def run(self) -> None:
         poll = self._epoll.poll
         while True:
+            # Ready events before timers: a worker that is behind must not time
+            # out a connect or a read whose event is already waiting.
+            events = poll(0, MAX_EVENTS)
+            for fd, ev in events:
+                try:
+                    self._dispatch(fd, ev)
+                except Exception:
+                    self._internal_error(fd)
             now = time.monotonic()
             self._fire_timers(now)
-            events = poll(0, 256)
             if events:
-                for fd, ev in events:
-                    try:
-                        self._dispatch(fd, ev)
-                    except Exception:
-                        self._internal_error(fd)
                 await trio.lowlevel.checkpoint()
                 continue
             wake = self._timers[0][0] if self._timers else now + 3600
-            if self._paused_until:
-                wake = min(wake, self._paused_until)
+            if self._backoff_until:
+                wake = min(wake, self._backoff_until)
             with trio.move_on_at(trio.current_time() + max(0.0, wake - now)):
                 await trio.lowlevel.wait_readable(self._epoll.fileno())
 
@@ -183,10 +187,9 @@ class Frontend:
         self._epoll.close()
 
     def _fire_timers(self, now: float) -> None:
-        if self._paused_until and now >= self._paused_until:
-            self._paused_until = 0.0
-            for fd in self._listeners:
-                self._epoll.register(fd, _IN)
+        if self._backoff_until and now >= self._backoff_until:
+            self._backoff_until = 0.0
+            self._sync_listeners()
         timers = self._timers
         while timers and timers[0][0] <= now:
             deadline, _, h = heapq.heappop(timers)
@@ -206,6 +209,9 @@ class Frontend:
         h.request = h.response = h.reader = h.backend = h.reject = None
         h.first_up = h.out = b""
         self.handshakes -= 1
+        if self._full and self.handshakes < max(1, self.proxy.max_handshakes * 3 // 4):
+            self._full = False
+            self._sync_listeners()
         timers = self._timers
         if len(timers) > 1024 and len(timers) > 4 * self.handshakes:
             self._timers = [t for t in timers if t[2].state != CLOSED and t[2].deadline == t[0]]
@@ -236,6 +242,10 @@ class Frontend:
     def _accept(self, fd: int) -> None:
         listener = self._listeners[fd]
         for _ in range(ACCEPTS_PER_EVENT):
+            if self.handshakes >= self.proxy.max_handshakes:
+                self._full = True
+                self._sync_listeners()
+                return
             try:
                 client, addr = listener._accept()  # type: ignore[attr-defined]  # (fd, addr): no socket object
             except BlockingIOError:
@@ -255,9 +265,22 @@ class Frontend:
             "accept failed: out of descriptors or memory; backing off",
             **{"event.action": "accept-error", "error.message": os.strerror(e.errno or 0)},
         )
-        for fd in self._listeners:
-            self._epoll.unregister(fd)
-        self._paused_until = time.monotonic() + ACCEPT_BACKOFF
+        self._backoff_until = time.monotonic() + ACCEPT_BACKOFF
+        self._sync_listeners()
+
+    def _sync_listeners(self) -> None:
+        """Listen while neither a backoff nor the handshake limit says wait.
+        Connections not accepted wait in the kernel's accept queue (their
+        header timeout starts at accept), which is the buffer a spike needs:
+        accepting everything at once only makes every handshake slow."""
+        accepting = not self._backoff_until and not self._full
+        if accepting != self._accepting:
+            for fd in self._listeners:
+                if accepting:
+                    self._epoll.register(fd, _IN)
+                else:
+                    self._epoll.unregister(fd)
+            self._accepting = accepting
 
     def _start(self, client: int, addr: Any, listen_port: int) -> None:
         worker = self.worker
@@ -472,10 +495,23 @@ class Frontend:
                 return
 
     def _timed_out(self, h: Handshake) -> None:
+        """``h``'s deadline passed. What it waited for may have happened with
+        its event still queued behind others (a worker catching up after a
+        spike), so look once more before giving up."""
         state = h.state
         if state == READ_REQUEST:
-            self._reject(h, Reject(408, "header_timeout", "request head not complete in time"))
+            self._read_request(h)
+            if h.state == READ_REQUEST:
+                self._reject(h, Reject(408, "header_timeout", "request head not complete in time"))
         elif state == CONNECTING:
+            assert h.backend is not None
+            try:
+                h.backend.getpeername()  # succeeds once the connect completed
+            except OSError:
+                pass
+            else:
+                self._connected(h)
+                return
             h.timeouts += 1
             assert h.endpoint is not None
             endpoint = h.endpoint
@@ -483,7 +519,9 @@ class Frontend:
             self._connect_failed(h, endpoint.server, endpoint, "timed out")
             self._connect_next(h)
         elif state == READ_RESPONSE:
-            self._reject(h, Reject(504, "upstream_timeout", "backend did not answer in time"))
+            self._read_response(h)
+            if h.state == READ_RESPONSE:
+                self._reject(h, Reject(504, "upstream_timeout", "backend did not answer in time"))
         else:  # WRITE, PASS_BODY, LINGER: give up on this client
             if h.reject is not None and state != LINGER:
                 self.worker.rejected(h, h.reject)

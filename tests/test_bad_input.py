@@ -364,3 +364,24 @@ def test_over_capacity_is_503_with_retry_after(start_proxy: Callable[..., Proxy]
     assert again.echo("in") == "in"
     for c in [*held[1:], again]:
         c.close()
+
+
+def test_handshakes_beyond_max_handshakes_wait_their_turn(
+    start_proxy: Callable[..., Proxy], lab: Lab
+) -> None:
+    """With every handshake slot taken, a new connection waits in the accept
+    queue (no answer, no error) and is served once a slot frees up."""
+    proxy = start_proxy([lab.backend.port], workers=1, proxy={"max_handshakes": 1})
+    head = upgrade_head("/echo")
+    slow = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    slow.sendall(head[:10])  # holds the only slot
+    waiting = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    waiting.sendall(upgrade_head("/echo"))
+    waiting.settimeout(0.5)
+    with pytest.raises(TimeoutError):
+        waiting.recv(1)  # not accepted yet: nobody answers
+    slow.sendall(head[10:])
+    assert _status(read_head(slow)) == 101
+    assert _status(read_head(waiting)) == 101
+    slow.close()
+    waiting.close()
