@@ -9,7 +9,9 @@ Pieces, each usable on its own so that later scenarios reuse them:
 - :mod:`bench.targets`  the proxies under test (shardproxy now; HAProxy/nginx later)
 - :mod:`bench.measure`  process memory snapshots, settling, machine description
 - :mod:`bench.procs`    child processes spoken to by lines, ports, descriptor limits
-- :mod:`bench.idle`     the ``idle`` scenario: user memory per idle tunnel
+- :mod:`bench.idle`, :mod:`bench.pingpong`, :mod:`bench.handshake`, :mod:`bench.spike`
+  the scenarios; :mod:`bench.scenario` what they share; :mod:`bench.histogram`
+  latency percentiles
 
 Rules (``../shared/BENCH.md``): loopback only, many 127.x source addresses,
 ``IP_BIND_ADDRESS_NO_PORT`` before every client ``bind``, a fresh backend port

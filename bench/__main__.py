@@ -1,9 +1,13 @@
 """``python -m bench SCENARIO [options]`` (run from the repository root).
 
-Scenarios: ``idle`` (user memory per idle tunnel). Results go to
-``bench/results/`` (gitignored) as one JSON file per run; a Markdown table is
-printed. Exit status 0 when the run completed cleanly (every tunnel opened,
-none dropped, the sample echoed), 1 otherwise.
+Scenarios: ``idle`` (user memory per idle tunnel), ``pingpong`` (CPU per
+relayed message, round-trip latency), ``handshake`` (CPU per handshake,
+handshake rate and latency), ``spike`` (N clients at once). ``--target``
+picks what is measured: shardproxy (default), haproxy, nginx, or direct (no
+proxy: the generator and the backend alone). Results go to ``bench/results/``
+(gitignored) as one JSON file per run; a Markdown table is printed. Exit
+status 0 when the run completed cleanly (every client served, nothing
+dropped, no failure), 1 otherwise.
 """
 
 from __future__ import annotations
@@ -13,13 +17,33 @@ import signal
 import sys
 from pathlib import Path
 
-from . import idle
+from . import handshake, idle, pingpong, spike
+from .targets import TARGETS
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+SCENARIOS = {
+    "pingpong": (pingpong, "CPU per relayed message, round-trip latency", 1),
+    "handshake": (handshake, "CPU per handshake, handshakes/s, latency", 1),
+    "spike": (spike, "N clients connecting at the same moment", 4),
+}
 
 
 def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # unwinds through the scenario's cleanup
+
+
+def _common(p: argparse.ArgumentParser, workers: int, backend_procs: int | None) -> None:
+    p.add_argument("--target", choices=TARGETS, default="shardproxy", help="(shardproxy)")
+    p.add_argument("--workers", type=int, default=workers, help=f"proxy workers ({workers})")
+    p.add_argument(
+        "--backend-procs",
+        type=int,
+        default=backend_procs,
+        help=f"echo backend processes ({backend_procs or 'one per 6,000 clients, ≥ 2'})",
+    )
+    p.add_argument("--log-level", default="info", help="target log level (info)")
+    p.add_argument("--results-dir", default=str(RESULTS), help="where the JSON goes")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,29 +51,49 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="scenario", required=True)
     i = sub.add_parser("idle", help="user memory per idle tunnel")
     i.add_argument("--tunnels", type=int, default=9000, help="idle tunnels to hold (default 9000)")
-    i.add_argument("--workers", type=int, default=1, help="proxy workers (default 1)")
     i.add_argument("--warmup", type=int, default=200, help="tunnels opened+closed first (200)")
     i.add_argument("--concurrency", type=int, default=200, help="handshakes in flight per loadgen")
     i.add_argument("--sample", type=int, default=100, help="tunnels checked to still echo (100)")
-    i.add_argument("--backend-procs", type=int, default=2, help="echo backend processes (2)")
     i.add_argument("--per-loadgen", type=int, default=9000, help="connections per loadgen (≤9000)")
     i.add_argument("--sources", type=int, default=32, help="source addresses per loadgen (32)")
     i.add_argument("--open-timeout", type=float, default=300.0, help="seconds to open them all")
     i.add_argument("--settle-timeout", type=float, default=60.0, help="seconds to wait for RSS")
-    i.add_argument("--log-level", default="info", help="shardproxy log level (info)")
-    i.add_argument("--results-dir", default=str(RESULTS), help="where the JSON goes")
+    _common(i, workers=1, backend_procs=2)
+    for name, (module, help_text, workers) in SCENARIOS.items():
+        s = sub.add_parser(name, help=help_text, description=(module.__doc__ or "").split("\n")[0])
+        module.add_arguments(s)
+        s.add_argument("--sources", type=int, default=64, help="source addresses per loadgen (64)")
+        _common(s, workers=workers, backend_procs=None if name == "spike" else 2)
     return p
 
 
+def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.workers < 1:
+        p.error("--workers must be at least 1")
+    if not 1 <= args.sources <= 250:
+        p.error("--sources must be 1-250")
+    if args.backend_procs is not None and not 1 <= args.backend_procs <= 64:
+        p.error("--backend-procs must be 1-64")
+    count: int = args.tunnels if hasattr(args, "tunnels") else args.clients
+    if count < 1:
+        p.error("--tunnels/--clients must be at least 1")
+    limit = {"idle": 9000, "spike": 9000, "pingpong": 1000}.get(args.scenario)
+    if limit and not 1 <= args.per_loadgen <= limit:
+        p.error(f"--per-loadgen must be 1-{limit}")
+    if args.scenario == "pingpong" and (args.duration <= 0 or args.size < 0):
+        p.error("--duration must be positive and --size not negative")
+    if args.scenario == "handshake" and not (1 <= args.loadgens <= 64 and args.concurrency >= 1):
+        p.error("--loadgens must be 1-64 and --concurrency at least 1")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    if not 1 <= args.per_loadgen <= 9000:
-        parser().error("--per-loadgen must be 1-9000")
-    if args.tunnels < 1 or args.workers < 1:
-        parser().error("--tunnels and --workers must be at least 1")
+    p = parser()
+    args = p.parse_args(argv)
+    _check(p, args)
+    module = idle if args.scenario == "idle" else SCENARIOS[args.scenario][0]
     signal.signal(signal.SIGTERM, _terminate)
-    result = idle.run(args)
-    print(idle.markdown(result))
+    result = module.run(args)
+    print(module.markdown(result))
     sys.stdout.flush()
     return 0 if result["ok"] else 1
 

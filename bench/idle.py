@@ -16,6 +16,10 @@ Steps (each bounded in time; everything is stopped in ``finally``):
    RSS is stable;
 6. a random sample of tunnels must still echo; count tunnels the proxy dropped;
 7. user memory per tunnel = (RSS after - RSS before) / tunnels opened.
+
+``--target`` picks the proxy (``bench.targets``); ``direct`` has no process
+of its own, so its memory figures are null (the run still checks that every
+tunnel opened and echoes).
 """
 
 from __future__ import annotations
@@ -31,12 +35,13 @@ from typing import Any
 
 from . import measure
 from .procs import REPO, BenchError, LineProcess, pick_port
-from .targets import ShardProxy
+from .targets import make_target
 from .wire import raise_nofile
 
 KEYS = (
-    "scenario", "ok", "error", "command", "started_at", "method", "machine", "proxy",
-    "tunnels_requested", "tunnels_opened", "failures", "failure_reasons", "dropped",
+    "scenario", "target", "workers", "ok", "error", "command", "started_at", "method",
+    "machine", "proxy", "tunnels_requested", "tunnels_opened", "failures", "failure_reasons",
+    "dropped",
     "unexpected_frames", "sample_echo", "rss_before", "rss_after", "rss_delta",
     "user_memory_per_tunnel_bytes", "uss_per_tunnel_bytes", "worker_rss_delta",
     "worker_rss_per_tunnel_bytes", "fds_before", "fds_after", "kernel_tcp", "timings",
@@ -81,6 +86,8 @@ def run(args: Any) -> dict[str, Any]:
     result: dict[str, Any] = dict.fromkeys(KEYS)
     result.update(
         scenario="idle",
+        target=args.target,
+        workers=None if args.target == "direct" else args.workers,
         ok=False,
         command=" ".join(["python -m bench", *sys.argv[1:]]),
         started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -103,7 +110,8 @@ def run(args: Any) -> dict[str, Any]:
     backend_port = pick_port()
     proxy_port = pick_port(avoid={backend_port})
     backend: LineProcess | None = None
-    proxy = ShardProxy(
+    proxy = make_target(
+        args.target,
         workdir,
         listen=("127.0.0.1", proxy_port),
         backend=("127.0.0.1", backend_port),
@@ -146,8 +154,9 @@ def run(args: Any) -> dict[str, Any]:
         def take() -> dict[str, Any]:
             return measure.snapshot(proxy.processes(), proxy.role)
 
+        measured = bool(proxy.processes())  # direct: no process of its own
         idle_fds = take()["fds"]
-        target = ("127.0.0.1", proxy_port)
+        target = proxy.address
         if args.warmup:
             t0 = time.monotonic()
             w = _loadgen("warm-up loadgen", target, args.warmup, "127.0.250.1/8", args)
@@ -163,10 +172,12 @@ def run(args: Any) -> dict[str, Any]:
             gens.remove(w)
             timings["warmup_s"] = round(time.monotonic() - t0, 2)
 
-        before, result["settle"] = measure.settle(
-            take, fds_at_most=idle_fds, timeout=args.settle_timeout
+        before, settle_before = (
+            measure.settle(take, fds_at_most=idle_fds, timeout=args.settle_timeout)
+            if measured
+            else (take(), {"settled": True, "skipped": "the target has no processes"})
         )
-        result["settle"] = {"before": result["settle"]}
+        result["settle"] = {"before": settle_before}
         tcp_before = measure.sockstat()
 
         t0 = time.monotonic()
@@ -188,8 +199,12 @@ def run(args: Any) -> dict[str, Any]:
         timings["open_rate_per_s"] = round(opened / max(timings["open_s"], 1e-6), 1)
         result.update(tunnels_opened=opened, failures=failed, failure_reasons=dict(reasons))
 
-        after, settle_after = measure.settle(
-            take, fds_at_least=before["fds"] + 2 * opened, timeout=args.settle_timeout
+        after, settle_after = (
+            measure.settle(
+                take, fds_at_least=before["fds"] + 2 * opened, timeout=args.settle_timeout
+            )
+            if measured
+            else (take(), {"settled": True, "skipped": "the target has no processes"})
         )
         result["settle"]["after"] = settle_after
         tcp_after = measure.sockstat()
@@ -223,16 +238,15 @@ def run(args: Any) -> dict[str, Any]:
         delta = after["rss"] - before["rss"]
         rb, ra = _by_role(before), _by_role(after)
         worker_delta = sum(ra[r] - rb.get(r, 0) for r in ra if proxy.is_worker(r))
+        per = opened if measured else 0  # no per-tunnel figure without processes
         result.update(
             rss_before=before,
             rss_after=after,
-            rss_delta=delta,
-            user_memory_per_tunnel_bytes=round(delta / opened, 1) if opened else None,
-            uss_per_tunnel_bytes=(
-                round((after["uss"] - before["uss"]) / opened, 1) if opened else None
-            ),
-            worker_rss_delta=worker_delta,
-            worker_rss_per_tunnel_bytes=round(worker_delta / opened, 1) if opened else None,
+            rss_delta=delta if measured else None,
+            user_memory_per_tunnel_bytes=round(delta / per, 1) if per else None,
+            uss_per_tunnel_bytes=(round((after["uss"] - before["uss"]) / per, 1) if per else None),
+            worker_rss_delta=worker_delta if measured else None,
+            worker_rss_per_tunnel_bytes=round(worker_delta / per, 1) if per else None,
             fds_before=before["fds"],
             fds_after=after["fds"],
             kernel_tcp={"before": tcp_before, "after": tcp_after},
@@ -307,7 +321,7 @@ def markdown(r: dict[str, Any]) -> str:
         for p in (snap or {}).get("processes", []):
             rows.append((f"  RSS {label}: {p['role']} (pid {p['pid']})", _kib(p["rss"])))
     out = [
-        f"### shardproxy idle: {r['tunnels_requested']} tunnels, "
+        f"### {r.get('target', 'shardproxy')} idle: {r['tunnels_requested']} tunnels, "
         f"{r['method']['loadgen_processes']} loadgen process(es)",
         "",
         "| figure | value |",
@@ -319,7 +333,7 @@ def markdown(r: dict[str, Any]) -> str:
         "the proxy held 2 descriptors per tunnel and RSS was stable.",
         f"Machine: {m['cores']} cores ({m['cpu_model']}), {m['memory_bytes'] / 2**30:.1f} GiB, "
         f"Linux {m['kernel']}, Python {m['python']}. "
-        f"Proxy: {px.get('version')} @ {(px.get('commit') or '')[:10]}"
+        f"Proxy: {px.get('version') or r.get('target')} @ {(px.get('commit') or '')[:10]}"
         f"{' (dirty)' if px.get('dirty') else ''}.",
         f"Result: {'OK' if r['ok'] else 'NOT OK'}"
         + (f" — error: {r['error']}" if r["error"] else "")

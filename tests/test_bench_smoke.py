@@ -1,5 +1,6 @@
-"""Smoke test of the benchmark harness: a tiny ``idle`` run completes and
-writes a well-formed result. No timing or memory figure is asserted
+"""Smoke tests of the benchmark harness: a tiny run of every scenario against
+shardproxy completes and writes a well-formed result, with consistent counts
+and no failure. No timing, rate, CPU or memory figure is asserted
 (benchmarks are not tests)."""
 
 from __future__ import annotations
@@ -8,29 +9,70 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
 sys.path.insert(0, str(REPO))
 from bench.idle import KEYS  # noqa: E402
 
+# Every load scenario's result carries these (bench/scenario.py).
+COMMON = (
+    "scenario", "ok", "error", "command", "started_at", "target", "target_version", "workers",
+    "parameters", "machine", "figures", "failures", "cpu", "loadgens", "timings", "shutdown",
+    "files",
+)  # fmt: skip
 
-def test_idle_50_tunnels(tmp_path: Path) -> None:
+
+def run_bench(
+    tmp_path: Path, *args: str
+) -> tuple[dict[str, Any], subprocess.CompletedProcess[str]]:
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "idle", "--tunnels", "50", "--workers", "1",
-         "--warmup", "20", "--results-dir", str(tmp_path)],
+        [sys.executable, "-m", "bench", *args, "--results-dir", str(tmp_path)],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=240,
-    )  # fmt: skip
-    files = list(tmp_path.glob("idle-*.json"))
+        timeout=120,
+    )
+    files = list(tmp_path.glob(f"{args[0]}-*.json"))
     assert len(files) == 1, (proc.stdout, proc.stderr)
-    result = json.loads(files[0].read_text())
+    return json.loads(files[0].read_text()), proc
+
+
+def check_common(r: dict[str, Any], proc: subprocess.CompletedProcess[str], scenario: str) -> None:
+    assert set(COMMON) <= set(r), set(COMMON) - set(r)
+    assert r["error"] is None, r["error"]
+    assert r["scenario"] == scenario
+    assert r["target"] == "shardproxy"
+    assert r["target_version"]["version"]
+    assert r["command"].startswith(f"python -m bench {scenario}")
+    assert r["failures"] == {"total": 0, "by_kind": {}, "reasons": {}}
+    target = r["cpu"]["groups"]["target"]
+    assert target["processes"] == r["workers"] + 1  # supervisor + workers
+    assert target["gone"] == []
+    assert r["cpu"]["groups"]["loadgen"]["processes"] == r["parameters"]["loadgen_processes"]
+    assert r["shutdown"]["exit_code"] == 0
+    for field in ("cores", "memory_bytes", "kernel", "python"):
+        assert r["machine"][field]
+    assert r["ok"] is True
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| figure | value |" in proc.stdout
+
+
+def check_latency(lat: dict[str, Any], n: int) -> None:
+    assert lat["n"] == n
+    assert 0 <= lat["p50"] <= lat["p99"] <= lat["p99.9"] <= lat["max"]
+
+
+def test_idle_50_tunnels(tmp_path: Path) -> None:
+    result, proc = run_bench(
+        tmp_path, "idle", "--tunnels", "50", "--workers", "1", "--warmup", "20"
+    )
 
     assert set(KEYS) <= set(result), set(KEYS) - set(result)
     assert result["error"] is None, result["error"]
     assert result["scenario"] == "idle"
+    assert result["target"] == "shardproxy"
     assert result["tunnels_requested"] == 50
     assert result["tunnels_opened"] == 50
     assert result["failures"] == 0
@@ -49,3 +91,42 @@ def test_idle_50_tunnels(tmp_path: Path) -> None:
         assert result["machine"][field]
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "user memory per tunnel" in proc.stdout
+
+
+def test_pingpong_4_tunnels(tmp_path: Path) -> None:
+    r, proc = run_bench(tmp_path, "pingpong", "-k", "4", "--duration", "1", "--warmup", "0.2")
+    check_common(r, proc, "pingpong")
+    f = r["figures"]
+    assert f["tunnels"] == 4 and f["tunnels_lost"] == 0
+    assert f["round_trips"] > 0
+    assert f["round_trips"] == sum(g["round_trips"] for g in r["loadgens"])
+    assert f["target_cpu_us_per_round_trip"] is not None
+    check_latency(f["latency_us"], f["round_trips"])
+    assert r["parameters"]["size_bytes"] == 64
+    assert r["target_log"]["tunnel_outcomes"] == {"closed": 4}
+
+
+def test_handshake_50_clients(tmp_path: Path) -> None:
+    r, proc = run_bench(tmp_path, "handshake", "-n", "50", "--concurrency", "10")
+    check_common(r, proc, "handshake")
+    f = r["figures"]
+    assert f["requested"] == f["handshakes"] == f["closed_clean"] == 50
+    assert f["target_cpu_us_per_handshake"] is not None
+    check_latency(f["latency_us"], 50)
+    # every tunnel ended cleanly at the proxy, none counted twice
+    assert r["target_log"]["tunnel_outcomes"] == {"closed": 50}
+    assert r["target_log"]["rejected"] == {}
+
+
+def test_spike_200_clients(tmp_path: Path) -> None:
+    r, proc = run_bench(tmp_path, "spike", "-n", "200", "--workers", "2", "--sample", "20")
+    check_common(r, proc, "spike")
+    f = r["figures"]
+    assert f["requested"] == f["upgraded"] == f["held_at_once"] == 200
+    assert f["upgraded_pct"] == 100.0
+    assert f["dropped_while_held"] == 0
+    assert f["sample_echo"] == {"requested": 20, "ok": 20, "failed": 0}
+    assert f["target_fds"] >= 400  # 2 per tunnel, all held at once
+    check_latency(f["latency_us"], 200)
+    assert r["target_log"]["tunnel_outcomes"] == {"closed": 200}
+    assert r["target_log"]["rejected"] == {}
