@@ -66,6 +66,7 @@ if TYPE_CHECKING:
 
 RECV_SIZE = 65536
 MAX_EVENTS = 1024
+BUSY_ROUND = 8  # events in a round that make the next one a poll, not a sleep
 ACCEPTS_PER_EVENT = 64  # fairness: accepting must not starve the handshakes in flight
 ACCEPT_BACKOFF = 0.1
 LINGER_TIMEOUT = 2.0  # to send an error answer and see the client close
@@ -160,26 +161,31 @@ class Frontend:
     # -- the loop -----------------------------------------------------------
 
     async def run(self) -> None:
+        """Serve until cancelled: sleep in trio until the epoll descriptor is
+        readable or the next timer is due; poll through busy rounds (as the
+        relay engine does)."""
         poll = self._epoll.poll
+        epoll_fd = self._epoll.fileno()
         while True:
-            # Ready events before timers: a worker that is behind must not time
-            # out a connect or a read whose event is already waiting.
-            events = poll(0, MAX_EVENTS)
-            for fd, ev in events:
-                try:
-                    self._dispatch(fd, ev)
-                except Exception:
-                    self._internal_error(fd)
             now = time.monotonic()
-            self._fire_timers(now)
-            if events:
-                await trio.lowlevel.checkpoint()
-                continue
             wake = self._timers[0][0] if self._timers else now + 3600
             if self._backoff_until:
                 wake = min(wake, self._backoff_until)
             with trio.move_on_at(trio.current_time() + max(0.0, wake - now)):
-                await trio.lowlevel.wait_readable(self._epoll.fileno())
+                await trio.lowlevel.wait_readable(epoll_fd)
+            while True:
+                # Ready events before timers: a worker that is behind must not
+                # time out a connect or a read whose event is already waiting.
+                events = poll(0, MAX_EVENTS)
+                for fd, ev in events:
+                    try:
+                        self._dispatch(fd, ev)
+                    except Exception:
+                        self._internal_error(fd)
+                self._fire_timers(time.monotonic())
+                if len(events) < BUSY_ROUND:
+                    break
+                await trio.lowlevel.checkpoint()
 
     def close(self) -> None:
         for h in list(self._by_fd.values()):
