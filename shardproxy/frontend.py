@@ -441,7 +441,7 @@ class Frontend:
             body, done = b"", True
         if done:
             self._drop_backend(h)
-            self._send(h, h.client, body, lambda h: self._finish_reject(h))
+            self._send(h, h.client, body, self._finish_reject)
         elif body:
             self._want(h.backend.fileno(), 0)
             self._send(h, h.client, body, self._start_body)
@@ -528,6 +528,8 @@ class Frontend:
             self._read_response(h)
             if h.state == READ_RESPONSE:
                 self._reject(h, Reject(504, "upstream_timeout", "backend did not answer in time"))
+        elif state == WRITE and h.out_fd != h.client:  # the backend does not take the head
+            self._reject(h, Reject(504, "upstream_timeout", "backend did not read the request"))
         else:  # WRITE, PASS_BODY, LINGER: give up on this client
             if h.reject is not None and state != LINGER:
                 self.worker.rejected(h, h.reject)
