@@ -72,18 +72,15 @@ def ecs_json(_: WrappedLogger, method_name: str, event: EventDict) -> str:
         elif not isinstance(exc, tuple):
             exc = sys.exc_info()
         event["error.stack_trace"] = "".join(traceback.format_exception(*exc))
-    head = {
+    # ECS puts these three first; the rest follows nested.
+    doc: dict[str, Any] = {
         "@timestamp": _timestamp(time.time()),
         "log.level": "warning" if method_name == "warn" else method_name,
         "message": message,
     }
-    body = _nest(event)
-    body["ecs"] = {"version": ECS_VERSION}
-    return (
-        json.dumps(head, separators=(",", ":"), ensure_ascii=False)[:-1]
-        + ","
-        + json.dumps(body, separators=(",", ":"), ensure_ascii=False, default=str)[1:]
-    )
+    doc.update(_nest(event))
+    doc["ecs"] = {"version": ECS_VERSION}
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
 def configure(
