@@ -8,6 +8,12 @@ proxy: the generator and the backend alone). Results go to ``bench/results/``
 (gitignored) as one JSON file per run; a Markdown table is printed. Exit
 status 0 when the run completed cleanly (every client served, nothing
 dropped, no failure), 1 otherwise.
+
+``--compare shardproxy,haproxy,nginx`` on any scenario runs it for each of
+those targets in turn; ``all --compare … [--quick]`` runs every scenario for
+each target (BENCH.md's sizes, or small ones with ``--quick``). A comparison
+writes ``compare-<stamp>.json``, ``.md`` (printed too) and PNG charts
+(``bench/compare.py``); exit status 0 when every run was clean.
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ import argparse
 import signal
 import sys
 from pathlib import Path
+from types import ModuleType
 
-from . import handshake, idle, pingpong, spike
+from . import compare, handshake, idle, pingpong, spike
 from .targets import TARGETS
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -35,6 +42,12 @@ def _terminate(signum: int, frame: object) -> None:
 
 def _common(p: argparse.ArgumentParser, workers: int, backend_procs: int | None) -> None:
     p.add_argument("--target", choices=TARGETS, default="shardproxy", help="(shardproxy)")
+    p.add_argument(
+        "--compare",
+        type=compare.target_list,
+        metavar="T1,T2,...",
+        help="run for each of these targets in turn and compare them (instead of --target)",
+    )
     p.add_argument("--workers", type=int, default=workers, help=f"proxy workers ({workers})")
     p.add_argument(
         "--backend-procs",
@@ -64,7 +77,39 @@ def parser() -> argparse.ArgumentParser:
         module.add_arguments(s)
         s.add_argument("--sources", type=int, default=64, help="source addresses per loadgen (64)")
         _common(s, workers=workers, backend_procs=None if name == "spike" else 2)
+    a = sub.add_parser(
+        "all",
+        help="every scenario for each target, compared",
+        description="idle, pingpong, handshake and spike for each target of --compare, one "
+        "after another, at BENCH.md's sizes (idle 9,000 tunnels, pingpong 50 tunnels x 10 s x "
+        "64 B, handshake 5,000 clients, all with 1 worker; spike 20,000 clients with 4 "
+        "workers); one JSON, one Markdown table per scenario, PNG charts.",
+    )
+    a.add_argument(
+        "--compare",
+        type=compare.target_list,
+        default=["shardproxy", "haproxy", "nginx"],
+        metavar="T1,T2,...",
+        help="targets (shardproxy,haproxy,nginx)",
+    )
+    a.add_argument("--quick", action="store_true", help="small sizes: a check in seconds")
+    a.add_argument("--log-level", default="info", help="target log level (info)")
+    a.add_argument("--results-dir", default=str(RESULTS), help="where the results go")
     return p
+
+
+def module_of(scenario: str) -> ModuleType:
+    return idle if scenario == "idle" else SCENARIOS[scenario][0]
+
+
+def scenario_args(
+    p: argparse.ArgumentParser, scenario: str, knobs: list[str], top: argparse.Namespace
+) -> argparse.Namespace:
+    """A scenario's arguments for ``all``: its own defaults, then ``knobs``."""
+    argv = [scenario, *knobs, "--log-level", top.log_level, "--results-dir", top.results_dir]
+    args = p.parse_args(argv)
+    _check(p, args)
+    return args
 
 
 def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -87,11 +132,32 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     p = parser()
     args = p.parse_args(argv)
-    _check(p, args)
-    module = idle if args.scenario == "idle" else SCENARIOS[args.scenario][0]
     signal.signal(signal.SIGTERM, _terminate)
+    if args.scenario == "all" or args.compare:
+        if args.scenario == "all":
+            sizes = compare.QUICK if args.quick else compare.FULL
+            plans = [
+                (s, module_of(s), scenario_args(p, s, sizes[s], args))
+                for s in compare.SCENARIO_ORDER
+            ]
+        else:
+            _check(p, args)
+            plans = [(args.scenario, module_of(args.scenario), args)]
+        doc, status = compare.run(
+            plans,
+            args.compare,
+            argv,
+            Path(args.results_dir).resolve(),
+            quick=getattr(args, "quick", False),
+        )
+        print(compare.markdown(doc))
+        sys.stdout.flush()
+        return status
+    _check(p, args)
+    module = module_of(args.scenario)
     result = module.run(args)
     print(module.markdown(result))
     sys.stdout.flush()

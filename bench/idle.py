@@ -17,6 +17,12 @@ Steps (each bounded in time; everything is stopped in ``finally``):
 6. a random sample of tunnels must still echo; count tunnels the proxy dropped;
 7. user memory per tunnel = (RSS after - RSS before) / tunnels opened.
 
+While the tunnels open (step 4), the proxy's summed RSS and descriptor count
+are sampled every 0.05 s: ``rss_curve`` is a list of ``[tunnels held, RSS
+delta bytes]`` with tunnels held ≈ (descriptors - descriptors before) / 2,
+starting at ``[0, 0]`` and ending with the settled "after" point (memory
+against tunnels, for ``python -m bench … --compare``'s chart).
+
 ``--target`` picks the proxy (``bench.targets``); ``direct`` has no process
 of its own, so its memory figures are null (the run still checks that every
 tunnel opened and echoes).
@@ -28,10 +34,14 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from . import measure
 from .procs import REPO, BenchError, LineProcess, pick_port
@@ -45,8 +55,46 @@ KEYS = (
     "unexpected_frames", "sample_echo", "rss_before", "rss_after", "rss_delta",
     "user_memory_per_tunnel_bytes", "uss_per_tunnel_bytes", "worker_rss_delta",
     "worker_rss_per_tunnel_bytes", "fds_before", "fds_after", "kernel_tcp", "timings",
-    "settle", "shutdown", "proxy_log_actions", "files",
+    "settle", "shutdown", "proxy_log_actions", "rss_curve", "files",
 )  # fmt: skip
+
+# seconds between (tunnels, RSS) samples while tunnels open: 9,000 tunnels open
+# in under a second here, so a coarser step leaves the curve a few points
+CURVE_INTERVAL = 0.05
+
+
+class _Curve(threading.Thread):
+    """Samples ``[tunnels held, RSS delta]`` of the proxy every ``interval``
+    seconds until :meth:`finish`: summed RSS and descriptors of its processes
+    (cheap reads: no USS here), tunnels ≈ (descriptors - ``fds0``) / 2."""
+
+    def __init__(
+        self,
+        procs: Callable[[], list[psutil.Process]],
+        rss0: int,
+        fds0: int,
+        interval: float = CURVE_INTERVAL,
+    ) -> None:
+        super().__init__(name="rss-curve", daemon=True)
+        self.procs, self.rss0, self.fds0, self.interval = procs, rss0, fds0, interval
+        self.points: list[list[int]] = [[0, 0]]
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.interval):
+            rss = fds = 0
+            for p in self.procs():
+                try:
+                    rss += p.memory_info().rss
+                    fds += p.num_fds()
+                except psutil.Error:
+                    continue
+            self.points.append([max(0, (fds - self.fds0) // 2), rss - self.rss0])
+
+    def finish(self) -> list[list[int]]:
+        self._done.set()
+        self.join(5)
+        return self.points
 
 
 def _split(total: int, parts: int) -> list[int]:
@@ -101,6 +149,9 @@ def run(args: Any) -> dict[str, Any]:
             "after": "once the proxy held 2 more descriptors per opened tunnel and RSS was "
             "stable (5 samples 0.5 s apart within 64 KiB)",
             "per_tunnel": "(RSS after - RSS before) / tunnels opened",
+            "rss_curve": f"[tunnels held, RSS - RSS before] every {CURVE_INTERVAL:g} s while "
+            "the tunnels open; tunnels held = (descriptors - descriptors before) / 2; "
+            "from [0, 0] to the settled 'after' point",
             "loadgen_processes": math.ceil(n / args.per_loadgen),
             "source_addresses_per_loadgen": args.sources,
             "bench_nofile": nofile,
@@ -134,6 +185,7 @@ def run(args: Any) -> dict[str, Any]:
     timings: dict[str, float] = {}
     started = time.monotonic()
     proxy_started = False
+    curve: _Curve | None = None
     try:
         result["proxy"] = proxy.version()
         result["proxy"]["config"] = proxy.config_text()
@@ -179,6 +231,9 @@ def run(args: Any) -> dict[str, Any]:
         )
         result["settle"] = {"before": settle_before}
         tcp_before = measure.sockstat()
+        if measured:
+            curve = _Curve(proxy.processes, before["rss"], before["fds"])
+            curve.start()
 
         t0 = time.monotonic()
         counts = _split(n, math.ceil(n / args.per_loadgen))
@@ -198,6 +253,7 @@ def run(args: Any) -> dict[str, Any]:
         timings["open_s"] = round(time.monotonic() - t0, 2)
         timings["open_rate_per_s"] = round(opened / max(timings["open_s"], 1e-6), 1)
         result.update(tunnels_opened=opened, failures=failed, failure_reasons=dict(reasons))
+        points = curve.finish() if curve is not None else None
 
         after, settle_after = (
             measure.settle(
@@ -207,6 +263,8 @@ def run(args: Any) -> dict[str, Any]:
             else (take(), {"settled": True, "skipped": "the target has no processes"})
         )
         result["settle"]["after"] = settle_after
+        if points is not None:
+            result["rss_curve"] = [*points, [opened, after["rss"] - before["rss"]]]
         tcp_after = measure.sockstat()
 
         # the sample: proportional to what each generator holds
@@ -263,6 +321,8 @@ def run(args: Any) -> dict[str, Any]:
     except KeyboardInterrupt:
         result["error"] = "interrupted"
     finally:
+        if curve is not None:
+            curve.finish()
         t0 = time.monotonic()
         for g in gens:
             try:
