@@ -6,7 +6,8 @@ Pieces, each usable on its own so that later scenarios reuse them:
 - :mod:`bench.backend`  cheap multi-process epoll echo backend (``python -m bench.backend``)
 - :mod:`bench.loadgen`  epoll websocket client generator driven over stdin/stdout
                         (``python -m bench.loadgen``)
-- :mod:`bench.targets`  the targets: shardproxy, HAProxy, nginx, direct (no proxy)
+- :mod:`bench.targets`  the targets by name: shardproxy, direct (no proxy), and the peers
+- :mod:`bench.peers`    HAProxy and nginx with generated configs
 - :mod:`bench.measure`  process memory snapshots, settling, machine description
 - :mod:`bench.procs`    child processes spoken to by lines, ports, descriptor limits
 - :mod:`bench.idle`, :mod:`bench.pingpong`, :mod:`bench.handshake`, :mod:`bench.spike`

@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 sys.path.insert(0, str(REPO))
 from bench import compare  # noqa: E402
+from bench.peers import find_binary  # noqa: E402
 from bench.procs import BenchError  # noqa: E402
-from bench.targets import find_binary  # noqa: E402
 
 TARGETS = ("shardproxy", "haproxy", "nginx")
 SCENARIOS = ("idle", "pingpong", "handshake", "spike")

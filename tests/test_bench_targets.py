@@ -20,8 +20,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 sys.path.insert(0, str(REPO))
 from bench import wire  # noqa: E402
+from bench.peers import find_binary  # noqa: E402
 from bench.procs import BenchError, LineProcess, pick_port  # noqa: E402
-from bench.targets import TARGETS, find_binary, make_target  # noqa: E402
+from bench.targets import TARGETS, make_target  # noqa: E402
 
 PEER_BINARIES = {"haproxy": "haproxy", "nginx": "nginx"}
 
