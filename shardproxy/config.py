@@ -26,7 +26,6 @@ Balance = Literal["round_robin", "least_conn", "hash"]
 HashKind = Literal["header", "cookie", "query", "client_ip"]
 
 BALANCES: tuple[Balance, ...] = ("round_robin", "least_conn", "hash")
-HASH_KINDS: tuple[HashKind, ...] = ("header", "cookie", "query", "client_ip")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
