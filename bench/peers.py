@@ -18,12 +18,11 @@ import signal
 import socket
 import subprocess
 import time
-from pathlib import Path
 from typing import Any
 
 import psutil
 
-from .procs import BenchError, stop_process
+from .procs import BenchError, TargetBase, stop_process
 
 INSTALL_HINT = "run scripts/install-bench-peers"
 # Asked of listen(); Linux silently caps it at net.core.somaxconn.
@@ -75,41 +74,15 @@ def package_version(package: str) -> str | None:
     return r.stdout.strip() or None
 
 
-class _Peer:
+class _Peer(TargetBase):
     """A proxy run from its own binary with a generated config, in the
     foreground, its output in ``<workdir>/<name>.log``. Subclasses say how to
     check the config, how to start, and which process does what."""
 
     name = "peer"
     binary = ""
-    config_name = ""
+    config_file = ""
     package = ""
-
-    def __init__(
-        self,
-        workdir: Path,
-        *,
-        listen: tuple[str, int],
-        backend: tuple[str, int],
-        workers: int,
-        log_level: str = "info",
-    ) -> None:
-        if workers < 1:
-            raise BenchError(f"{self.name}: workers must be >= 1, not {workers}")
-        self.workdir = workdir
-        self.listen = listen
-        self.backend = backend
-        self.workers = workers
-        self.log_level = log_level
-        self.config_path = workdir / self.config_name
-        self.log_path = workdir / f"{self.name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log_file: Any = None
-
-    @property
-    def address(self) -> tuple[str, int]:
-        """Where clients connect."""
-        return self.listen
 
     def config_text(self) -> str:
         raise NotImplementedError
@@ -256,7 +229,7 @@ class HAProxy(_Peer):
 
     name = "haproxy"
     binary = "haproxy"
-    config_name = "haproxy.cfg"
+    config_file = "haproxy.cfg"
     package = "haproxy"
     maxconn = 100_000
 
@@ -337,7 +310,7 @@ class Nginx(_Peer):
 
     name = "nginx"
     binary = "nginx"
-    config_name = "nginx.conf"
+    config_file = "nginx.conf"
     package = "nginx-light"
 
     def config_text(self) -> str:
@@ -394,7 +367,7 @@ class Nginx(_Peer):
         super().start()
 
     def _base(self) -> list[str]:
-        return [find_binary(self.binary), "-p", f"{self.workdir}/", "-c", self.config_name]
+        return [find_binary(self.binary), "-p", f"{self.workdir}/", "-c", self.config_file]
 
     def check_command(self) -> list[str]:
         return [*self._base(), "-t", "-q"]

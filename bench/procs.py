@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -154,3 +155,38 @@ def stop_process(
             except OSError:
                 pass
     return proc.returncode
+
+
+class TargetBase:
+    """What every benchmark target is given (see ``bench.targets.Target``):
+    a private work directory, where to listen, the backend, how many workers,
+    a log level; its config and log live in the work directory."""
+
+    name = "target"
+    config_file = "target.conf"
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        listen: tuple[str, int],
+        backend: tuple[str, int],
+        workers: int,
+        log_level: str = "info",
+    ) -> None:
+        if workers < 1:
+            raise BenchError(f"{self.name}: workers must be >= 1, not {workers}")
+        self.workdir = workdir
+        self.listen = listen
+        self.backend = backend
+        self.workers = workers
+        self.log_level = log_level
+        self.config_path = workdir / self.config_file
+        self.log_path = workdir / f"{self.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log_file: Any = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where clients connect."""
+        return self.listen

@@ -24,35 +24,12 @@ from typing import Any, Protocol
 import psutil
 
 from .peers import HAProxy, Nginx, accepts
-from .procs import REPO, BenchError, child_env, stop_process
+from .procs import REPO, BenchError, TargetBase, child_env, stop_process
 
 
-class ShardProxy:
+class ShardProxy(TargetBase):
     name = "shardproxy"
-
-    def __init__(
-        self,
-        workdir: Path,
-        *,
-        listen: tuple[str, int],
-        backend: tuple[str, int],
-        workers: int,
-        log_level: str = "info",
-    ) -> None:
-        self.workdir = workdir
-        self.listen = listen
-        self.backend = backend
-        self.workers = workers
-        self.log_level = log_level
-        self.config_path = workdir / "shardproxy.toml"
-        self.log_path = workdir / "shardproxy.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log_file: Any = None
-
-    @property
-    def address(self) -> tuple[str, int]:
-        """Where clients connect."""
-        return self.listen
+    config_file = "shardproxy.toml"
 
     def config_text(self) -> str:
         (lh, lp), (bh, bp) = self.listen, self.backend
@@ -214,29 +191,13 @@ class ShardProxy:
         }
 
 
-class Direct:
+class Direct(TargetBase):
     """No proxy: clients connect to the backend itself (the floor under every
     proxy's figures). ``listen`` is ignored; nothing starts or stops."""
 
     name = "direct"
-
-    def __init__(
-        self,
-        workdir: Path,
-        *,
-        listen: tuple[str, int],
-        backend: tuple[str, int],
-        workers: int,
-        log_level: str = "info",
-    ) -> None:
-        self.workdir = workdir
-        self.listen = listen
-        self.backend = backend
-        self.workers = workers
-        self.log_level = log_level
-        self.config_path = workdir / "direct.conf"
-        self.log_path = workdir / "direct.log"
-        self.started = False
+    config_file = "direct.conf"
+    started = False
 
     @property
     def address(self) -> tuple[str, int]:
@@ -331,7 +292,7 @@ class Target(Protocol):
 
 TARGETS = ("shardproxy", "haproxy", "nginx", "direct")
 
-_CLASSES: dict[str, type[ShardProxy] | type[HAProxy] | type[Nginx] | type[Direct]] = {
+_CLASSES: dict[str, type[TargetBase]] = {
     "shardproxy": ShardProxy,
     "haproxy": HAProxy,
     "nginx": Nginx,
