@@ -292,7 +292,7 @@ class Target(Protocol):
 
 TARGETS = ("shardproxy", "haproxy", "nginx", "direct")
 
-_CLASSES: dict[str, type[TargetBase]] = {
+_CLASSES: dict[str, type[ShardProxy] | type[HAProxy] | type[Nginx] | type[Direct]] = {
     "shardproxy": ShardProxy,
     "haproxy": HAProxy,
     "nginx": Nginx,
