@@ -103,6 +103,7 @@ class ProxyConfig:
 class LogConfig:
     level: str
     stats_interval: float  # seconds between "stats" events; 0 = none
+    access: bool  # one tunnel-closed event per tunnel
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +137,7 @@ class Config:
             "log": {
                 "level": self.log.level,
                 "stats_interval": format_duration(self.log.stats_interval),
+                "access": self.log.access,
             },
             "routes": [
                 {"host": r.host, "path_prefix": r.path_prefix, "pool": r.pool} for r in self.routes
@@ -352,14 +354,17 @@ class _Parser:
         )
 
     def log(self, value: Any) -> LogConfig:
-        raw = self.table(value, "log", {"level", "stats_interval"})
+        raw = self.table(value, "log", {"level", "stats_interval", "access"})
         level = self.string(raw.get("level", "info"), "log.level")
         if level not in LOG_LEVELS:
             raise self.fail("log.level", f"must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
         interval = self.duration(
             raw.get("stats_interval", "60s"), "log.stats_interval", positive=False
         )
-        return LogConfig(level=level, stats_interval=interval)
+        access = raw.get("access", True)
+        if not isinstance(access, bool):
+            raise self.fail("log.access", f"must be true or false, got {_kind(access)}")
+        return LogConfig(level=level, stats_interval=interval, access=access)
 
     def routes(self, value: Any, pool_names: set[str]) -> tuple[RouteConfig, ...]:
         if value is None:

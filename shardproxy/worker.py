@@ -147,6 +147,8 @@ class Worker:
         self.counts["messages.up"] += up.messages
         self.counts["messages.down"] += down.messages
         self.counts[f"closed.{outcome}"] += 1
+        if not self.config.log.access:
+            return
         # Namespaces are passed nested: this event is logged once per tunnel,
         # and nesting here saves the renderer splitting twenty dotted keys.
         self.log.info(

@@ -78,3 +78,32 @@ def test_running_proxy_logs_stats_that_survive_a_worker_restart(
             )
         )
         assert record["tunnels"] == 0
+
+
+def test_access_events_can_be_turned_off_while_counts_go_on(
+    start_proxy: Callable[..., Proxy],
+) -> None:
+    with WsBackend() as backend:
+        proxy = start_proxy(
+            [backend.port],
+            workers=1,
+            extra='\n[log]\nstats_interval = "200ms"\naccess = false\n',
+        )
+
+        async def main() -> None:
+            for _ in range(3):
+                async with connect(proxy.url + "/echo") as ws:
+                    await ws.send("x")
+                    assert await ws.recv() == "x"
+
+        asyncio.run(asyncio.wait_for(main(), 30))
+        record = proxy.wait_for(
+            lambda _: [
+                e["shardproxy"]["stats"]
+                for e in proxy.actions("stats")
+                if e["shardproxy"]["stats"]["totals"].get("closed", {}).get("closed") == 3
+            ],
+            "stats counting the three tunnels",
+        )[-1]
+        assert record["totals"]["messages"] == {"up": 1 * 3, "down": 1 * 3}
+        assert proxy.actions("tunnel-closed") == []
