@@ -56,6 +56,12 @@ def _common(p: argparse.ArgumentParser, workers: int, backend_procs: int | None)
         help=f"echo backend processes ({backend_procs or 'one per 6,000 clients, ≥ 2'})",
     )
     p.add_argument("--log-level", default="info", help="target log level (info)")
+    p.add_argument(
+        "--access-log",
+        choices=("on", "off"),
+        default="on",
+        help="one log line per connection in every target, as operators run them (on)",
+    )
     p.add_argument("--results-dir", default=str(RESULTS), help="where the JSON goes")
 
 
@@ -94,6 +100,9 @@ def parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--quick", action="store_true", help="small sizes: a check in seconds")
     a.add_argument("--log-level", default="info", help="target log level (info)")
+    a.add_argument(
+        "--access-log", choices=("on", "off"), default="on", help="per-connection log lines (on)"
+    )
     a.add_argument("--results-dir", default=str(RESULTS), help="where the results go")
     return p
 
@@ -106,7 +115,16 @@ def scenario_args(
     p: argparse.ArgumentParser, scenario: str, knobs: list[str], top: argparse.Namespace
 ) -> argparse.Namespace:
     """A scenario's arguments for ``all``: its own defaults, then ``knobs``."""
-    argv = [scenario, *knobs, "--log-level", top.log_level, "--results-dir", top.results_dir]
+    argv = [
+        scenario,
+        *knobs,
+        "--log-level",
+        top.log_level,
+        "--access-log",
+        top.access_log,
+        "--results-dir",
+        top.results_dir,
+    ]
     args = p.parse_args(argv)
     _check(p, args)
     return args

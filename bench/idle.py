@@ -168,6 +168,7 @@ def run(args: Any) -> dict[str, Any]:
         backend=("127.0.0.1", backend_port),
         workers=args.workers,
         log_level=args.log_level,
+        access_log=args.access_log == "on",
     )
     result["files"] = {
         "config": str(

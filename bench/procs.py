@@ -173,6 +173,7 @@ class TargetBase:
         backend: tuple[str, int],
         workers: int,
         log_level: str = "info",
+        access_log: bool = True,
     ) -> None:
         if workers < 1:
             raise BenchError(f"{self.name}: workers must be >= 1, not {workers}")
@@ -181,6 +182,7 @@ class TargetBase:
         self.backend = backend
         self.workers = workers
         self.log_level = log_level
+        self.access_log = access_log  # one line per connection, as operators run them
         self.config_path = workdir / self.config_file
         self.log_path = workdir / f"{self.name}.log"
         self.proc: subprocess.Popen[bytes] | None = None

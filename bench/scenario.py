@@ -343,6 +343,7 @@ class Session:
             backend=("127.0.0.1", backend_port),
             workers=self.args.workers,
             log_level=self.args.log_level,
+            access_log=self.args.access_log == "on",
         )
         self.result["target_version"] = target.version()
         self.result["files"].update(config=_rel(target.config_path), log=_rel(target.log_path))

@@ -40,6 +40,7 @@ class ShardProxy(TargetBase):
             f"workers = {self.workers}\n"
             "\n[log]\n"
             f'level = "{self.log_level}"\n'
+            f"access = {'true' if self.access_log else 'false'}\n"
             "\n[[routes]]\n"
             'host = "*"\n'
             'path_prefix = "/"\n'
@@ -308,9 +309,19 @@ def make_target(
     backend: tuple[str, int],
     workers: int,
     log_level: str = "info",
+    access_log: bool = True,
 ) -> Target:
-    """The target called ``name`` (one of :data:`TARGETS`), not started yet."""
+    """The target called ``name`` (one of :data:`TARGETS`), not started yet.
+    ``access_log``: every proxy writes one line per connection (shardproxy's
+    tunnel-closed event, HAProxy's httplog, nginx's access_log), or none does."""
     cls = _CLASSES.get(name)
     if cls is None:
         raise BenchError(f"unknown target {name!r}; choose one of: {', '.join(TARGETS)}")
-    return cls(workdir, listen=listen, backend=backend, workers=workers, log_level=log_level)
+    return cls(
+        workdir,
+        listen=listen,
+        backend=backend,
+        workers=workers,
+        log_level=log_level,
+        access_log=access_log,
+    )
