@@ -125,20 +125,9 @@ class _Peer(TargetBase):
         """Structured log events: peers have none (their log is plain text)."""
         return []
 
-    def wait_ready(self, timeout: float = 60.0) -> float:
-        """Until every worker is up and the listen address accepts; seconds waited."""
-        assert self.proc is not None
-        started = time.monotonic()
-        while time.monotonic() - started < timeout:
-            if self.proc.poll() is not None:
-                raise BenchError(
-                    f"{self.name} exited ({self.proc.returncode}) before it was ready: "
-                    f"{self.log_tail(5)}"
-                )
-            if self._workers_up() and accepts(self.address):
-                return time.monotonic() - started
-            time.sleep(0.1)
-        raise BenchError(f"{self.name} not ready within {timeout:g}s: {self.log_tail(5)}")
+    def _ready(self) -> bool:
+        """Every worker is up and the listen address accepts."""
+        return self._workers_up() and accepts(self.address)
 
     def processes(self) -> list[psutil.Process]:
         if self.proc is None:
@@ -152,12 +141,6 @@ class _Peer(TargetBase):
     @staticmethod
     def is_worker(role: str) -> bool:
         return role.startswith("worker")
-
-    def log_tail(self, n: int) -> list[str]:
-        try:
-            return self.log_path.read_text(errors="replace").splitlines()[-n:]
-        except FileNotFoundError:
-            return []
 
     def limits(self) -> dict[str, Any]:
         """Descriptor limits the run works under (recorded with the version)."""

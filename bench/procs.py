@@ -192,3 +192,29 @@ class TargetBase:
     def address(self) -> tuple[str, int]:
         """Where clients connect."""
         return self.listen
+
+    def _ready(self) -> bool:
+        """Whether the started target serves (each target says how it knows)."""
+        raise NotImplementedError
+
+    def wait_ready(self, timeout: float = 60.0) -> float:
+        """Until :meth:`_ready`; seconds waited. BenchError if the process
+        exits first or the time runs out, with the end of its log."""
+        assert self.proc is not None
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if self.proc.poll() is not None:
+                raise BenchError(
+                    f"{self.name} exited ({self.proc.returncode}) before it was ready: "
+                    f"{self.log_tail(5)}"
+                )
+            if self._ready():
+                return time.monotonic() - started
+            time.sleep(0.1)
+        raise BenchError(f"{self.name} not ready within {timeout:g}s: {self.log_tail(5)}")
+
+    def log_tail(self, n: int) -> list[str]:
+        try:
+            return self.log_path.read_text(errors="replace").splitlines()[-n:]
+        except FileNotFoundError:
+            return []

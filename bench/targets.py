@@ -93,26 +93,15 @@ class ShardProxy(TargetBase):
                     continue
         return out
 
-    def wait_ready(self, timeout: float = 60.0) -> float:
-        """Until every worker logged ``worker-ready``; seconds waited."""
-        assert self.proc is not None
-        started = time.monotonic()
-        while time.monotonic() - started < timeout:
-            if self.proc.poll() is not None:
-                raise BenchError(
-                    f"shardproxy exited ({self.proc.returncode}) before it was ready: "
-                    f"{self.log_tail(5)}"
-                )
-            ready = {
-                e.get("shardproxy", {}).get("worker")
-                for e in self.events()
-                if e.get("event", {}).get("action") == "worker-ready"
-                and e.get("process", {}).get("name") == "worker"
-            }
-            if len(ready) >= self.workers:
-                return time.monotonic() - started
-            time.sleep(0.1)
-        raise BenchError(f"shardproxy workers not ready within {timeout:g}s: {self.log_tail(5)}")
+    def _ready(self) -> bool:
+        """Every worker logged ``worker-ready``."""
+        ready = {
+            e.get("shardproxy", {}).get("worker")
+            for e in self.events()
+            if e.get("event", {}).get("action") == "worker-ready"
+            and e.get("process", {}).get("name") == "worker"
+        }
+        return len(ready) >= self.workers
 
     def processes(self) -> list[psutil.Process]:
         assert self.proc is not None
@@ -162,12 +151,6 @@ class ShardProxy(TargetBase):
         # uncommitted changes under shardproxy/ at the time of the run
         out["dirty"] = bool(out["dirty"])
         return out
-
-    def log_tail(self, n: int) -> list[str]:
-        try:
-            return self.log_path.read_text(errors="replace").splitlines()[-n:]
-        except FileNotFoundError:
-            return []
 
     def stop(self, timeout: float = 30.0) -> dict[str, Any]:
         """SIGTERM, wait; SIGKILL after ``timeout``. How it went."""
