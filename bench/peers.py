@@ -14,15 +14,13 @@ import pwd
 import re
 import resource
 import shutil
-import signal
 import socket
 import subprocess
-import time
 from typing import Any
 
 import psutil
 
-from .procs import BenchError, TargetBase, stop_process
+from .procs import BenchError, TargetBase
 
 INSTALL_HINT = "run scripts/install-bench-peers"
 # Asked of listen(); Linux silently caps it at net.core.somaxconn.
@@ -129,15 +127,6 @@ class _Peer(TargetBase):
         """Every worker is up and the listen address accepts."""
         return self._workers_up() and accepts(self.address)
 
-    def processes(self) -> list[psutil.Process]:
-        if self.proc is None:
-            return []
-        try:
-            root = psutil.Process(self.proc.pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
-
     @staticmethod
     def is_worker(role: str) -> bool:
         return role.startswith("worker")
@@ -168,34 +157,6 @@ class _Peer(TargetBase):
         if out["version"] is None:
             raise BenchError(f"cannot read {self.name}'s version from {text!r}")
         return out
-
-    def stop(self, timeout: float = 30.0) -> dict[str, Any]:
-        """SIGTERM to the main process (a fast stop for both peers: open
-        tunnels are cut), wait; SIGKILL after ``timeout``. How it went."""
-        if self.proc is None:
-            return {"exit_code": None}
-        started = time.monotonic()
-        running = self.proc.poll() is None
-        kids = self.processes()[1:]
-        code = stop_process(self.proc, timeout, signal.SIGTERM, grace=0.0)
-        leftovers = []
-        for k in kids:  # workers must not outlive the master
-            try:
-                k.wait(5)
-            except psutil.TimeoutExpired:
-                leftovers.append(k.pid)
-                k.kill()
-            except psutil.Error:
-                pass
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-        return {
-            "exit_code": code,
-            "was_running": running,
-            "seconds": round(time.monotonic() - started, 2),
-            "leftover_workers_killed": leftovers,
-        }
 
 
 class HAProxy(_Peer):

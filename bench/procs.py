@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -218,3 +220,40 @@ class TargetBase:
             return self.log_path.read_text(errors="replace").splitlines()[-n:]
         except FileNotFoundError:
             return []
+
+    def processes(self) -> list[psutil.Process]:
+        if self.proc is None:
+            return []
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, timeout: float = 30.0) -> dict[str, Any]:
+        """SIGTERM to the main process (open tunnels are cut), wait; SIGKILL
+        after ``timeout``; then no child may outlive it. How it went."""
+        if self.proc is None:
+            return {"exit_code": None}
+        started = time.monotonic()
+        running = self.proc.poll() is None
+        kids = self.processes()[1:]
+        code = stop_process(self.proc, timeout, signal.SIGTERM, grace=0.0)
+        leftovers = []
+        for k in kids:  # workers must not outlive their parent
+            try:
+                k.wait(5)
+            except psutil.TimeoutExpired:
+                leftovers.append(k.pid)
+                k.kill()
+            except psutil.Error:
+                pass
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        return {
+            "exit_code": code,
+            "was_running": running,
+            "seconds": round(time.monotonic() - started, 2),
+            "leftover_workers_killed": leftovers,
+        }

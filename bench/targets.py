@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from typing import Any, Protocol
 import psutil
 
 from .peers import HAProxy, Nginx, accepts
-from .procs import REPO, BenchError, TargetBase, child_env, stop_process
+from .procs import REPO, BenchError, TargetBase, child_env
 
 
 class ShardProxy(TargetBase):
@@ -103,14 +102,6 @@ class ShardProxy(TargetBase):
         }
         return len(ready) >= self.workers
 
-    def processes(self) -> list[psutil.Process]:
-        assert self.proc is not None
-        try:
-            root = psutil.Process(self.proc.pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
-
     def role(self, p: psutil.Process) -> str:
         if self.proc is not None and p.pid == self.proc.pid:
             return "supervisor"
@@ -151,28 +142,6 @@ class ShardProxy(TargetBase):
         # uncommitted changes under shardproxy/ at the time of the run
         out["dirty"] = bool(out["dirty"])
         return out
-
-    def stop(self, timeout: float = 30.0) -> dict[str, Any]:
-        """SIGTERM, wait; SIGKILL after ``timeout``. How it went."""
-        if self.proc is None:
-            return {"exit_code": None}
-        started = time.monotonic()
-        running = self.proc.poll() is None
-        kids = self.processes()[1:]
-        code = stop_process(self.proc, timeout, signal.SIGTERM, grace=0.0)
-        leftovers = []
-        for k in kids:  # workers must not outlive the supervisor
-            if k.is_running() and k.status() != psutil.STATUS_ZOMBIE:
-                leftovers.append(k.pid)
-                k.kill()
-        if self._log_file is not None:
-            self._log_file.close()
-        return {
-            "exit_code": code,
-            "was_running": running,
-            "seconds": round(time.monotonic() - started, 2),
-            "leftover_workers_killed": leftovers,
-        }
 
 
 class Direct(TargetBase):
