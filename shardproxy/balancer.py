@@ -13,7 +13,8 @@ Algorithms are interchangeable objects behind one method::
 or None when the pool does not hash or the request lacks the key), ``exclude``
 the servers already tried for this request. Within a server the endpoint
 (port) with the fewest tunnels is used, which spreads tunnels over every port
-the server listens on.
+the server listens on; an endpoint whose tuple space is full (upstream.py)
+is skipped for the next.
 
 Nothing here does I/O.
 """
@@ -57,8 +58,11 @@ class ServerState:
     def weight(self) -> int:
         return self.config.weight
 
-    def least_used_endpoint(self) -> EndpointState:
-        return min(self.endpoints, key=lambda e: e.active)
+    def endpoints_by_use(self) -> Sequence[EndpointState]:
+        """The server's endpoints, fewest tunnels first: the order to try them in."""
+        if len(self.endpoints) == 1:
+            return self.endpoints
+        return sorted(self.endpoints, key=lambda e: e.active)
 
 
 class Algorithm(Protocol):

@@ -1,14 +1,18 @@
-"""Command line: ``shardproxy run | check | demo | version``."""
+"""Command line: ``shardproxy run | check | plan | demo | version``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import tomli_w
 import trio
 
-from . import __version__, config, logs
+from . import __version__, addrplan, config, logs
+from .addrplan import Plan
 from .config import Config, ConfigError
 from .echo import serve_echo
 from .supervisor import StartError, Supervisor
@@ -16,18 +20,40 @@ from .supervisor import StartError, Supervisor
 DEMO_PORT = 8080
 
 
-def _load(path: str) -> Config:
+@contextmanager
+def _exit_on_config_error() -> Iterator[None]:
+    """A config error ends the command with its one line on stderr, exit 1."""
     try:
-        return config.load(path)
+        yield
     except ConfigError as e:
         print(f"shardproxy: {e}", file=sys.stderr)
         raise SystemExit(1) from None
 
 
+def _load(path: str) -> Config:
+    with _exit_on_config_error():
+        return config.load(path)
+
+
+def _plan(cfg: Config) -> Plan:
+    with _exit_on_config_error():
+        return addrplan.build(cfg)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
+    _plan(cfg)  # what only this host can tell: source addresses, system port range
     print(f"# {args.config}: OK. Effective configuration (defaults filled in):")
     print(tomli_w.dumps(cfg.to_dict()), end="")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    plan = _plan(_load(args.config))
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        print(addrplan.describe(plan))
     return 0
 
 
@@ -40,7 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run_supervisor(cfg: Config) -> int:
     supervisor = Supervisor(cfg)
     try:
-        supervisor.open_sockets()
+        supervisor.prepare()
     except StartError as e:
         print(f"shardproxy: {e}", file=sys.stderr)
         return 1
@@ -73,7 +99,7 @@ async def _demo(port: int) -> int:
         cfg = demo_config(backends, port)
         supervisor = Supervisor(cfg)
         try:
-            supervisor.open_sockets()
+            supervisor.prepare()
         except StartError as e:
             print(f"shardproxy: {e} (try: shardproxy demo --port 8081)", file=sys.stderr)
             nursery.cancel_scope.cancel()
@@ -118,6 +144,12 @@ def parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config file and print the effective config")
     check.add_argument("-c", "--config", required=True, help="TOML config file")
     check.set_defaults(func=cmd_check)
+    plan = sub.add_parser(
+        "plan", help="print the address plan: sources x ports x endpoints, and what limits it"
+    )
+    plan.add_argument("-c", "--config", required=True, help="TOML config file")
+    plan.add_argument("--json", action="store_true", help="print it as JSON")
+    plan.set_defaults(func=cmd_plan)
     demo = sub.add_parser(
         "demo", help="run on 127.0.0.1:8080 in front of two built-in echo backends"
     )

@@ -25,7 +25,10 @@ from typing import Any, Literal
 Balance = Literal["round_robin", "least_conn", "hash"]
 HashKind = Literal["header", "cookie", "query", "client_ip"]
 
+Allocator = Literal["auto", "kernel", "userspace"]
+
 BALANCES: tuple[Balance, ...] = ("round_robin", "least_conn", "hash")
+ALLOCATORS: tuple[Allocator, ...] = ("auto", "kernel", "userspace")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -100,6 +103,30 @@ class ProxyConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PortRange:
+    first: int
+    last: int
+
+    def __len__(self) -> int:
+        return self.last - self.first + 1
+
+    def __contains__(self, port: object) -> bool:
+        return isinstance(port, int) and self.first <= port <= self.last
+
+    def __str__(self) -> str:
+        return f"{self.first}-{self.last}"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """How upstream connections get their source address and port (see addrplan.py)."""
+
+    source_addresses: tuple[str, ...]  # () = the kernel chooses
+    port_range: PortRange | None  # None = "auto", the system's ip_local_port_range
+    port_allocator: Allocator
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str
     stats_interval: float  # seconds between "stats" events; 0 = none
@@ -109,6 +136,7 @@ class LogConfig:
 @dataclass(frozen=True, slots=True)
 class Config:
     proxy: ProxyConfig
+    upstream: UpstreamConfig
     log: LogConfig
     routes: tuple[RouteConfig, ...]
     pools: tuple[PoolConfig, ...]
@@ -120,9 +148,17 @@ class Config:
                 return pool
         raise KeyError(name)
 
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        """Every backend ip:port of every pool, once each, in config order."""
+        seen: dict[Endpoint, None] = {}
+        for pool in self.pools:
+            for server in pool.servers:
+                seen.update(dict.fromkeys(server.endpoints))
+        return tuple(seen)
+
     def to_dict(self) -> dict[str, Any]:
         """The effective configuration as TOML-shaped data (defaults filled in)."""
-        p = self.proxy
+        p, u = self.proxy, self.upstream
         return {
             "proxy": {
                 "listen": [str(e) for e in p.listen],
@@ -133,6 +169,11 @@ class Config:
                 "response_timeout": format_duration(p.response_timeout),
                 "max_connections": "auto" if p.max_connections is None else p.max_connections,
                 "max_handshakes": p.max_handshakes,
+            },
+            "upstream": {
+                "source_addresses": list(u.source_addresses),
+                "port_range": "auto" if u.port_range is None else str(u.port_range),
+                "port_allocator": u.port_allocator,
             },
             "log": {
                 "level": self.log.level,
@@ -227,6 +268,17 @@ def parse_host_port(text: str) -> Endpoint:
     return Endpoint(host, port)
 
 
+def parse_port_range(text: str) -> PortRange:
+    """``"32768-60999"`` → PortRange(32768, 60999)."""
+    m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)
+    if not m:
+        raise ValueError(f'must be "auto" or "FIRST-LAST" such as "1024-65535", got {text!r}')
+    first, last = int(m.group(1)), int(m.group(2))
+    if not 1 <= first <= last <= 65535:
+        raise ValueError(f"must be FIRST-LAST with 1 <= FIRST <= LAST <= 65535, got {text!r}")
+    return PortRange(first, last)
+
+
 def _check_ip(text: str) -> str:
     try:
         return str(ipaddress.ip_address(text))
@@ -305,13 +357,16 @@ class _Parser:
         return value
 
     def config(self, data: Mapping[str, Any]) -> Config:
-        top = self.table(data, "", {"proxy", "log", "routes", "pools"})
+        top = self.table(data, "", {"proxy", "upstream", "log", "routes", "pools"})
         proxy = self.proxy(top.get("proxy", {}))
+        upstream = self.upstream(top.get("upstream", {}), proxy)
         log = self.log(top.get("log", {}))
         pools = self.pools(top.get("pools"))
         routes = self.routes(top.get("routes"), {p.name for p in pools})
+        self.check_families(upstream, pools)
         return Config(
             proxy=proxy,
+            upstream=upstream,
             log=log,
             routes=routes,
             pools=pools,
@@ -352,6 +407,53 @@ class _Parser:
                 raw["max_handshakes"], "proxy.max_handshakes", 1, 1_000_000
             ),
         )
+
+    def upstream(self, value: Any, proxy: ProxyConfig) -> UpstreamConfig:
+        raw = self.table(value, "upstream", {"source_addresses", "port_range", "port_allocator"})
+        sources: list[str] = []
+        listed = self.array(raw.get("source_addresses", []), "upstream.source_addresses")
+        for i, value in enumerate(listed):
+            key = f"upstream.source_addresses[{i}]"
+            source = self.check(key, _check_ip, self.string(value, key))
+            if source in sources:
+                raise self.fail(key, f"{source} is listed twice")
+            if ipaddress.ip_address(source).is_unspecified:
+                raise self.fail(
+                    key, f"{source} is no source address; an empty list lets the kernel choose"
+                )
+            sources.append(source)
+        text = self.string(raw.get("port_range", "auto"), "upstream.port_range")
+        ports = (
+            None if text == "auto" else self.check("upstream.port_range", parse_port_range, text)
+        )
+        if ports is not None:
+            if len(ports) < proxy.workers:
+                raise self.fail(
+                    "upstream.port_range",
+                    f"{len(ports)} ports cannot be cut into {proxy.workers} slices, one per worker",
+                )
+        allocator = self.string(raw.get("port_allocator", "auto"), "upstream.port_allocator")
+        if allocator not in ALLOCATORS:
+            raise self.fail(
+                "upstream.port_allocator",
+                f"must be one of {', '.join(ALLOCATORS)}, got {allocator!r}",
+            )
+        return UpstreamConfig(tuple(sources), ports, allocator)
+
+    def check_families(self, upstream: UpstreamConfig, pools: tuple[PoolConfig, ...]) -> None:
+        """With explicit source addresses, every backend needs one of its family."""
+        if not upstream.source_addresses:
+            return
+        families = {ipaddress.ip_address(a).version for a in upstream.source_addresses}
+        for pool in pools:
+            for i, server in enumerate(pool.servers):
+                version = ipaddress.ip_address(server.address).version
+                if version not in families:
+                    raise self.fail(
+                        f"pools.{pool.name}.servers[{i}].address",
+                        f"IPv{version} backend {server.address}, but upstream.source_addresses "
+                        f"has no IPv{version} address to connect from",
+                    )
 
     def log(self, value: Any) -> LogConfig:
         raw = self.table(value, "log", {"level", "stats_interval", "access"})

@@ -60,6 +60,7 @@ from .handshake import (
     forward_head,
 )
 from .relay import shutdown_write
+from .upstream import Exhausted, TupleSpace
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -97,6 +98,7 @@ class Handshake:
         "client_port",
         "deadline",
         "endpoint",
+        "exhausted",
         "first_up",
         "listen_port",
         "out",
@@ -106,6 +108,8 @@ class Handshake:
         "request",
         "response",
         "route",
+        "source_port",
+        "space",
         "started",
         "state",
         "timeouts",
@@ -128,6 +132,9 @@ class Handshake:
         self.timeouts = 0
         self.endpoint: EndpointState | None = None
         self.backend: socket.socket | None = None
+        self.space: TupleSpace | None = None  # the (source, endpoint) tuple space it holds
+        self.source_port = 0
+        self.exhausted = False  # some server was skipped for lack of tuple space
         self.response: ResponseReader | None = None
         self.out = b""
         self.out_fd = -1
@@ -342,7 +349,8 @@ class Frontend:
     # -- upstream -----------------------------------------------------------
 
     def _connect_next(self, h: Handshake) -> None:
-        """Connect to the next server of the pool not tried yet (every server once)."""
+        """Connect to the next server of the pool not tried yet (every server
+        once), through the first of its endpoints with tuple space left."""
         request = h.request
         assert request is not None
         pool = self.worker.pools[h.route.pool]
@@ -351,27 +359,39 @@ class Frontend:
         )
         while (server := pool.choose(key, h.tried)) is not None:
             h.tried.append(server)
-            endpoint = server.least_used_endpoint()
-            ep = endpoint.endpoint
-            family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            err = sock.connect_ex((ep.host, ep.port))
-            if err not in (0, errno.EINPROGRESS):
-                sock.close()
-                self._connect_failed(h, server, endpoint, os.strerror(err))
-                continue
-            balancer.acquire(endpoint)
-            h.endpoint, h.backend, h.state = endpoint, sock, CONNECTING
-            self._by_fd[sock.fileno()] = h
-            self._want(sock.fileno(), _OUT)
-            self._arm(h, self.proxy.connect_timeout)
-            return
-        if h.tried and h.timeouts == len(h.tried):
+            if self._connect_server(h, server):
+                return
+        if h.exhausted:
+            r = Reject(
+                503,
+                "tuple_space_exhausted",
+                "every source address and port of this worker is in use towards the pool",
+                (("Retry-After", "1"),),
+            )
+        elif h.tried and h.timeouts == len(h.tried):
             r = Reject(504, "upstream_timeout", "no server of the pool answered in time")
         else:
             r = Reject(502, "upstream_unavailable", "no server of the pool accepted the connection")
         self._reject(h, r)
+
+    def _connect_server(self, h: Handshake, server: ServerState) -> bool:
+        for endpoint in server.endpoints_by_use():
+            try:
+                sock, space, port = self.worker.upstream.connect(endpoint.endpoint)
+            except Exhausted:
+                h.exhausted = True
+                continue
+            except OSError as e:
+                self._connect_failed(h, server, endpoint, e.strerror or str(e))
+                return False
+            balancer.acquire(endpoint)
+            h.endpoint, h.backend, h.space, h.source_port = endpoint, sock, space, port
+            h.state = CONNECTING
+            self._by_fd[sock.fileno()] = h
+            self._want(sock.fileno(), _OUT)
+            self._arm(h, self.proxy.connect_timeout)
+            return True
+        return False
 
     def _connected(self, h: Handshake) -> None:
         sock = h.backend
@@ -384,6 +404,10 @@ class Frontend:
             self._connect_failed(h, endpoint.server, endpoint, os.strerror(err))
             self._connect_next(h)
             return
+        address, h.source_port = sock.getsockname()[:2]
+        assert h.space is not None
+        if h.space.seen_address is None:
+            h.space.seen_address = address
         head = forward_head(h.request, h.client_ip, "http", h.listen_port)
         h.response = ResponseReader(h.request, self.proxy.max_header_bytes)
         self._arm(h, self.proxy.response_timeout)
@@ -619,6 +643,9 @@ class Frontend:
         if h.endpoint is not None:
             balancer.release(h.endpoint)
             h.endpoint = None
+        if h.space is not None:
+            self.worker.upstream.release(h.space, h.source_port)
+            h.space = None
 
     def _close(self, h: Handshake) -> None:
         if h.state == CLOSED:

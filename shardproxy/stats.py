@@ -1,7 +1,8 @@
 """Aggregating the workers' stats snapshots, sans-IO.
 
 Each worker sends a snapshot every second (see ``control.py``): its current
-tunnels and handshakes, its capacity, and ``counts``, a flat mapping of
+tunnels and handshakes, its capacity, ``upstream`` (tuple space used and
+capacity per source address and backend endpoint) and ``counts``, a flat mapping of
 totals since it started (``"tunnels"``, ``"rejected.no_route"``,
 ``"closed.client_reset"``, ``"bytes.up"``…; bytes and messages are added when
 a tunnel ends). A worker that exits takes its counts with it, so the
@@ -51,9 +52,27 @@ def summary(
         for slot, s in sorted(snapshots.items())
     ]
     return {
+        "upstream": upstream_usage(snapshots.values()),
         "tunnels": sum(w["tunnels"] for w in workers),
         "handshakes": sum(w["handshakes"] for w in workers),
         "capacity": sum(w["capacity"] for w in workers),
         "workers": workers,
         "totals": nest(total_counts(snapshots.values(), retired)),
     }
+
+
+def upstream_usage(snapshots: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Tuple space used and capacity per (source address, backend endpoint),
+    summed over the workers (each owns a disjoint port slice, so capacities add)."""
+    used: Counter[tuple[str, str]] = Counter()
+    capacity: Counter[tuple[str, str]] = Counter()
+    for snapshot in snapshots:
+        for space in snapshot.get("upstream", ()):
+            key = (space["source"], space["endpoint"])
+            used[key] += space["used"]
+            capacity[key] += space["capacity"]
+    return [
+        {"source": source, "endpoint": endpoint, "used": used[key], "capacity": capacity[key]}
+        for key in sorted(capacity)
+        for source, endpoint in (key,)
+    ]

@@ -13,9 +13,15 @@ Worker lifecycle, per slot (all transitions in :meth:`Supervisor._keep_slot`)::
     spawn → ready → (exits) → restart after a backoff → spawn …
                   → (stop requested) → SIGTERM → exited
 
+Each slot also owns one slice of the upstream port range (addrplan.py),
+passed to its worker in the start message; a replacement gets the same slice.
+
 Resource handling: RLIMIT_NOFILE is raised to the hard limit at start (workers
-inherit it) and the capacity it allows is logged. Error handling: a listen
-address that cannot be bound fails the start with one clear line; a worker
+inherit it) and the capacity it allows is logged, as is the address plan
+(allocator, sources x ports x endpoints). Error handling: a listen address
+that cannot be bound, or an address plan this host cannot carry out (a source
+address it does not have, a port range outside the system's), fails the start
+with one clear line; a worker
 that dies is logged with its exit status and restarted, immediately the first
 time and with an exponential backoff (up to 30 s) while it keeps dying within
 a few seconds of its start.
@@ -32,8 +38,9 @@ from typing import Any
 
 import trio
 
-from . import logs, stats
-from .config import Config, Endpoint
+from . import addrplan, logs, stats
+from .addrplan import Plan
+from .config import Config, ConfigError, Endpoint
 from .control import Channel
 from .limits import fd_capacity, raise_nofile_limit
 
@@ -83,6 +90,7 @@ class Supervisor:
         self.nofile = raise_nofile_limit()
         # slots[i] holds worker i's listen sockets, one per listen address.
         self.slots: list[list[socket.socket]] = []
+        self.plan: Plan  # set by prepare()
         self.processes: dict[int, trio.Process] = {}
         self.stats: dict[int, dict[str, Any]] = {}  # slot → its latest snapshot
         self.retired: Counter[str] = Counter()  # counts of workers that exited
@@ -90,8 +98,13 @@ class Supervisor:
         self._ready_slots: set[int] = set()
         self._stopping = False
 
-    def open_sockets(self) -> None:
-        """Bind every (slot, address) socket; all or nothing."""
+    def prepare(self) -> None:
+        """Check the address plan against this host, then bind every (slot,
+        address) socket; all or nothing. Raises :class:`StartError`."""
+        try:
+            self.plan = addrplan.build(self.config)
+        except ConfigError as e:
+            raise StartError(str(e)) from None
         try:
             for _ in range(self.config.proxy.workers):
                 self.slots.append([open_listen_socket(ep) for ep in self.config.proxy.listen])
@@ -108,9 +121,10 @@ class Supervisor:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until SIGTERM or SIGINT, then stop the workers and return."""
         if not self.slots:
-            self.open_sockets()
+            self.prepare()
         p = self.config.proxy
         per_worker = fd_capacity(self.nofile)
+        plan = self.plan
         self.log.info(
             f"supervisor starting {p.workers} workers on {', '.join(map(str, p.listen))}; "
             f"RLIMIT_NOFILE {self.nofile} allows {per_worker} tunnels per worker "
@@ -121,6 +135,14 @@ class Supervisor:
                 "shardproxy.nofile": self.nofile,
                 "shardproxy.capacity_per_worker": per_worker,
             },
+        )
+        self.log.info(
+            f"upstream: {plan.allocator} port allocator ({plan.allocator_reason}); "
+            f"{len(plan.sources)} source addresses x {len(plan.port_range)} ports "
+            f"({plan.port_range}) x {len(plan.endpoints)} endpoints = "
+            f"{plan.total.tuples} upstream connections; the instance can hold "
+            f"{plan.total.limit} tunnels, bound by {plan.total.binding}",
+            **{"event.action": "address-plan", "shardproxy.plan": plan.to_dict()},
         )
         try:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -209,6 +231,12 @@ class Supervisor:
                         "slot": slot,
                         "config": self.config.to_dict(),
                         "source": self.config.source,
+                        "upstream": {
+                            "first": self.plan.slices[slot].first,
+                            "last": self.plan.slices[slot].last,
+                            "allocator": self.plan.allocator,
+                            "excluded": self.plan.excluded_in(self.plan.slices[slot]),
+                        },
                     }
                 )
                 code = await proc.wait()

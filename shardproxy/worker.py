@@ -36,13 +36,14 @@ import trio
 
 from . import balancer, config, logs
 from .balancer import EndpointState, PoolState, ServerState
-from .config import Config, RouteConfig
+from .config import Config, PortRange, RouteConfig
 from .control import Channel
 from .frontend import Frontend, Handshake
 from .handshake import Reject
 from .limits import fd_capacity, raise_nofile_limit
 from .relay import CLOSED, RelayEngine, Tunnel
 from .routing import Router
+from .upstream import TupleSpace, Upstream
 
 _CATEGORY = ("network", "web")  # ECS categorisation of the access event
 _TYPE_END = ("connection", "end")
@@ -51,7 +52,7 @@ _TYPE_END = ("connection", "end")
 class TunnelInfo:
     """What the access log and the accounting need once a tunnel ends."""
 
-    __slots__ = ("client_ip", "client_port", "endpoint", "path", "route")
+    __slots__ = ("client_ip", "client_port", "endpoint", "path", "route", "source_port", "space")
 
     def __init__(
         self,
@@ -60,18 +61,34 @@ class TunnelInfo:
         route: RouteConfig,
         endpoint: EndpointState,
         path: str,
+        space: TupleSpace,
+        source_port: int,
     ) -> None:
         self.client_ip = client_ip
         self.client_port = client_port
         self.route = route
         self.endpoint = endpoint
         self.path = path
+        self.space = space
+        self.source_port = source_port
 
 
 class Worker:
-    def __init__(self, slot: int, cfg: Config, nofile: int, listeners: list[socket.socket]) -> None:
+    def __init__(
+        self,
+        slot: int,
+        cfg: Config,
+        nofile: int,
+        listeners: list[socket.socket],
+        ports: PortRange,
+        allocator: str,
+        excluded: list[int],
+    ) -> None:
         self.slot = slot
         self.config = cfg
+        self.upstream = Upstream(
+            ports, cfg.upstream.source_addresses, cfg.endpoints(), allocator, excluded
+        )
         self.router = Router(cfg.routes)
         self.pools = {p.name: PoolState(p) for p in cfg.pools}
         self.engine = RelayEngine(self._tunnel_closed)
@@ -85,8 +102,16 @@ class Worker:
     # -- events of the handshake engine (frontend.py) ----------------------
 
     def tunnel_info(self, h: Handshake) -> TunnelInfo:
-        assert h.request is not None and h.endpoint is not None
-        return TunnelInfo(h.client_ip, h.client_port, h.route, h.endpoint, h.request.path)
+        assert h.request is not None and h.endpoint is not None and h.space is not None
+        return TunnelInfo(
+            h.client_ip,
+            h.client_port,
+            h.route,
+            h.endpoint,
+            h.request.path,
+            h.space,
+            h.source_port,
+        )
 
     def rejected(self, h: Handshake, r: Reject) -> None:
         self.counts[f"rejected.{r.reason}"] += 1
@@ -139,6 +164,7 @@ class Worker:
     def _tunnel_closed(self, t: Tunnel, outcome: str) -> None:
         info: TunnelInfo = t.info
         balancer.release(info.endpoint)
+        self.upstream.release(info.space, info.source_port)
         self.connections -= 1
         up, down = t.up, t.down
         ep = info.endpoint.endpoint
@@ -154,6 +180,7 @@ class Worker:
         self.log.info(
             "tunnel closed",
             client={"ip": info.client_ip, "port": info.client_port},
+            source={"ip": info.space.seen_address, "port": info.source_port},
             destination={"ip": ep.host, "port": ep.port},
             url={"path": info.path},
             shardproxy={
@@ -183,6 +210,7 @@ class Worker:
             "handshakes": self.frontend.handshakes,
             "capacity": self.capacity,
             "counts": dict(self.counts),
+            "upstream": self.upstream.snapshot(),
         }
 
 
@@ -196,7 +224,11 @@ async def serve(slot: int, control_fd: int, listen_fds: list[int]) -> None:
     listeners = [socket.socket(fileno=fd) for fd in listen_fds]
     for listener in listeners:
         listener.setblocking(False)
-    worker = Worker(slot, cfg, raise_nofile_limit(), listeners)
+    up = start["upstream"]
+    ports = PortRange(up["first"], up["last"])
+    worker = Worker(
+        slot, cfg, raise_nofile_limit(), listeners, ports, up["allocator"], up["excluded"]
+    )
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(worker.engine.run)
@@ -209,7 +241,12 @@ async def serve(slot: int, control_fd: int, listen_fds: list[int]) -> None:
             )
             worker.log.info(
                 "worker accepting",
-                **{"event.action": "worker-ready", "shardproxy.capacity": worker.capacity},
+                **{
+                    "event.action": "worker-ready",
+                    "shardproxy.capacity": worker.capacity,
+                    "shardproxy.ports": str(ports),
+                    "shardproxy.allocator": up["allocator"],
+                },
             )
     finally:
         worker.frontend.close()

@@ -38,14 +38,23 @@ def toml_config(
     port: int,
     workers: int = 2,
     proxy: dict[str, Any] | None = None,
+    upstream: dict[str, Any] | None = None,
+    one_server: bool = False,
     extra: str = "",
 ) -> str:
+    """One pool "main" with a server per backend port on 127.0.0.1, or with
+    ``one_server`` a single server listening on all of them."""
     proxy_table = {"listen": [f"127.0.0.1:{port}"], "workers": workers, **(proxy or {})}
-    servers = ", ".join(
-        f'{{ name = "b{i}", address = "127.0.0.1", ports = [{p}] }}' for i, p in enumerate(backends)
-    )
+    if one_server:
+        servers = f'{{ name = "b", address = "127.0.0.1", ports = {backends} }}'
+    else:
+        servers = ", ".join(
+            f'{{ name = "b{i}", address = "127.0.0.1", ports = [{p}] }}'
+            for i, p in enumerate(backends)
+        )
+    tables = {"proxy": proxy_table, **({"upstream": upstream} if upstream else {})}
     return (
-        f"{tomli_w.dumps({'proxy': proxy_table})}\n"
+        f"{tomli_w.dumps(tables)}\n"
         '[[routes]]\nhost = "*"\npath_prefix = "/"\npool = "main"\n\n'
         f"[pools.main]\nservers = [{servers}]\n{extra}"
     )
@@ -132,11 +141,11 @@ class Proxy:
 
 @pytest.fixture
 def start_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
-    """Factory: ``start_proxy(backend_ports, workers=2, proxy={...}, extra=...)``."""
+    """Factory: ``start_proxy(backend_ports, workers=2, port=0, proxy={...}, extra=...)``."""
     started: list[Proxy] = []
 
-    def start(backends: list[int], *, workers: int = 2, **kw: Any) -> Proxy:
-        port = free_port()
+    def start(backends: list[int], *, workers: int = 2, port: int = 0, **kw: Any) -> Proxy:
+        port = port or free_port()
         path = tmp_path / f"shardproxy-{len(started)}.toml"
         path.write_text(toml_config(backends, port=port, workers=workers, **kw))
         proxy = Proxy(path, port, workers)

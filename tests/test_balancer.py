@@ -50,7 +50,7 @@ def picks(p: PoolState, n: int, *, hold: bool = False, key: bytes | None = None)
         s = p.choose(key)
         assert s is not None
         if hold:
-            acquire(s.least_used_endpoint())
+            acquire(s.endpoints_by_use()[0])
         out.append(s.name)
     return out
 
@@ -70,7 +70,7 @@ def set_active(p: PoolState, **counts: int) -> None:
     for name, n in counts.items():
         s = server(p, name)
         for _ in range(n):
-            acquire(s.least_used_endpoint())
+            acquire(s.endpoints_by_use()[0])
 
 
 def test_the_configured_balance_picks_the_algorithm() -> None:
@@ -112,18 +112,18 @@ def test_acquire_and_release_count_per_endpoint_and_server() -> None:
     assert (e0.endpoint.host, e0.endpoint.port) == ("10.0.0.1", 8080)
 
 
-def test_least_used_endpoint_spreads_tunnels_over_the_ports() -> None:
+def test_endpoints_by_use_spreads_tunnels_over_the_ports() -> None:
     p = pool("least_conn", (1,), ports=(8080, 8081, 8082))
     s = p.servers[0]
     used = []
     for _ in range(9):
-        e = s.least_used_endpoint()
+        e = s.endpoints_by_use()[0]
         acquire(e)
         used.append(e.endpoint.port)
     assert Counter(used) == {8080: 3, 8081: 3, 8082: 3}
     # A tunnel ends on 8081: that port is now the least used.
     release(s.endpoints[1])
-    assert s.least_used_endpoint().endpoint.port == 8081
+    assert s.endpoints_by_use()[0].endpoint.port == 8081
 
 
 # -- round robin -----------------------------------------------------------------

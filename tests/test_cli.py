@@ -100,7 +100,8 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
     )
     readme = (ROOT / "README.md").read_text()
     example_text = example.read_text()
-    keys = {*effective["proxy"], *effective["log"], *effective["routes"][0]}
+    keys = {*effective["proxy"], *effective["upstream"], *effective["log"]}
+    keys |= set(effective["routes"][0])
     keys |= {k for pool in effective["pools"].values() for k in pool}
     keys |= {k for pool in effective["pools"].values() for s in pool["servers"] for k in s}
     for key in keys:

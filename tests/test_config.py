@@ -746,3 +746,92 @@ def test_check_unknown_key(tmp_path: Path) -> None:
 def test_check_bad_value(tmp_path: Path) -> None:
     text = GOOD_TOML.replace("ports = [8080] }", "ports = [8080, 99999] }")
     _check_fails(tmp_path, text, "pools.chat.servers[1].ports[1]:", "99999")
+
+
+# -- [upstream] ----------------------------------------------------------------
+
+
+def with_upstream(**upstream: Any) -> dict[str, Any]:
+    return {**minimal(), "upstream": upstream}
+
+
+def test_upstream_defaults_let_the_kernel_choose() -> None:
+    u = from_mapping(minimal()).upstream
+    assert u.source_addresses == ()
+    assert u.port_range is None  # "auto": the system's range, read at start
+    assert u.port_allocator == "auto"
+
+
+def test_upstream_values_are_kept_and_round_trip() -> None:
+    c = from_mapping(
+        with_upstream(
+            source_addresses=["10.0.0.10", "10.0.0.11"],
+            port_range=" 1024 - 65535 ",
+            port_allocator="userspace",
+        )
+    )
+    assert c.upstream.source_addresses == ("10.0.0.10", "10.0.0.11")
+    assert c.upstream.port_range == config.PortRange(1024, 65535)
+    assert len(c.upstream.port_range) == 64512
+    assert c.upstream.port_allocator == "userspace"
+    d = c.to_dict()
+    assert d["upstream"] == {
+        "source_addresses": ["10.0.0.10", "10.0.0.11"],
+        "port_range": "1024-65535",
+        "port_allocator": "userspace",
+    }
+    assert from_mapping(tomllib.loads(tomli_w.dumps(d))) == c
+
+
+@pytest.mark.parametrize("text", ["1024", "a-b", "1024-", "0-100", "2000-1000", "1-70000", ""])
+def test_invalid_port_ranges(text: str) -> None:
+    error(with_upstream(port_range=text), "upstream.port_range", repr(text))
+
+
+def test_port_range_must_be_a_string() -> None:
+    error(with_upstream(port_range=1024), "upstream.port_range", "must be a string")
+
+
+def test_port_range_needs_a_port_per_worker() -> None:
+    data = {**with_upstream(port_range="40000-40002"), "proxy": {"workers": 4}}
+    error(data, "upstream.port_range", "3 ports cannot be cut into 4 slices")
+    data["proxy"] = {"workers": 3}
+    assert len(from_mapping(data).upstream.port_range or ()) == 3
+
+
+def test_invalid_source_addresses() -> None:
+    error(with_upstream(source_addresses="10.0.0.1"), "upstream.source_addresses", "array")
+    error(
+        with_upstream(source_addresses=["10.0.0.1", "host.example"]),
+        "upstream.source_addresses[1]",
+        "must be an IP address",
+    )
+    error(
+        with_upstream(source_addresses=["10.0.0.1", "10.0.0.1"]),
+        "upstream.source_addresses[1]",
+        "listed twice",
+    )
+    error(with_upstream(source_addresses=["0.0.0.0"]), "upstream.source_addresses[0]", "kernel")
+
+
+def test_port_allocator_values() -> None:
+    for name in config.ALLOCATORS:
+        assert from_mapping(with_upstream(port_allocator=name)).upstream.port_allocator == name
+    error(with_upstream(port_allocator="bpf"), "upstream.port_allocator", "'bpf'")
+
+
+def test_a_backend_needs_a_source_address_of_its_family() -> None:
+    data = with_upstream(source_addresses=["10.0.0.10"])
+    data["pools"]["chat"]["servers"].append({"address": "fd00::5", "ports": [8080]})
+    error(data, "pools.chat.servers[1].address", "IPv6 backend fd00::5", "no IPv6 address")
+    data["upstream"]["source_addresses"].append("fd00::10")
+    assert len(from_mapping(data).upstream.source_addresses) == 2
+
+
+def test_endpoints_are_listed_once_across_pools() -> None:
+    data = minimal()
+    data["pools"]["other"] = {"servers": [{"address": "10.0.1.5", "ports": [8080, 8081]}]}
+    assert from_mapping(data).endpoints() == (
+        Endpoint("10.0.1.5", 8080),
+        Endpoint("10.0.1.5", 8081),
+    )

@@ -1,0 +1,220 @@
+"""Connecting upstream through one worker's slice of the address plan.
+
+A worker owns one slice of the port range (addrplan.py). For every (source
+address, backend endpoint) pair it keeps a :class:`TupleSpace`: how many of
+its connections use that pair, out of how many the slice allows. A connect
+takes a source address in rotation per endpoint, skipping pairs that are
+full; when the kernel says a pair is full (``EADDRNOTAVAIL``) it moves on to
+the next source address, and when every source address is full for that
+endpoint it raises :class:`Exhausted`, and the caller tries the next endpoint
+or server, then answers 503.
+
+Two allocators give the same behaviour:
+
+- ``kernel`` (Linux >= 6.3): every socket gets ``IP_LOCAL_PORT_RANGE`` = the
+  slice and ``IP_BIND_ADDRESS_NO_PORT``, binds ``(source, 0)`` and connect()
+  picks a port of the slice that keeps the 4-tuple unique. One port serves
+  every endpoint; the kernel does the bookkeeping, this module only counts.
+- ``userspace``: each pair has its own free list of the slice's ports; the
+  socket sets ``SO_REUSEADDR`` (so one port may be bound again for another
+  endpoint: Linux allows it between sockets that all set it and none
+  listens) and binds ``(source, port)`` explicitly. A port the kernel refuses
+  (``EADDRINUSE`` from a foreign socket, ``EADDRNOTAVAIL`` from a connection
+  still in TIME_WAIT) goes to the back of the list and the next is tried, a
+  few times at most.
+
+Free lists hand ports out in order and take them back at the end (FIFO), so
+a port returns into use as late as possible, after its TIME_WAIT if any; a
+list holds only the ports given back, the never-used rest is a cursor.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+from .addrplan import AUTO_SOURCE, IP_BIND_ADDRESS_NO_PORT, IP_LOCAL_PORT_RANGE, port_range_option
+from .config import Endpoint, PortRange
+
+PORT_TRIES = 8  # userspace: ports tried per pair before the pair counts as full for now
+_FULL = {errno.EADDRNOTAVAIL, errno.EADDRINUSE}
+
+
+class Exhausted(Exception):
+    """No source address has a free tuple left for this endpoint."""
+
+
+class TupleSpace:
+    """The tuples one worker may use from one source address to one endpoint."""
+
+    __slots__ = (
+        "_free",
+        "_next",
+        "address",
+        "capacity",
+        "endpoint",
+        "excluded",
+        "ports",
+        "seen_address",
+        "source",
+        "used",
+    )
+
+    def __init__(
+        self, source: str, endpoint: Endpoint, ports: PortRange, excluded: frozenset[int]
+    ) -> None:
+        self.source = source  # a configured address, or AUTO_SOURCE
+        # The address bound: None lets the kernel choose (the socket's route).
+        self.address: str | None = None if source == AUTO_SOURCE else source
+        # The address connections really come from (for logs): the kernel's
+        # choice is learned from the first connection, it follows the route.
+        self.seen_address = self.address
+        self.endpoint = endpoint
+        self.ports = ports
+        self.excluded = excluded  # ports of the slice not to use (listen, reserved)
+        self.capacity = len(ports) - sum(1 for p in excluded if p in ports)
+        self.used = 0
+        self._next = ports.first  # ports from here to ports.last were never handed out
+        self._free: deque[int] = deque()
+
+    @property
+    def full(self) -> bool:
+        return self.used >= self.capacity
+
+    def take_port(self) -> int:
+        """A port of the slice not used towards this endpoint (userspace)."""
+        if self._free:
+            return self._free.popleft()
+        port = self._next
+        while port in self.excluded:
+            port += 1
+        if port > self.ports.last:
+            raise Exhausted
+        self._next = port + 1
+        return port
+
+    def give_port(self, port: int) -> None:
+        self._free.append(port)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "endpoint": str(self.endpoint),
+            "used": self.used,
+            "capacity": self.capacity,
+        }
+
+
+class Upstream:
+    """One worker's upstream side: its port slice, its source addresses and
+    the tuple spaces they make with every backend endpoint."""
+
+    def __init__(
+        self,
+        ports: PortRange,
+        sources: Iterable[str],
+        endpoints: Iterable[Endpoint],
+        allocator: str,
+        excluded: Iterable[int] = (),
+    ) -> None:
+        if allocator not in ("kernel", "userspace"):
+            raise ValueError(f"unknown port allocator {allocator!r}")
+        self.ports = ports
+        self.allocator = allocator
+        self._range_option = port_range_option(ports)
+        sources = tuple(sources) or (AUTO_SOURCE,)
+        skip = frozenset(excluded)
+        self._spaces: dict[Endpoint, list[TupleSpace]] = {}
+        for endpoint in endpoints:
+            family = _family(endpoint.host)
+            self._spaces[endpoint] = [
+                TupleSpace(s, endpoint, ports, skip)
+                for s in sources
+                if s == AUTO_SOURCE or _family(s) == family
+            ]
+        self._turn: dict[Endpoint, int] = dict.fromkeys(self._spaces, 0)
+
+    def connect(self, endpoint: Endpoint) -> tuple[socket.socket, TupleSpace, int]:
+        """Start a non-blocking connect to ``endpoint`` from the next source
+        address with room: (socket, its tuple space, the port to give back
+        with :meth:`release`, 0 when the kernel chose it). Raises
+        :class:`Exhausted` when no source address has room and ``OSError``
+        when the connect fails otherwise (refused at once, say)."""
+        spaces = self._spaces[endpoint]
+        n = len(spaces)
+        turn = self._turn[endpoint]
+        self._turn[endpoint] = (turn + 1) % n
+        for i in range(n):
+            space = spaces[(turn + i) % n]
+            if space.full:
+                continue
+            attempt = self._kernel(space) if self.allocator == "kernel" else self._userspace(space)
+            if attempt is not None:
+                space.used += 1
+                return attempt
+        raise Exhausted
+
+    def release(self, space: TupleSpace, port: int) -> None:
+        space.used -= 1
+        if port and self.allocator == "userspace":
+            space.give_port(port)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        return [space.snapshot() for spaces in self._spaces.values() for space in spaces]
+
+    def _kernel(self, space: TupleSpace) -> tuple[socket.socket, TupleSpace, int] | None:
+        sock = _socket(space.endpoint)
+        try:
+            sock.setsockopt(socket.IPPROTO_IP, IP_LOCAL_PORT_RANGE, self._range_option)
+            if space.address is not None:
+                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                sock.bind((space.address, 0))
+            _connect(sock, space.endpoint)
+        except OSError as e:
+            sock.close()
+            if e.errno in _FULL:
+                return None  # this source address is full for this endpoint in our slice
+            raise
+        return sock, space, 0
+
+    def _userspace(self, space: TupleSpace) -> tuple[socket.socket, TupleSpace, int] | None:
+        address = space.address or ("::" if _family(space.endpoint.host) == 6 else "0.0.0.0")
+        for _ in range(PORT_TRIES):
+            try:
+                port = space.take_port()
+            except Exhausted:
+                return None
+            sock = _socket(space.endpoint)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((address, port))
+                _connect(sock, space.endpoint)
+            except OSError as e:
+                sock.close()
+                space.give_port(port)
+                if e.errno in _FULL:
+                    continue  # taken by a foreign socket or in TIME_WAIT: try the next port
+                raise
+            return sock, space, port
+        return None
+
+
+def _socket(endpoint: Endpoint) -> socket.socket:
+    family = socket.AF_INET6 if _family(endpoint.host) == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _connect(sock: socket.socket, endpoint: Endpoint) -> None:
+    err = sock.connect_ex((endpoint.host, endpoint.port))
+    if err not in (0, errno.EINPROGRESS):
+        raise OSError(err, os.strerror(err))
+
+
+def _family(host: str) -> int:
+    return 6 if ":" in host else 4
