@@ -87,15 +87,15 @@ class TupleSpace:
 
     def take_port(self) -> int:
         """A port of the slice not used towards this endpoint (userspace)."""
-        if self._free:
-            return self._free.popleft()
         port = self._next
         while port in self.excluded:
             port += 1
-        if port > self.ports.last:
-            raise Exhausted
-        self._next = port + 1
-        return port
+        if port <= self.ports.last:
+            self._next = port + 1
+            return port
+        if self._free:  # every port was handed out once: the longest-returned first
+            return self._free.popleft()
+        raise Exhausted
 
     def give_port(self, port: int) -> None:
         self._free.append(port)

@@ -4,6 +4,7 @@ match the code."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import subprocess
@@ -13,6 +14,8 @@ from pathlib import Path
 
 from conftest import free_port
 from websockets.asyncio.client import connect
+
+from shardproxy.addrplan import read_system_port_range
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -117,3 +120,75 @@ def test_readme_shows_exactly_two_setup_commands_and_ci_runs_the_test_one() -> N
     assert commands[0].endswith("shardproxy demo")
     ci = (ROOT / ".ci" / "run").read_text()
     assert f"exec {commands[1]}" in ci
+
+
+PLAN_TOML = """\
+[proxy]
+listen = ["127.0.0.1:18080"]
+workers = 2
+
+[upstream]
+source_addresses = ["127.0.3.1", "127.0.3.2"]
+port_range = "{ports}"
+
+[[routes]]
+pool = "p"
+
+[pools.p]
+servers = [{{ address = "127.0.0.1", ports = [19001, 19002] }}]
+"""
+
+
+def shardproxy(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "shardproxy", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def _plan_config(tmp_path: Path, ports: str = "", **replace: str) -> str:
+    """PLAN_TOML with 100 ports from the system range (or ``ports``)."""
+    first = read_system_port_range()[0] + 1000
+    text = PLAN_TOML.format(ports=ports or f"{first}-{first + 99}")
+    for old, new in replace.items():
+        text = text.replace(old, new)
+    path = tmp_path / "plan.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_plan_prints_the_arithmetic_and_json(tmp_path: Path) -> None:
+    path = _plan_config(tmp_path)
+    text = shardproxy("plan", "-c", path)
+    assert text.returncode == 0, text.stderr
+    assert "2 x 50 x 2 = 200" in text.stdout
+    assert "binding limit is tuples" in text.stdout
+    as_json = shardproxy("plan", "-c", path, "--json")
+    plan = json.loads(as_json.stdout)
+    assert plan["total"]["tuples"] == 400
+    first = plan["port_range"]["first"]
+    assert [(s["first"], s["last"]) for s in plan["slices"]] == [
+        (first, first + 49),
+        (first + 50, first + 99),
+    ]
+    assert plan["allocator"]["name"] in ("kernel", "userspace")
+
+
+def test_check_refuses_a_source_address_this_host_does_not_have(tmp_path: Path) -> None:
+    path = _plan_config(tmp_path, **{'"127.0.3.2"': '"192.0.2.1"'})
+    for command in ("check", "plan", "run"):
+        out = shardproxy(command, "-c", path)
+        assert out.returncode == 1
+        assert out.stderr.splitlines() == [
+            f"shardproxy: {path}: upstream.source_addresses[1]: 192.0.2.1 cannot be used as "
+            "a source address on this host (bind: Cannot assign requested address)"
+        ]
+
+
+def test_check_refuses_a_port_range_outside_the_system_range(tmp_path: Path) -> None:
+    first, _ = read_system_port_range()
+    path = _plan_config(tmp_path, ports=f"{first - 10}-{first + 10}")
+    out = shardproxy("check", "-c", path)
+    assert out.returncode == 1
+    assert f"upstream.port_range: {first - 10}-{first + 10} is not inside the system range" in (
+        out.stderr
+    )

@@ -14,7 +14,7 @@ from conftest import Proxy
 from peers import WsBackend, upgrade_head
 from websockets.asyncio.client import connect
 
-from shardproxy.stats import nest, summary, total_counts
+from shardproxy.stats import nest, summary, total_counts, upstream_usage
 
 
 def snapshot(current: int, **counts: int) -> dict[str, Any]:
@@ -38,6 +38,19 @@ def test_summary_adds_workers_up() -> None:
     assert (record["tunnels"], record["handshakes"], record["capacity"]) == (6, 2, 200)
     assert [w["slot"] for w in record["workers"]] == [0, 1]
     assert record["totals"] == {"tunnels": 12}
+
+
+def test_upstream_usage_is_summed_per_source_and_endpoint() -> None:
+    def space(source: str, endpoint: str, used: int) -> dict[str, Any]:
+        return {"source": source, "endpoint": endpoint, "used": used, "capacity": 50}
+
+    w0 = {"upstream": [space("10.0.0.2", "10.0.1.5:80", 3), space("10.0.0.1", "10.0.1.5:80", 4)]}
+    w1 = {"upstream": [space("10.0.0.1", "10.0.1.5:80", 50)]}
+    assert upstream_usage([w0, w1, {}]) == [
+        {"source": "10.0.0.1", "endpoint": "10.0.1.5:80", "used": 54, "capacity": 100},
+        {"source": "10.0.0.2", "endpoint": "10.0.1.5:80", "used": 3, "capacity": 50},
+    ]
+    assert summary({0: {**snapshot(1), **w0}}, {})["upstream"] == upstream_usage([w0])
 
 
 def test_running_proxy_logs_stats_that_survive_a_worker_restart(
