@@ -2,7 +2,8 @@
 
 Scenarios: ``idle`` (user memory per idle tunnel), ``pingpong`` (CPU per
 relayed message, round-trip latency), ``handshake`` (CPU per handshake,
-handshake rate and latency), ``spike`` (N clients at once). ``--target``
+handshake rate and latency), ``spike`` (N clients at once), ``beyond64k``
+(150,000 tunnels to one backend host and port: the scale proof). ``--target``
 picks what is measured: shardproxy (default), haproxy, nginx, or direct (no
 proxy: the generator and the backend alone). Results go to ``bench/results/``
 (gitignored) as one JSON file per run; a Markdown table is printed. Exit
@@ -10,21 +11,23 @@ status 0 when the run completed cleanly (every client served, nothing
 dropped, no failure), 1 otherwise.
 
 ``--compare shardproxy,haproxy,nginx`` on any scenario runs it for each of
-those targets in turn; ``all --compare … [--quick]`` runs every scenario for
-each target (BENCH.md's sizes, or small ones with ``--quick``). A comparison
-writes ``compare-<stamp>.json``, ``.md`` (printed too) and PNG charts
+those targets in turn; ``all --compare … [--quick]`` runs every scenario but
+beyond64k (minutes per target; run it on its own) for each target
+(BENCH.md's sizes, or small ones with ``--quick``). A comparison writes
+``compare-<stamp>.json``, ``.md`` (printed too) and PNG charts
 (``bench/compare.py``); exit status 0 when every run was clean.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import sys
 from pathlib import Path
 from types import ModuleType
 
-from . import compare, handshake, idle, pingpong, spike
+from . import beyond64k, compare, handshake, idle, pingpong, spike
 from .targets import TARGETS
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -33,6 +36,8 @@ SCENARIOS = {
     "pingpong": (pingpong, "CPU per relayed message, round-trip latency", 1),
     "handshake": (handshake, "CPU per handshake, handshakes/s, latency", 1),
     "spike": (spike, "N clients connecting at the same moment", 4),
+    # workers None: as many as the descriptor limit requires (bench/beyond64k.py)
+    "beyond64k": (beyond64k, "150,000 tunnels to one backend host and port, held", None),
 }
 
 
@@ -40,7 +45,7 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # unwinds through the scenario's cleanup
 
 
-def _common(p: argparse.ArgumentParser, workers: int, backend_procs: int | None) -> None:
+def _common(p: argparse.ArgumentParser, workers: int | None, backend_procs: int | None) -> None:
     p.add_argument("--target", choices=TARGETS, default="shardproxy", help="(shardproxy)")
     p.add_argument(
         "--compare",
@@ -48,12 +53,17 @@ def _common(p: argparse.ArgumentParser, workers: int, backend_procs: int | None)
         metavar="T1,T2,...",
         help="run for each of these targets in turn and compare them (instead of --target)",
     )
-    p.add_argument("--workers", type=int, default=workers, help=f"proxy workers ({workers})")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=workers,
+        help=f"proxy workers ({workers or 'as many as the descriptor limit requires'})",
+    )
     p.add_argument(
         "--backend-procs",
         type=int,
         default=backend_procs,
-        help=f"echo backend processes ({backend_procs or 'one per 6,000 clients, ≥ 2'})",
+        help=f"echo backend processes ({backend_procs or 'as many as the clients need'})",
     )
     p.add_argument("--log-level", default="info", help="target log level (info)")
     p.add_argument(
@@ -82,7 +92,7 @@ def parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_text, description=(module.__doc__ or "").split("\n")[0])
         module.add_arguments(s)
         s.add_argument("--sources", type=int, default=64, help="source addresses per loadgen (64)")
-        _common(s, workers=workers, backend_procs=None if name == "spike" else 2)
+        _common(s, workers=workers, backend_procs=2 if name in ("pingpong", "handshake") else None)
     a = sub.add_parser(
         "all",
         help="every scenario for each target, compared",
@@ -131,7 +141,7 @@ def scenario_args(
 
 
 def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         p.error("--workers must be at least 1")
     if not 1 <= args.sources <= 250:
         p.error("--sources must be 1-250")
@@ -140,13 +150,24 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     count: int = args.tunnels if hasattr(args, "tunnels") else args.clients
     if count < 1:
         p.error("--tunnels/--clients must be at least 1")
-    limit = {"idle": 9000, "spike": 9000, "pingpong": 1000}.get(args.scenario)
+    limit = {"idle": 9000, "spike": 9000, "pingpong": 1000, "beyond64k": 19000}.get(args.scenario)
     if limit and not 1 <= args.per_loadgen <= limit:
         p.error(f"--per-loadgen must be 1-{limit}")
     if args.scenario == "pingpong" and (args.duration <= 0 or args.size < 0):
         p.error("--duration must be positive and --size not negative")
     if args.scenario == "handshake" and not (1 <= args.loadgens <= 64 and args.concurrency >= 1):
         p.error("--loadgens must be 1-64 and --concurrency at least 1")
+    if args.scenario == "beyond64k":
+        _check_beyond64k(p, args)
+
+
+def _check_beyond64k(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.hold < 0 or args.sample < 0 or args.give_up_after < 0 or args.concurrency < 1:
+        p.error("--hold, --sample and --give-up-after must not be negative, --concurrency ≥ 1")
+    if not 0 <= args.upstream_sources <= 250:
+        p.error("--upstream-sources must be 0-250 (0: as many as the plan requires)")
+    if args.port_range != "auto" and not re.fullmatch(r"\d+-\d+", args.port_range):
+        p.error('--port-range must be "auto" or FIRST-LAST')
 
 
 def main(argv: list[str] | None = None) -> int:

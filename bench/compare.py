@@ -168,11 +168,23 @@ def _spike(r: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return figures, r.get("failures") or {}
 
 
+def _beyond64k(r: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    f = r.get("figures") or {}
+    keys = (
+        "requested", "opened", "held_at_once", "dropped_while_held", "open_s",
+        "open_rate_per_s", "user_memory_per_tunnel_bytes", "uss_per_tunnel_bytes",
+        "tcp_mem_per_tunnel_bytes", "socket_slab_per_tunnel_bytes", "plan_limit", "arithmetic",
+        "sample_echo",
+    )  # fmt: skip
+    return {k: f.get(k) for k in keys}, r.get("failures") or {}
+
+
 EXTRACT: dict[str, Callable[[dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]]] = {
     "idle": _idle,
     "pingpong": _pingpong,
     "handshake": _handshake,
     "spike": _spike,
+    "beyond64k": _beyond64k,
 }
 
 
@@ -183,7 +195,7 @@ EXTRACT: dict[str, Callable[[dict[str, Any]], tuple[dict[str, Any], dict[str, An
 class Row:
     key: str  # in a run's normalized figures
     label: str
-    kind: str  # how to show it: bytes, us, latency, rate, pct
+    kind: str  # how to show it: bytes, us, latency, rate, count, seconds, pct
     better: str  # "lower" or "higher"
 
 
@@ -211,6 +223,12 @@ ROWS: dict[str, list[Row]] = {
         Row("latency_p50_us", "connect → 101 p50", "latency", "lower"),
         Row("latency_p99_us", "connect → 101 p99", "latency", "lower"),
     ],
+    "beyond64k": [
+        Row("held_at_once", "**tunnels held**", "count", "higher"),
+        Row("plan_limit", "plan: tunnels the config allows", "count", "higher"),
+        Row("open_rate_per_s", "tunnels opened/s", "rate", "higher"),
+        Row("user_memory_per_tunnel_bytes", "**user memory per tunnel** (RSS)", "bytes", "lower"),
+    ],
 }  # fmt: skip
 
 TITLES = {
@@ -218,6 +236,7 @@ TITLES = {
     "pingpong": "CPU per relayed message, round-trip latency",
     "handshake": "CPU per handshake, handshake rate and latency",
     "spike": "clients connecting at the same moment",
+    "beyond64k": "tunnels to one backend host and port, held",
 }
 
 
@@ -229,8 +248,10 @@ def show(v: Any, kind: str) -> str:
         return f"{x:,.0f} B"
     if kind == "us":
         return f"{x:,.1f} µs"
-    if kind == "rate":
+    if kind in ("rate", "count"):
         return f"{x:,.0f}"
+    if kind == "seconds":
+        return f"{x:,.1f} s"
     if kind == "pct":
         return f"{x:.2f} %"
     if kind == "latency":  # µs in, the readable unit out
@@ -493,6 +514,9 @@ def _scenario_title(scenario: str, p: dict[str, Any]) -> str:
         return f"{p['clients']:,} clients, ≤ {p['concurrency']} in flight, {workers}"
     if scenario == "spike":
         return f"{p['clients']:,} clients at once, {workers}"
+    if scenario == "beyond64k":
+        w = workers if w else "workers as the descriptor limit requires"
+        return f"{p['tunnels']:,} tunnels held {p['hold']:g} s, {w}"
     return workers
 
 
@@ -578,14 +602,34 @@ def _table(
         line("tunnels opened", "", lambda r: _count(r, "tunnels_opened", "tunnels_requested"), "")
     if scenario == "spike":
         line("upgraded (count)", "higher", lambda r: _count(r, "upgraded", "requested"), "")
+    if scenario == "beyond64k":
+        line("opened", "higher", lambda r: _count(r, "opened", "requested"), "")
+        # no ratio: a target that stopped at 10,000 opened fewer, not faster
+        line("time to open them", "", lambda r: show(r["figures"].get("open_s"), "seconds"), "")
     for row in ROWS[scenario]:
 
         def value(r: dict[str, Any], row: Row = row) -> str:
             return show(r["figures"].get(row.key), row.kind)
 
         line(row.label, row.better, value, _ratio_cell(ratios.get(row.key)))
+    if scenario == "beyond64k":  # the kernel's, whatever the proxy: no ratio
+        for key, text in (
+            ("tcp_mem_per_tunnel_bytes", "kernel TCP buffers per tunnel (sockstat mem)"),
+            ("socket_slab_per_tunnel_bytes", "kernel socket slabs per tunnel (4 sockets)"),
+        ):
+
+            def kernel(r: dict[str, Any], key: str = key) -> str:
+                return show(r["figures"].get(key), "bytes")
+
+            line(text, "", kernel, "")
     label = "failures by kind" if scenario == "spike" else "failures"
     line(label, "lower", lambda r: _fails(r["failures"]), "")
     line("run", "", lambda r: "OK" if r["ok"] else "**NOT OK**", "")
     notes = [f"- {t}: {runs[t]['error']}" for t in targets if t in runs and runs[t]["error"]]
+    if scenario == "beyond64k":
+        notes += [
+            f"- {t} plan: {runs[t]['figures']['arithmetic']}"
+            for t in targets
+            if t in runs and runs[t]["figures"].get("arithmetic")
+        ]
     return out + (["", *notes] if notes else [])

@@ -8,8 +8,12 @@ the target, each from one of ``--sources`` consecutive 127.x source addresses
 picks the port at connect time, keeping 4-tuples unique without reserving
 ports host-wide). A handshake is real: a random Sec-WebSocket-Key, and the
 answer must be 101 with the matching Sec-WebSocket-Accept within
-``--handshake-timeout``. Keep it to ≤ 9,000 connections per process
-(≈ 18,000 descriptor headroom); run several processes for more.
+``--handshake-timeout``. A connection costs this process one descriptor:
+``--count`` must stay 64 below RLIMIT_NOFILE (≈ 19,900 here); run several
+processes for more. ``--give-up-after K`` stops launching new connects once K
+have failed (the rest count as failed with reason ``gave-up``), so that a
+target that has hit a wall ends the run in seconds instead of one handshake
+timeout per remaining client.
 
 Modes, and the protocol with the orchestrator (one line each way; ``→`` is
 what this process says, ``←`` what it is told):
@@ -235,15 +239,26 @@ class LoadGen:
         return s
 
     def open(
-        self, count: int, concurrency: int, handshake_timeout: float, deadline: float
+        self,
+        count: int,
+        concurrency: int,
+        handshake_timeout: float,
+        deadline: float,
+        give_up: int = 0,
     ) -> float:
         """Open ``count`` websockets (in churn mode: open and close them);
-        returns the seconds it took."""
+        returns the seconds it took. With ``give_up`` > 0, no new connect is
+        started once that many have failed; those never started fail as
+        ``gave-up``."""
         started = time.monotonic()
         launched = 0
         next_sweep = 0.0
         while launched < count or self.pending:
             now = time.monotonic()
+            if give_up and self.failed >= give_up and launched < count:
+                self.reasons["gave-up"] += count - launched
+                self.failed += count - launched
+                launched = count
             if now >= deadline:
                 if launched < count:
                     self.reasons["open-deadline"] += count - launched
@@ -676,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__.split("\n")[0])
     p.add_argument("--mode", choices=MODES, default="idle")
     p.add_argument("--target", required=True, help="host:port of the proxy (or backend)")
-    p.add_argument("--count", type=int, required=True, help="websockets to open (≤ 9500)")
+    p.add_argument("--count", type=int, required=True, help="websockets (≤ RLIMIT_NOFILE - 64)")
     p.add_argument("--sources", default="127.0.11.1/32", help="FIRST/COUNT source addresses")
     p.add_argument("--concurrency", type=int, default=200, help="handshakes in flight at most")
     p.add_argument("--handshake-timeout", type=float, default=15.0)
@@ -684,13 +699,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=64, help="pingpong: message payload bytes")
     p.add_argument("--open-timeout", type=float, default=300.0, help="seconds to open them all")
     p.add_argument("--hold", type=float, default=900.0, help="seconds from start, then exit")
+    p.add_argument(
+        "--give-up-after", type=int, default=0, help="failures after which no connect starts (0)"
+    )
     p.add_argument("--path", default="/")
     args = p.parse_args(argv)
     host, _, port = args.target.rpartition(":")
     at_once = args.concurrency if args.mode == "handshake" else args.count
-    if not 0 < args.count <= (10**6 if args.mode == "handshake" else 9500):
-        # handshake mode holds at most --concurrency connections at a time
-        p.error("--count must be 1-9500, 1-1000000 with --mode handshake")
+    if not 0 < args.count <= 10**6 or args.give_up_after < 0:
+        p.error("--count must be 1-1000000 and --give-up-after not negative")
     if not 0 <= args.size <= wire.MAX_PAYLOAD:
         p.error(f"--size must be 0-{wire.MAX_PAYLOAD}")
     nofile = wire.raise_nofile()
@@ -713,6 +730,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.concurrency,
                 args.handshake_timeout,
                 min(started + args.open_timeout, hold_deadline),
+                args.give_up_after,
             )
             _say(
                 f"open {gen.opened} {gen.failed} {seconds:.3f} "
@@ -734,6 +752,7 @@ def main(argv: list[str] | None = None) -> int:
                     at_once,
                     args.handshake_timeout,
                     min(t0 + args.open_timeout, hold_deadline),
+                    args.give_up_after,
                 )
                 result = gen.summary(seconds)
                 result["last_upgrade_s"] = round(max(0.0, gen.last_upgrade - t0), 6)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -98,8 +100,7 @@ def machine() -> dict[str, Any]:
         cpus_usable = len(os.sched_getaffinity(0))
     except AttributeError:
         cpus_usable = os.cpu_count() or 0
-    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-        port_range = f.read().split()
+    first, last = port_range()
     return {
         "cores": os.cpu_count(),
         "cores_usable": cpus_usable,
@@ -108,9 +109,16 @@ def machine() -> dict[str, Any]:
         "kernel": platform.release(),
         "os": platform.platform(),
         "python": platform.python_version(),
-        "ip_local_port_range": "-".join(port_range),
+        "ip_local_port_range": f"{first}-{last}",
         "page_size": os.sysconf("SC_PAGE_SIZE"),
     }
+
+
+def port_range() -> tuple[int, int]:
+    """The system's ephemeral port range (net.ipv4.ip_local_port_range)."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        first, last = f.read().split()
+    return int(first), int(last)
 
 
 def sockstat() -> dict[str, int]:
@@ -121,3 +129,44 @@ def sockstat() -> dict[str, int]:
                 words = line.split()[1:]
                 return {words[i]: int(words[i + 1]) for i in range(0, len(words) - 1, 2)}
     return {}
+
+
+# socket-related slab caches: the socket itself (TCP), its inode, its file,
+# its epoll registration, its dentry, and TIME_WAIT leftovers
+SOCKET_SLABS = ("TCP", "sock_inode_cache", "filp", "eventpoll_epi", "dentry", "tw_sock_TCP")
+
+
+def slabinfo(names: tuple[str, ...] = SOCKET_SLABS) -> dict[str, int] | None:
+    """Bytes in use (active objects x object size) of the named slab caches
+    from /proc/slabinfo (root only); None when it cannot be read."""
+    try:
+        with open("/proc/slabinfo") as f:
+            lines = f.readlines()
+    except OSError:
+        return None
+    out = {}
+    for line in lines:
+        words = line.split()
+        if words and words[0] in names:
+            out[words[0]] = int(words[1]) * int(words[3])
+    return out
+
+
+def connections_to(host: str, port: int, timeout: float = 60.0) -> dict[str, Any]:
+    """Established TCP connections to ``host:port`` as the kernel lists them
+    (``ss``, filtered in the kernel), counted by source address."""
+    try:
+        r = subprocess.run(
+            ["ss", "-Htn", "state", "established", "dst", f"{host}:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except (OSError, subprocess.SubprocessError) as e:
+        return {"error": str(e)}
+    by_source: Counter[str] = Counter()
+    for line in r.stdout.splitlines():
+        words = line.split()  # Recv-Q Send-Q Local:Port Peer:Port
+        if len(words) >= 4:
+            by_source[words[2].rpartition(":")[0]] += 1
+    return {"total": sum(by_source.values()), "by_source": dict(sorted(by_source.items()))}

@@ -178,7 +178,7 @@ class HAProxy(_Peer):
     maxconn = 100_000
 
     def config_text(self) -> str:
-        (lh, lp), (bh, bp) = self.listen, self.backend
+        lh, lp = self.listen
         logging = self.access_log or self.log_level.lower() == "debug"
         log = "    log stdout format raw local0 info\n" if logging else ""
         opt_log = "    log global\n    option httplog\n" if logging else ""
@@ -204,8 +204,44 @@ class HAProxy(_Peer):
             f"    maxconn {self.maxconn}\n"
             "    default_backend echo\n"
             "\nbackend echo\n"
-            f"    server echo {_host(bh)}:{bp} maxconn 0\n"
+            f"{self._servers()}"
         )
+
+    def _servers(self) -> str:
+        """One ``server`` line; with upstream source addresses, one per address,
+        each with its own ``source``, all to the same backend: how an operator
+        takes HAProxy past one source address's ports to one host and port."""
+        bh, bp = self.backend
+        u = self.upstream
+        if not u.sources:
+            return f"    server echo {_host(bh)}:{bp} maxconn 0\n"
+        ports = "" if u.port_range == "auto" else f":{u.port_range}"
+        return "    balance leastconn\n" + "".join(
+            f"    server echo-{i} {_host(bh)}:{bp} maxconn 0 source {_host(a)}{ports}\n"
+            for i, a in enumerate(u.sources, 1)
+        )
+
+    def plan(self) -> dict[str, Any]:
+        """The generated config's arithmetic, in the shape of ``shardproxy
+        plan --json``'s total: server lines x ports per source address to one
+        endpoint, against one process's descriptors (2 per tunnel)."""
+        first, last = self.upstream.ports()
+        sources = list(self.upstream.sources)
+        ports = last - first + 1
+        tuples = max(1, len(sources)) * ports
+        descriptors = fd_hard_limit() // 2
+        limits = {"tuples": tuples, "descriptors": descriptors, "max_connections": self.maxconn}
+        binding = min(limits, key=lambda k: limits[k])
+        bh, bp = self.backend
+        return {
+            "workers": 1,
+            "threads": self.workers,
+            "servers": max(1, len(sources)),
+            "sources": sources,
+            "endpoints": [f"{bh}:{bp}"],
+            "port_range": {"first": first, "last": last},
+            "total": {**limits, "limit": limits[binding], "binding": binding},
+        }
 
     def check_command(self) -> list[str]:
         return [find_binary(self.binary), "-c", "-f", str(self.config_path)]
@@ -257,6 +293,8 @@ class Nginx(_Peer):
     package = "nginx-light"
 
     def config_text(self) -> str:
+        if self.upstream.sources:
+            raise BenchError("nginx: the bench writes no per-source upstream config for nginx")
         (lh, lp), (bh, bp) = self.listen, self.backend
         fds = fd_hard_limit()
         level = NGINX_LEVELS.get(self.log_level.lower(), "warn")

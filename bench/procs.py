@@ -11,10 +11,13 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
+
+from . import measure
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -159,10 +162,31 @@ def stop_process(
     return proc.returncode
 
 
+@dataclass(frozen=True)
+class Upstream:
+    """Where a proxy's upstream connections come from: the source addresses
+    to spread them over (empty: the kernel's choice) and the port range
+    (``"auto"``: the system's, or ``"FIRST-LAST"``). ``allocator`` is
+    shardproxy's ``port_allocator``. The default is how every scenario but
+    beyond64k runs: one source, nothing written to the configs."""
+
+    sources: tuple[str, ...] = ()
+    port_range: str = "auto"
+    allocator: str = "auto"
+
+    def ports(self) -> tuple[int, int]:
+        """The range's first and last port (the system's for ``"auto"``)."""
+        if self.port_range == "auto":
+            return measure.port_range()
+        first, _, last = self.port_range.partition("-")
+        return int(first), int(last)
+
+
 class TargetBase:
     """What every benchmark target is given (see ``bench.targets.Target``):
     a private work directory, where to listen, the backend, how many workers,
-    a log level; its config and log live in the work directory."""
+    a log level, where upstream connections come from; its config and log
+    live in the work directory."""
 
     name = "target"
     config_file = "target.conf"
@@ -176,6 +200,7 @@ class TargetBase:
         workers: int,
         log_level: str = "info",
         access_log: bool = True,
+        upstream: Upstream | None = None,
     ) -> None:
         if workers < 1:
             raise BenchError(f"{self.name}: workers must be >= 1, not {workers}")
@@ -185,6 +210,7 @@ class TargetBase:
         self.workers = workers
         self.log_level = log_level
         self.access_log = access_log  # one line per connection, as operators run them
+        self.upstream = upstream or Upstream()
         self.config_path = workdir / self.config_file
         self.log_path = workdir / f"{self.name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -214,6 +240,12 @@ class TargetBase:
                 return time.monotonic() - started
             time.sleep(0.1)
         raise BenchError(f"{self.name} not ready within {timeout:g}s: {self.log_tail(5)}")
+
+    def plan(self) -> dict[str, Any] | None:
+        """The upstream tuple arithmetic of the generated config (how many
+        tunnels its source addresses, ports and descriptors allow); None when
+        the target has nothing to say."""
+        return None
 
     def log_tail(self, n: int) -> list[str]:
         try:

@@ -39,7 +39,7 @@ import psutil
 
 from . import measure
 from .histogram import Histogram
-from .procs import REPO, BenchError, LineProcess, pick_port
+from .procs import REPO, BenchError, LineProcess, Upstream, pick_port
 from .targets import Target, make_target
 
 PERCENTILES = (50.0, 99.0, 99.9)
@@ -324,8 +324,10 @@ class Session:
         self.workdir.mkdir(parents=True, exist_ok=True)
         return self
 
-    def start(self, backend_procs: int, lifetime: float) -> None:
-        """The echo backend on a fresh port, then the target in front of it."""
+    def start(self, backend_procs: int, lifetime: float, upstream: Upstream | None = None) -> None:
+        """The echo backend on a fresh port, then the target in front of it;
+        with ``upstream``, the target's upstream arithmetic goes to ``plan``
+        before it starts."""
         backend_port = pick_port()
         listen_port = pick_port(avoid={backend_port})
         self.result["parameters"].update(backend_port=backend_port, listen_port=listen_port)
@@ -344,8 +346,11 @@ class Session:
             workers=self.args.workers,
             log_level=self.args.log_level,
             access_log=self.args.access_log == "on",
+            upstream=upstream,
         )
         self.result["target_version"] = target.version()
+        if upstream is not None:
+            self.result["plan"] = target.plan()
         self.result["files"].update(config=_rel(target.config_path), log=_rel(target.log_path))
         t0 = time.monotonic()
         target.start()
@@ -460,6 +465,30 @@ class Session:
         self.result["files"]["result"] = _rel(path)
         path.write_text(json.dumps(self.result, indent=2) + "\n")
         return isinstance(e, BenchError | KeyboardInterrupt)
+
+
+def held(s: Session, sample: int, holding: int) -> dict[str, Any]:
+    """With every tunnel still open: the target's descriptors, what each
+    generator holds, and a proportional sample that must still echo."""
+    fds = s.target_fds()
+    s.send_all("status")
+    statuses = [g.expect("status", 30) for g in s.gens]
+    open_now = [int(w[1]) for w in statuses]
+    k = min(sample, holding)
+    asks = [round(k * o / holding) if holding else 0 for o in open_now]
+    asks[-1] += k - sum(asks)
+    for g, ask in zip(s.gens, asks, strict=True):
+        g.send(f"verify {ask}")
+    ok = bad = 0
+    for g in s.gens:
+        words = g.expect("verify", 30)
+        ok, bad = ok + int(words[1]), bad + int(words[2])
+    return {
+        "target_fds": fds,
+        "held_at_once": sum(open_now),
+        "dropped_while_held": sum(int(w[2]) for w in statuses),
+        "sample_echo": {"requested": sum(asks), "ok": ok, "failed": bad},
+    }
 
 
 # -- the table ----------------------------------------------------------------

@@ -75,33 +75,9 @@ def run(args: Any) -> dict[str, Any]:
         cpu = meter.stop()
         s.result["kernel_tcp_counters"] = scenario.netstat_delta(net)
         s.result["loadgens"] = scenario.without_histograms(results)
-        held = _held(s, args.sample, sum(r["open"] for r in results))
+        held = scenario.held(s, args.sample, sum(r["open"] for r in results))
         _figures(s.result, results, cpu, n, held)
     return s.result
-
-
-def _held(s: Session, sample: int, holding: int) -> dict[str, Any]:
-    """With every tunnel still open: the target's descriptors, what each
-    generator holds, and a proportional sample that must still echo."""
-    fds = s.target_fds()
-    s.send_all("status")
-    statuses = [g.expect("status", 30) for g in s.gens]
-    open_now = [int(w[1]) for w in statuses]
-    k = min(sample, holding)
-    asks = [round(k * o / holding) if holding else 0 for o in open_now]
-    asks[-1] += k - sum(asks)
-    for g, ask in zip(s.gens, asks, strict=True):
-        g.send(f"verify {ask}")
-    ok = bad = 0
-    for g in s.gens:
-        words = g.expect("verify", 30)
-        ok, bad = ok + int(words[1]), bad + int(words[2])
-    return {
-        "target_fds": fds,
-        "held_at_once": sum(open_now),
-        "dropped_while_held": sum(int(w[2]) for w in statuses),
-        "sample_echo": {"requested": sum(asks), "ok": ok, "failed": bad},
-    }
 
 
 def _figures(

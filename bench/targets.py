@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import psutil
 
 from .peers import HAProxy, Nginx, accepts
-from .procs import REPO, BenchError, TargetBase, child_env
+from .procs import REPO, BenchError, TargetBase, Upstream, child_env
 
 
 class ShardProxy(TargetBase):
@@ -40,6 +40,7 @@ class ShardProxy(TargetBase):
             "\n[log]\n"
             f'level = "{self.log_level}"\n'
             f"access = {'true' if self.access_log else 'false'}\n"
+            f"{self._upstream_section()}"
             "\n[[routes]]\n"
             'host = "*"\n'
             'path_prefix = "/"\n'
@@ -49,22 +50,53 @@ class ShardProxy(TargetBase):
             f'servers = [{{ name = "echo", address = "{bh}", ports = [{bp}] }}]\n'
         )
 
+    def _upstream_section(self) -> str:
+        """``[upstream]``, written only when the run asks for more than the defaults."""
+        u = self.upstream
+        if u == Upstream():
+            return ""
+        sources = ", ".join(f'"{a}"' for a in u.sources)
+        return (
+            "\n[upstream]\n"
+            f"source_addresses = [{sources}]\n"
+            f'port_range = "{u.port_range}"\n'
+            f'port_allocator = "{u.allocator}"\n'
+        )
+
+    def plan(self) -> dict[str, Any]:
+        """``shardproxy plan --json`` on the generated config (written now);
+        ``{"error": …}`` when the command fails."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(self.config_text())
+        r = self._cli("plan", "-c", str(self.config_path), "--json")
+        if r.returncode != 0:
+            return {"error": (r.stderr or r.stdout).strip()[-2000:]}
+        try:
+            plan: dict[str, Any] = json.loads(r.stdout)
+        except ValueError:
+            return {"error": f"not JSON: {r.stdout[:500]!r}"}
+        return plan
+
     def command(self) -> list[str]:
         script = shutil.which("shardproxy", path=str(Path(sys.executable).parent))
         base = [script] if script else [sys.executable, "-m", "shardproxy"]
         return [*base, "run", "-c", str(self.config_path)]
 
-    def start(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(self.config_text())
-        check = subprocess.run(
-            [*self.command()[:-3], "check", "-c", str(self.config_path)],
+    def _cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``shardproxy ARGS`` to completion, its output captured."""
+        return subprocess.run(
+            [*self.command()[:-3], *args],
             cwd=REPO,
             env=child_env(),
             capture_output=True,
             text=True,
             timeout=60,
         )
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(self.config_text())
+        check = self._cli("check", "-c", str(self.config_path))
         if check.returncode != 0:
             raise BenchError(f"shardproxy check rejected the config: {check.stderr.strip()}")
         self._log_file = open(self.log_path, "wb")
@@ -120,14 +152,7 @@ class ShardProxy(TargetBase):
 
     def version(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name}
-        r = subprocess.run(
-            [*self.command()[:-3], "version"],
-            cwd=REPO,
-            env=child_env(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        r = self._cli("version")
         out["version"] = r.stdout.strip()
         git = ["git", "-C", str(REPO)]
         for key, args in (
@@ -236,6 +261,8 @@ class Target(Protocol):
 
     def version(self) -> dict[str, Any]: ...
 
+    def plan(self) -> dict[str, Any] | None: ...
+
     def events(self) -> list[dict[str, Any]]: ...
 
     def log_tail(self, n: int) -> list[str]: ...
@@ -262,10 +289,14 @@ def make_target(
     workers: int,
     log_level: str = "info",
     access_log: bool = True,
+    upstream: Upstream | None = None,
 ) -> Target:
     """The target called ``name`` (one of :data:`TARGETS`), not started yet.
     ``access_log``: every proxy writes one line per connection (shardproxy's
-    tunnel-closed event, HAProxy's httplog, nginx's access_log), or none does."""
+    tunnel-closed event, HAProxy's httplog, nginx's access_log), or none does.
+    ``upstream``: source addresses and port range for the proxy's upstream
+    connections (shardproxy's ``[upstream]``, one HAProxy ``server`` line per
+    source address; ``direct`` has no upstream side and ignores it)."""
     cls = _CLASSES.get(name)
     if cls is None:
         raise BenchError(f"unknown target {name!r}; choose one of: {', '.join(TARGETS)}")
@@ -276,4 +307,5 @@ def make_target(
         workers=workers,
         log_level=log_level,
         access_log=access_log,
+        upstream=upstream,
     )

@@ -184,3 +184,39 @@ def test_target_list() -> None:
     ]
     with pytest.raises(argparse.ArgumentTypeError, match="unknown target"):
         compare.target_list("shardproxy,envoy")
+
+
+def test_beyond64k_is_not_in_all() -> None:
+    """beyond64k takes minutes per target: ``all`` leaves it out, and it
+    runs on its own with ``--compare``."""
+    from bench.__main__ import parser
+
+    assert "beyond64k" not in compare.SCENARIO_ORDER
+    assert set(compare.FULL) == set(compare.QUICK) == set(compare.SCENARIO_ORDER)
+    args = parser().parse_args(["beyond64k", "--compare", "shardproxy,haproxy"])
+    assert (args.compare, args.tunnels, args.hold, args.sample) == (
+        ["shardproxy", "haproxy"],
+        150_000,
+        60.0,
+        1000,
+    )
+    assert args.workers is None  # as many as the descriptor limit requires
+
+
+def test_beyond64k_table_shows_each_plan() -> None:
+    def run(target: str, held: int, ok: bool) -> dict[str, Any]:
+        figures: dict[str, Any] = {"requested": 150_000, "opened": held, "held_at_once": held}
+        figures["arithmetic"] = f"{target}'s arithmetic"
+        fails = {"total": 150_000 - held, "by_kind": {"gave-up": 150_000 - held}}
+        return {"ok": ok, "error": None, "figures": figures, "failures": fails}
+
+    runs = {"shardproxy": run("shardproxy", 150_000, True), "haproxy": run("haproxy", 9_968, False)}
+    ratios = {row.key: compare.ratio(runs, row) for row in compare.ROWS["beyond64k"]}
+    head = ["figure", "better", "shardproxy", "haproxy", "shardproxy ÷ best peer"]
+    text = "\n".join(
+        compare._table("beyond64k", runs, ["shardproxy", "haproxy"], ratios, head, True)
+    )
+    assert "| **tunnels held** | higher | 150,000 | 9,968 | 15.05 vs haproxy† ✓ |" in text
+    assert "| opened | higher | 150,000 / 150,000 | 9,968 / 150,000 |  |" in text
+    assert "- shardproxy plan: shardproxy's arithmetic" in text
+    assert "- haproxy plan: haproxy's arithmetic" in text

@@ -130,3 +130,36 @@ def test_spike_200_clients(tmp_path: Path) -> None:
     check_latency(f["latency_us"], 200)
     assert r["target_log"]["tunnel_outcomes"] == {"closed": 200}
     assert r["target_log"]["rejected"] == {}
+
+
+def test_beyond64k_200_tunnels(tmp_path: Path) -> None:
+    r, proc = run_bench(
+        tmp_path, "beyond64k", "-n", "200", "--workers", "2", "--upstream-sources", "2",
+        "--hold", "1", "--sample", "20", "--per-loadgen", "100",
+    )  # fmt: skip
+    check_common(r, proc, "beyond64k")
+    f, p = r["figures"], r["parameters"]
+    assert f["requested"] == f["opened"] == f["held_at_once"] == 200
+    assert f["dropped_while_held"] == 0
+    assert f["sample_echo"] == {"requested": 20, "ok": 20, "failed": 0}
+    assert f["target_fds"] >= 400  # 2 per tunnel, all held at once
+    sources = ["127.64.0.1", "127.64.0.2"]
+    assert p["upstream_sources"] == sources
+    config = (REPO / r["files"]["config"]).read_text()
+    assert 'source_addresses = ["127.64.0.1", "127.64.0.2"]' in config
+    # the proxy's own arithmetic for the generated config
+    plan = r["plan"]
+    assert "error" not in plan, plan
+    assert plan["workers"] == 2 and plan["sources"] == sources
+    assert plan["endpoints"] == [f"127.0.0.1:{p['backend_port']}"]
+    assert len(plan["slices"]) == 2
+    assert plan["total"]["limit"] >= 200 and f["plan_allows_all"] is True
+    assert f["arithmetic"].startswith("2 source addresses x ")
+    # the kernel's view: every upstream connection comes from a configured source
+    conns = f["backend_connections"]
+    assert conns["total"] == 200 and set(conns["by_source"]) <= set(sources), conns
+    for key in ("user_memory_per_tunnel_bytes", "tcp_mem_per_tunnel_bytes", "open_s"):
+        assert isinstance(f[key], int | float), key
+    assert f["tcp_inuse_after"] > f["tcp_inuse_before"] >= 0
+    assert r["target_log"]["tunnel_outcomes"] == {"closed": 200}
+    assert "tunnels held" in proc.stdout

@@ -20,9 +20,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 sys.path.insert(0, str(REPO))
 from bench import wire  # noqa: E402
+from bench.measure import connections_to  # noqa: E402
 from bench.peers import find_binary  # noqa: E402
-from bench.procs import BenchError, LineProcess, pick_port  # noqa: E402
-from bench.targets import TARGETS, make_target  # noqa: E402
+from bench.procs import BenchError, LineProcess, Upstream, pick_port  # noqa: E402
+from bench.targets import TARGETS, Target, make_target  # noqa: E402
 
 PEER_BINARIES = {"haproxy": "haproxy", "nginx": "nginx"}
 
@@ -61,25 +62,39 @@ def recv_until(sock: socket.socket, buf: bytearray, done: object) -> None:
         buf += chunk
 
 
-def websocket_echo(address: tuple[str, int], payload: bytes) -> None:
-    """A real RFC 6455 handshake, one masked text frame echoed, a clean close."""
+def upgrade(address: tuple[str, int]) -> socket.socket:
+    """A websocket after a real RFC 6455 handshake (101, accept checked)."""
+    sock = socket.create_connection(address, timeout=10)
+    head = handshake(sock, address, bytearray())
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def handshake(sock: socket.socket, address: tuple[str, int], buf: bytearray) -> bytes:
+    """Send an upgrade request, read the response head into ``buf``, check the accept."""
     key = wire.new_key()
     host, port = address
+    sock.sendall(
+        b"GET /bench HTTP/1.1\r\n"
+        b"Host: %s:%d\r\n"
+        b"Upgrade: websocket\r\n"
+        b"Connection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: %s\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n" % (host.encode(), port, key)
+    )
+    recv_until(sock, buf, lambda: b"\r\n\r\n" in buf)
+    head = wire.split_head(buf)
+    assert head is not None
+    assert wire.header(head, b"sec-websocket-accept") == wire.accept_for(key), head
+    return bytes(head)
+
+
+def websocket_echo(address: tuple[str, int], payload: bytes) -> None:
+    """A real RFC 6455 handshake, one masked text frame echoed, a clean close."""
     with socket.create_connection(address, timeout=10) as sock:
-        sock.sendall(
-            b"GET /bench HTTP/1.1\r\n"
-            b"Host: %s:%d\r\n"
-            b"Upgrade: websocket\r\n"
-            b"Connection: Upgrade\r\n"
-            b"Sec-WebSocket-Key: %s\r\n"
-            b"Sec-WebSocket-Version: 13\r\n\r\n" % (host.encode(), port, key)
-        )
         buf = bytearray()
-        recv_until(sock, buf, lambda: b"\r\n\r\n" in buf)
-        head = wire.split_head(buf)
-        assert head is not None
+        head = handshake(sock, address, buf)
         assert head.startswith(b"HTTP/1.1 101"), head
-        assert wire.header(head, b"sec-websocket-accept") == wire.accept_for(key), head
         assert (wire.header(head, b"upgrade") or b"").lower() == b"websocket", head
 
         sock.sendall(wire.encode(wire.OP_TEXT, payload, mask=True))
@@ -171,3 +186,61 @@ def test_peer_config_rejected(name: str, tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(BenchError, match="rejected the config"):
         target.start()
     assert target.processes() == []
+
+
+def _unstarted(name: str, workdir: Path, upstream: Upstream | None = None) -> Target:
+    return make_target(
+        name,
+        workdir,
+        listen=("127.0.0.1", 1),
+        backend=("127.0.0.1", 2),
+        workers=3,
+        upstream=upstream,
+    )
+
+
+def test_upstream_sources_in_generated_configs(tmp_path: Path) -> None:
+    upstream = Upstream(("127.64.0.1", "127.64.0.2", "127.64.0.3"))
+    text = _unstarted("shardproxy", tmp_path, upstream).config_text()
+    assert '[upstream]\nsource_addresses = ["127.64.0.1", "127.64.0.2", "127.64.0.3"]\n' in text
+    assert "[upstream]" not in _unstarted("shardproxy", tmp_path).config_text()
+
+    haproxy = _unstarted("haproxy", tmp_path, upstream)
+    lines = [line.split() for line in haproxy.config_text().splitlines()]
+    servers = [words for words in lines if words[:1] == ["server"]]
+    assert [s[-1] for s in servers] == list(upstream.sources)
+    assert {s[2] for s in servers} == {"127.0.0.1:2"}  # every line to the same backend
+    plan = haproxy.plan()
+    assert plan is not None
+    first, last = upstream.ports()
+    assert plan["total"]["tuples"] == 3 * (last - first + 1)
+    assert plan["sources"] == list(upstream.sources) and plan["endpoints"] == ["127.0.0.1:2"]
+    with pytest.raises(BenchError, match="nginx"):
+        _unstarted("nginx", tmp_path, upstream).config_text()
+
+
+def test_haproxy_connects_from_each_source(tmp_path: Path, backend_port: int) -> None:
+    """One ``server`` line per source address: held tunnels reach the one
+    backend port from every address (the kernel's count)."""
+    need_binary("haproxy")
+    sources = ("127.64.0.1", "127.64.0.2")
+    target = make_target(
+        "haproxy",
+        tmp_path,
+        listen=("127.0.0.1", pick_port(avoid={backend_port})),
+        backend=("127.0.0.1", backend_port),
+        workers=1,
+        upstream=Upstream(sources),
+    )
+    target.start()
+    held: list[socket.socket] = []
+    try:
+        target.wait_ready(30)
+        held = [upgrade(target.address) for _ in range(4)]
+        conns = connections_to("127.0.0.1", backend_port)
+    finally:
+        for sock in held:
+            sock.close()
+        result = target.stop(30)
+    assert conns["total"] == 4 and set(conns["by_source"]) == set(sources), conns
+    assert result["exit_code"] in (0, -signal.SIGTERM), (result, target.log_tail(20))
