@@ -46,7 +46,7 @@ masking direction.
 
 from __future__ import annotations
 
-__all__ = ["FrameTracker"]
+__all__ = ["FrameTracker", "close_frame"]
 
 # Opcodes, RFC 6455 §5.2 and §11.8. 3-7 and 11-15 are reserved.
 _CONTINUATION = 0x0
@@ -154,6 +154,37 @@ class FrameTracker:
             pos += size
         self._remaining = pos - n
 
+    def feed_to_boundary(self, data: bytes | bytearray | memoryview) -> int:
+        """Feed ``data`` only up to the end of the current frame, where a
+        frame of our own may be written into the stream.
+
+        Returns how many bytes that took (0 when already at a boundary), or
+        -1 when the frame goes on past ``data``, which was then fed whole.
+        After an error there is no boundary to find: -1, nothing fed.
+        """
+        if self.error is not None:
+            return -1
+        if type(data) is not memoryview or data.format != "B" or data.ndim != 1:
+            data = memoryview(data).cast("B")
+        n = len(data)
+        pos = 0
+        # A header cut in two: complete it a byte at a time (13 at most),
+        # so that its frame's length is known before going past it.
+        while self._partial and pos < n:
+            self.feed(data[pos : pos + 1])
+            pos += 1
+            if self.error is not None:
+                return -1
+        if self._partial:
+            return -1
+        remaining = self._remaining
+        if remaining > n - pos:
+            self.feed(data[pos:])
+            return -1
+        if remaining:
+            self.feed(data[pos : pos + remaining])
+        return pos + remaining
+
     def _complete_partial(self, data: bytes | bytearray | memoryview) -> int:
         """Finish a header begun in an earlier chunk.
 
@@ -260,3 +291,17 @@ class FrameTracker:
     def _fail(self, reason: str) -> int:
         self.error = reason
         return -1
+
+
+def close_frame(code: int, reason: bytes = b"", mask: bytes | None = None) -> bytes:
+    """A Close frame (RFC 6455 §5.5.1): FIN, opcode 8, the 2-byte status
+    code and a UTF-8 reason, at most 125 bytes of payload. Frames from a
+    client must be masked (§5.3): pass the 4-byte ``mask`` then (from a
+    strong source of randomness, §10.3)."""
+    payload = code.to_bytes(2, "big") + reason
+    if len(payload) > 125:
+        raise ValueError("a Close reason may take at most 123 bytes")
+    if mask is None:
+        return bytes((_FIN | _CLOSE, len(payload))) + payload
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes((_FIN | _CLOSE, _MASK | len(payload))) + mask + masked

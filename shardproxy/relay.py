@@ -55,7 +55,7 @@ from typing import Any
 
 import trio
 
-from .frames import FrameTracker
+from .frames import FrameTracker, close_frame
 
 BUFFER_SIZE = 65536
 MAX_EVENTS = 1024
@@ -69,6 +69,7 @@ _ERR = select.EPOLLERR | select.EPOLLHUP
 # paused otherwise), so it can be passed on at once: no "FIN pending" state.
 OPEN = 0  # bytes may still come from the source
 SHUT = 1  # the source sent FIN and it was passed on; this direction is over
+CLOSING = 2  # our Close went to dst; bytes from src are tracked, not passed on
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -80,7 +81,7 @@ class Flow(FrameTracker):
     first Close code), so that a direction costs one object.
     """
 
-    __slots__ = ("dst", "mask", "nbytes", "parked", "src", "state")
+    __slots__ = ("dst", "inject", "mask", "nbytes", "parked", "src", "state")
 
     def __init__(self, src: int, dst: int) -> None:
         super().__init__()
@@ -90,22 +91,24 @@ class Flow(FrameTracker):
         self.nbytes = 0
         self.state = OPEN
         self.mask = 0  # epoll interest currently registered for ``src``
+        self.inject: bytes | None = None  # our Close for dst, at the next frame boundary
 
     @property
     def reading(self) -> bool:
-        return self.state == OPEN and self.parked is None
+        return self.state != SHUT and self.parked is None
 
 
 class Tunnel:
     """An established client⇄backend connection pair."""
 
-    __slots__ = ("down", "info", "started", "up")
+    __slots__ = ("closing", "down", "info", "started", "up")
 
     def __init__(self, client_fd: int, backend_fd: int, info: Any) -> None:
         self.up = Flow(client_fd, backend_fd)  # client → backend
         self.down = Flow(backend_fd, client_fd)  # backend → client
         self.started = time.monotonic()
         self.info = info  # the worker's record for the access log and accounting
+        self.closing = False  # the proxy is closing it (begin_close)
 
     @property
     def client_fd(self) -> int:
@@ -120,7 +123,8 @@ class Tunnel:
 CLOSED = "closed"  # both directions finished with FIN
 CLIENT_RESET = "client_reset"
 BACKEND_RESET = "backend_reset"
-STOPPED = "stopped"  # the engine was closed (worker shutdown)
+STOPPED = "stopped"  # closed by the proxy without a WebSocket close handshake
+DRAINED = "drained"  # closed by the proxy after a WebSocket close handshake (begin_close)
 
 OnClose = Callable[[Tunnel, str], None]
 
@@ -188,6 +192,40 @@ class RelayEngine:
                     break
                 await trio.lowlevel.checkpoint()
 
+    def begin_close(self, t: Tunnel, code: int, reason: bytes) -> None:
+        """Close ``t`` the WebSocket way (RFC 6455 §7): a Close frame with
+        ``code`` to the client and one to the backend, each written at the
+        next frame boundary of its direction (a frame in progress is finished
+        first); from then on what either side sends is read and dropped,
+        until its own Close (or FIN) comes; then both sockets are closed with
+        a FIN, outcome DRAINED. A direction that already carries a Close, or
+        whose destination was shut, gets none. Bound the wait with
+        :meth:`end`: a peer may never answer."""
+        if t.closing or not self.alive(t):
+            return
+        t.closing = True
+        frames = (
+            (t.down, close_frame(code, reason)),
+            (t.up, close_frame(code, reason, os.urandom(4))),
+        )
+        for flow, frame in frames:
+            if flow.state == SHUT or flow.close_code is not None:
+                continue
+            flow.inject = frame
+            if flow.parked is None and flow.at_boundary:
+                self._inject(t, flow)
+                if not self.alive(t):
+                    return
+        self._check_closed(t)
+
+    def alive(self, t: Tunnel) -> bool:
+        return self._tunnels.get(t.up.src) is t
+
+    def end(self, t: Tunnel, outcome: str = STOPPED) -> None:
+        """Close ``t`` now, if it is still open."""
+        if self.alive(t):
+            self._finish(t, outcome)
+
     def close(self) -> None:
         """Close every tunnel's sockets and release the epoll set."""
         for t in self.tunnels():
@@ -227,9 +265,53 @@ class RelayEngine:
             self._shut(t, flow)
             return
         chunk = self._view[:n]
-        flow.feed(chunk)
         flow.nbytes += n
+        if t.closing:
+            self._pump_closing(t, flow, chunk)
+            return
+        flow.feed(chunk)
         self._write(t, flow, chunk)
+
+    def _pump_closing(self, t: Tunnel, flow: Flow, chunk: memoryview) -> None:
+        """A read from a tunnel being closed: pass bytes on up to the end of
+        the frame in progress, then our Close; after it, drop them (counting
+        frames still, to see the peer's Close)."""
+        if flow.state == CLOSING:
+            flow.feed(chunk)
+        else:
+            k = flow.feed_to_boundary(chunk) if flow.inject is not None else -1
+            if k < 0:  # no Close to write here, or the frame goes on
+                self._write(t, flow, chunk)
+                return
+            if k:
+                self._write(t, flow, chunk[:k])
+                if not self.alive(t):
+                    return
+            flow.feed(chunk[k:])  # the dropped rest
+            if flow.parked is None:
+                self._inject(t, flow)
+                if not self.alive(t):
+                    return
+            else:
+                flow.state = CLOSING  # _flush writes our Close after the parked bytes
+        self._check_closed(t)
+
+    def _inject(self, t: Tunnel, flow: Flow) -> None:
+        frame = flow.inject
+        assert frame is not None
+        flow.inject = None
+        flow.state = CLOSING
+        self._write(t, flow, frame)
+
+    def _check_closed(self, t: Tunnel) -> None:
+        """A closing tunnel is done when our Close went out whole each way
+        and each side answered with its Close or a FIN."""
+        for flow in (t.up, t.down):
+            if flow.inject is not None or flow.parked is not None:
+                return
+            if flow.state != SHUT and flow.close_code is None:
+                return
+        self._finish(t, DRAINED)
 
     def _write(self, t: Tunnel, flow: Flow, data: bytes | memoryview) -> None:
         try:
@@ -248,18 +330,32 @@ class RelayEngine:
         assert parked is not None
         flow.parked = None
         self._write(t, flow, parked)
-        if flow.parked is None and t.up.src in self._tunnels:
-            self._update(t)
+        if flow.parked is not None or not self.alive(t):
+            return
+        if flow.inject is not None and (flow.state == CLOSING or flow.at_boundary):
+            self._inject(t, flow)
+            if not self.alive(t):
+                return
+        if t.closing:
+            self._check_closed(t)
+            if not self.alive(t):
+                return
+        self._update(t)
 
     def _shut(self, t: Tunnel, flow: Flow) -> None:
         """Pass the source's FIN on to the destination."""
         flow.state = SHUT
+        flow.inject = None  # its destination is being closed: no Close to write
         try:
             shutdown_write(flow.dst)
         except OSError:
             pass  # the destination is gone; its own events will end the tunnel
         if t.up.state == SHUT and t.down.state == SHUT:
-            self._finish(t, CLOSED)
+            self._finish(t, DRAINED if t.closing else CLOSED)
+        elif t.closing:
+            self._check_closed(t)
+            if self.alive(t):
+                self._update(t)
         else:
             self._update(t)
 

@@ -453,3 +453,35 @@ def _with_offsets(chunks: Sequence[bytes]) -> Iterable[tuple[int, bytes]]:
     for chunk in chunks:
         yield start, chunk
         start += len(chunk)
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_feed_to_boundary_stops_at_the_first_frame_end(data: st.DataObject) -> None:
+    stream = data.draw(streams())
+    cuts = data.draw(cut_points(stream))
+    ends = sorted(set(stream.frame_ends) | {0})
+    tracker = FrameTracker()
+    for start, chunk in _with_offsets(split_at(stream.data, cuts)):
+        first_end = next((e for e in ends if e >= start), None)
+        k = tracker.feed_to_boundary(chunk)
+        if first_end is not None and first_end <= start + len(chunk):
+            assert k == first_end - start
+            assert tracker.at_boundary
+            tracker.feed(chunk[k:])
+        else:
+            assert k == -1
+    assert snapshot(tracker) == (stream.messages, stream.close_code, True, None)
+
+
+def test_feed_to_boundary_inside_a_split_header_and_after_an_error() -> None:
+    frame = raw_frame(0x2, b"x" * 300, mask=b"abcd")  # 2 + 2 + 4 header bytes
+    tracker = FrameTracker()
+    tracker.feed(frame[:3])
+    assert tracker.feed_to_boundary(frame[3:10]) == -1  # header done, payload goes on
+    assert tracker.feed_to_boundary(frame[10:] + b"\x82\x00") == len(frame) - 10
+    assert tracker.messages == 1
+    broken = FrameTracker()
+    broken.feed(raw_frame(0x3))
+    assert broken.error is not None
+    assert broken.feed_to_boundary(b"\x82\x00") == -1

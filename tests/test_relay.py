@@ -17,7 +17,16 @@ from typing import Any
 import pytest
 import trio
 
-from shardproxy.relay import BACKEND_RESET, CLIENT_RESET, CLOSED, STOPPED, RelayEngine, Tunnel
+from shardproxy.frames import close_frame
+from shardproxy.relay import (
+    BACKEND_RESET,
+    CLIENT_RESET,
+    CLOSED,
+    DRAINED,
+    STOPPED,
+    RelayEngine,
+    Tunnel,
+)
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -226,5 +235,85 @@ def test_first_bytes_to_a_dead_backend_end_the_tunnel_once() -> None:
         with pytest.raises(ConnectionResetError):
             client.recv(100)
         client.close()
+
+    run(test)
+
+
+# -- closing a tunnel the WebSocket way (drain) ------------------------------------
+
+GOING_AWAY = close_frame(1001, b"going away")
+
+
+def unmask(frame: bytes) -> tuple[int, bytes]:
+    """(first byte, payload) of a masked frame with a short payload."""
+    assert frame[1] & 0x80, "frames to the backend must be masked (RFC 6455 §5.3)"
+    n = frame[1] & 0x7F
+    key = frame[2:6]
+    return frame[0], bytes(b ^ key[i % 4] for i, b in enumerate(frame[6 : 6 + n]))
+
+
+def client_close() -> bytes:
+    return close_frame(1001, b"", b"\x01\x02\x03\x04")
+
+
+def test_begin_close_sends_close_both_ways_then_ends_on_the_answers() -> None:
+    async def test(h: Harness) -> None:
+        client, backend, t = h.tunnel()
+        h.engine.begin_close(t, 1001, b"going away")
+        got = await trio.to_thread.run_sync(recv_exactly, client, len(GOING_AWAY))
+        assert got == GOING_AWAY
+        to_backend = await trio.to_thread.run_sync(recv_exactly, backend, 6 + 12)
+        assert unmask(to_backend) == (0x88, GOING_AWAY[2:])
+        assert h.closed == []  # waiting for both answers
+        await trio.to_thread.run_sync(client.sendall, client_close())
+        await trio.to_thread.run_sync(backend.sendall, close_frame(1001))
+        assert await h.wait_closed() == [DRAINED]
+        assert (t.up.close_code, t.down.close_code) == (1001, 1001)
+        for s in (client, backend):  # an orderly FIN, no reset
+            assert s.recv(100) == b""
+            s.close()
+
+    run(test)
+
+
+def test_close_waits_for_the_frame_in_progress_and_drops_what_follows() -> None:
+    big = bytes([0x82, 126]) + (1000).to_bytes(2, "big") + b"x" * 1000
+    later = bytes([0x81, 5]) + b"later"
+
+    async def test(h: Harness) -> None:
+        client, backend, t = h.tunnel()
+        await trio.to_thread.run_sync(backend.sendall, big[:300])
+        await trio.to_thread.run_sync(recv_exactly, client, 300)
+        h.engine.begin_close(t, 1001, b"going away")
+        # The backend's frame is finished first; what comes after it is dropped.
+        await trio.to_thread.run_sync(backend.sendall, big[300:] + later)
+        expected = big[300:] + GOING_AWAY
+        assert await trio.to_thread.run_sync(recv_exactly, client, len(expected)) == expected
+        # A message the client sent meanwhile and its answer never reach the backend.
+        message = bytes([0x81, 0x82]) + b"abcd" + bytes([ord("h") ^ 97, ord("i") ^ 98])
+        await trio.to_thread.run_sync(client.sendall, message + client_close())
+        to_backend = await trio.to_thread.run_sync(recv_exactly, backend, 6 + 12)
+        assert unmask(to_backend)[1] == GOING_AWAY[2:]
+        await trio.to_thread.run_sync(backend.sendall, close_frame(1001))
+        assert await h.wait_closed() == [DRAINED]
+        client.settimeout(2)
+        assert client.recv(100) == b""  # nothing after our Close: not `later`
+        assert backend.recv(100) == b""  # nor the client's message
+        client.close()
+        backend.close()
+
+    run(test)
+
+
+def test_a_peer_that_never_answers_is_ended_by_end() -> None:
+    async def test(h: Harness) -> None:
+        client, backend, t = h.tunnel()
+        h.engine.begin_close(t, 1001, b"going away")
+        await trio.to_thread.run_sync(recv_exactly, client, len(GOING_AWAY))
+        h.engine.end(t)
+        h.engine.end(t)  # once only
+        assert await h.wait_closed() == [STOPPED]
+        client.close()
+        backend.close()
 
     run(test)
