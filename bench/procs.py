@@ -190,6 +190,7 @@ class TargetBase:
 
     name = "target"
     config_file = "target.conf"
+    stop_signal = signal.SIGTERM  # the one that ends the target without delay
 
     def __init__(
         self,
@@ -263,14 +264,14 @@ class TargetBase:
             return []
 
     def stop(self, timeout: float = 30.0) -> dict[str, Any]:
-        """SIGTERM to the main process (open tunnels are cut), wait; SIGKILL
-        after ``timeout``; then no child may outlive it. How it went."""
+        """``stop_signal`` to the main process (open tunnels are cut), wait;
+        SIGKILL after ``timeout``; then no child may outlive it. How it went."""
         if self.proc is None:
             return {"exit_code": None}
         started = time.monotonic()
         running = self.proc.poll() is None
         kids = self.processes()[1:]
-        code = stop_process(self.proc, timeout, signal.SIGTERM, grace=0.0)
+        code = stop_process(self.proc, timeout, self.stop_signal, grace=0.0)
         leftovers = []
         for k in kids:  # workers must not outlive their parent
             try:

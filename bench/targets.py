@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ from .procs import REPO, BenchError, TargetBase, Upstream, child_env
 class ShardProxy(TargetBase):
     name = "shardproxy"
     config_file = "shardproxy.toml"
+    stop_signal = signal.SIGQUIT  # SIGTERM would drain the tunnels over close_spread
 
     def config_text(self) -> str:
         (lh, lp), (bh, bp) = self.listen, self.backend

@@ -127,6 +127,13 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LifecycleConfig:
+    drain_timeout: float  # a drain ends by then, whatever is left is closed
+    close_spread: float  # tunnels get their Close 1001 evenly over this window
+    close_wait: float  # how long each side has to answer our Close
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str
     stats_interval: float  # seconds between "stats" events; 0 = none
@@ -137,6 +144,7 @@ class LogConfig:
 class Config:
     proxy: ProxyConfig
     upstream: UpstreamConfig
+    lifecycle: LifecycleConfig
     log: LogConfig
     routes: tuple[RouteConfig, ...]
     pools: tuple[PoolConfig, ...]
@@ -174,6 +182,11 @@ class Config:
                 "source_addresses": list(u.source_addresses),
                 "port_range": "auto" if u.port_range is None else str(u.port_range),
                 "port_allocator": u.port_allocator,
+            },
+            "lifecycle": {
+                "drain_timeout": format_duration(self.lifecycle.drain_timeout),
+                "close_spread": format_duration(self.lifecycle.close_spread),
+                "close_wait": format_duration(self.lifecycle.close_wait),
             },
             "log": {
                 "level": self.log.level,
@@ -357,9 +370,10 @@ class _Parser:
         return value
 
     def config(self, data: Mapping[str, Any]) -> Config:
-        top = self.table(data, "", {"proxy", "upstream", "log", "routes", "pools"})
+        top = self.table(data, "", {"proxy", "upstream", "lifecycle", "log", "routes", "pools"})
         proxy = self.proxy(top.get("proxy", {}))
         upstream = self.upstream(top.get("upstream", {}), proxy)
+        lifecycle = self.lifecycle(top.get("lifecycle", {}))
         log = self.log(top.get("log", {}))
         pools = self.pools(top.get("pools"))
         routes = self.routes(top.get("routes"), {p.name for p in pools})
@@ -367,6 +381,7 @@ class _Parser:
         return Config(
             proxy=proxy,
             upstream=upstream,
+            lifecycle=lifecycle,
             log=log,
             routes=routes,
             pools=pools,
@@ -454,6 +469,16 @@ class _Parser:
                         f"IPv{version} backend {server.address}, but upstream.source_addresses "
                         f"has no IPv{version} address to connect from",
                     )
+
+    def lifecycle(self, value: Any) -> LifecycleConfig:
+        raw = self.table(value, "lifecycle", {"drain_timeout", "close_spread", "close_wait"})
+        return LifecycleConfig(
+            drain_timeout=self.duration(raw.get("drain_timeout", "60s"), "lifecycle.drain_timeout"),
+            close_spread=self.duration(
+                raw.get("close_spread", "30s"), "lifecycle.close_spread", positive=False
+            ),
+            close_wait=self.duration(raw.get("close_wait", "5s"), "lifecycle.close_wait"),
+        )
 
     def log(self, value: Any) -> LogConfig:
         raw = self.table(value, "log", {"level", "stats_interval", "access"})

@@ -73,6 +73,11 @@ ACCEPT_BACKOFF = 0.1
 LINGER_TIMEOUT = 2.0  # to send an error answer and see the client close
 _EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
+_OVER_CAPACITY = Reject(
+    503, "over_capacity", "this worker is at its connection limit", (("Retry-After", "1"),)
+)
+_SHUTTING_DOWN = Reject(503, "shutting_down", "the proxy is shutting down", (("Retry-After", "1"),))
+
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
 _ERR = select.EPOLLERR | select.EPOLLHUP
@@ -273,6 +278,29 @@ class Frontend:
             os.set_blocking(client, False)
             self._start(client, addr, self._ports[fd])
 
+    def stop_accepting(self) -> None:
+        """For a drain: answer every connection waiting in the accept queues
+        with 503 and Retry-After (a clear answer rather than a reset when the
+        listen sockets close), then close this worker's listen sockets.
+        Handshakes already under way go on."""
+        for fd, listener in self._listeners.items():
+            while self.worker.connections < self.worker.capacity:
+                try:
+                    client, addr = listener._accept()  # type: ignore[attr-defined]
+                except BlockingIOError:
+                    break
+                except OSError as e:
+                    if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                        continue
+                    break  # out of descriptors: what is left gets the kernel's reset
+                os.set_blocking(client, False)
+                self._start(client, addr, self._ports[fd], refuse=_SHUTTING_DOWN)
+            if self._accepting:
+                self._epoll.unregister(fd)
+            listener.close()
+        self._listeners.clear()
+        self._accepting = False
+
     def _pause_accepting(self, e: OSError) -> None:
         self.worker.log.error(
             "accept failed: out of descriptors or memory; backing off",
@@ -295,22 +323,18 @@ class Frontend:
                     self._epoll.unregister(fd)
             self._accepting = accepting
 
-    def _start(self, client: int, addr: Any, listen_port: int) -> None:
+    def _start(
+        self, client: int, addr: Any, listen_port: int, refuse: Reject | None = None
+    ) -> None:
         worker = self.worker
         worker.connections += 1
         self.handshakes += 1
         h = Handshake(client, addr, listen_port, 0.0)
         self._by_fd[client] = h
         if worker.connections > worker.capacity:
-            self._reject(
-                h,
-                Reject(
-                    503,
-                    "over_capacity",
-                    "this worker is at its connection limit",
-                    (("Retry-After", "1"),),
-                ),
-            )
+            refuse = _OVER_CAPACITY
+        if refuse is not None:
+            self._reject(h, refuse)
             return
         h.reader = RequestReader(self.proxy.max_header_bytes)
         self._arm(h, self.proxy.header_timeout)

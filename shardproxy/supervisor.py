@@ -11,7 +11,12 @@ in its accept queue: the replacement accepts it.
 Worker lifecycle, per slot (all transitions in :meth:`Supervisor._keep_slot`)::
 
     spawn → ready → (exits) → restart after a backoff → spawn …
-                  → (stop requested) → SIGTERM → exited
+                  → (SIGTERM/SIGINT) → SIGTERM: drain → exited
+                  → (SIGQUIT, or a second signal) → SIGQUIT: stop at once → exited
+
+A drain (worker.py) closes every tunnel with a WebSocket Close 1001, spread
+over ``[lifecycle] close_spread``; the supervisor waits ``drain_timeout``
+plus a grace period, then kills what is left.
 
 Each slot also owns one slice of the upstream port range (addrplan.py),
 passed to its worker in the start message; a replacement gets the same slice.
@@ -34,6 +39,7 @@ import socket
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import AsyncIterator
 from typing import Any
 
 import trio
@@ -45,7 +51,9 @@ from .control import Channel
 from .limits import fd_capacity, raise_nofile_limit
 
 LISTEN_BACKLOG = 65535  # the kernel caps it at net.core.somaxconn
-STOP_GRACE = 10.0  # seconds a worker gets after SIGTERM before SIGKILL
+# The first drains (SIGINT too: Ctrl-C should not cut tunnels); a second, or SIGQUIT, stops at once.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+STOP_GRACE = 10.0  # seconds a worker gets beyond drain_timeout (or after SIGQUIT) before SIGKILL
 RESTART_BACKOFF_MAX = 30.0
 STABLE_AFTER = 5.0  # a worker that ran this long resets the backoff
 
@@ -145,40 +153,65 @@ class Supervisor:
             **{"event.action": "address-plan", "shardproxy.plan": plan.to_dict()},
         )
         try:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
                 async with trio.open_nursery() as nursery:
                     for slot in range(p.workers):
                         nursery.start_soon(self._keep_slot, slot)
                     if self.config.log.stats_interval > 0:
                         nursery.start_soon(self._log_stats, self.config.log.stats_interval)
                     task_status.started()
-                    async for signum in signals:
-                        self.log.info(
-                            f"received {signal.Signals(signum).name}; stopping",
-                            **{"event.action": "supervisor-stop"},
-                        )
-                        break
-                    await self.stop_workers()
+                    signum = await anext(signals)
+                    await self.stop_workers(signals, at_once=signum == signal.SIGQUIT)
                     nursery.cancel_scope.cancel()
         finally:
             self.close_sockets()
         self.log.info("supervisor stopped", **{"event.action": "supervisor-stopped"})
 
-    async def stop_workers(self) -> None:
+    async def stop_workers(self, signals: AsyncIterator[int], *, at_once: bool) -> None:
+        """Drain (SIGTERM to every worker) or stop at once (SIGQUIT); a
+        further signal while draining turns the drain into a stop at once.
+        The listen sockets close first, so new connections are refused."""
         self._stopping = True
-        for proc in self.processes.values():
-            proc.send_signal(signal.SIGTERM)
-        with trio.move_on_after(STOP_GRACE):
-            for proc in list(self.processes.values()):
-                await proc.wait()
+        self.close_sockets()
+        lifecycle = self.config.lifecycle
+        self.log.info(
+            "stopping at once"
+            if at_once
+            else f"draining: tunnels close over {lifecycle.close_spread:g}s, "
+            f"at most {lifecycle.drain_timeout:g}s",
+            **{"event.action": "supervisor-stop"},
+        )
+        self._signal_workers(signal.SIGQUIT if at_once else signal.SIGTERM)
+        limit = STOP_GRACE if at_once else lifecycle.drain_timeout + STOP_GRACE
+        async with trio.open_nursery() as nursery:
+            if not at_once:
+                nursery.start_soon(self._stop_at_once_on_signal, signals)
+            with trio.move_on_after(limit):
+                for proc in list(self.processes.values()):
+                    await proc.wait()
+            nursery.cancel_scope.cancel()
         for slot, proc in self.processes.items():
             if proc.returncode is None:
                 self.log.warning(
-                    f"worker {slot} did not stop in {STOP_GRACE:g}s; killing it",
+                    f"worker {slot} did not stop in {limit:g}s; killing it",
                     **{"event.action": "worker-kill", "shardproxy.worker": slot},
                 )
                 proc.kill()
                 await proc.wait()
+
+    def _signal_workers(self, signum: int) -> None:
+        for proc in self.processes.values():
+            if proc.returncode is None:
+                proc.send_signal(signum)
+
+    async def _stop_at_once_on_signal(self, signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            self.log.info(
+                f"received {signal.Signals(signum).name} while draining; stopping at once",
+                **{"event.action": "supervisor-stop-now"},
+            )
+            self._signal_workers(signal.SIGQUIT)
+            return
 
     async def _keep_slot(self, slot: int) -> None:
         failures = 0

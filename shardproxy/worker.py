@@ -15,11 +15,20 @@ tunnels) against a capacity derived from RLIMIT_NOFILE (two descriptors per
 tunnel) or ``proxy.max_connections``, and answers 503 with Retry-After beyond
 it, rather than running into EMFILE.
 
+Drain (SIGTERM, :meth:`Worker.drain`): the worker stops accepting (what
+waits in its accept queue gets 503), then closes its tunnels the WebSocket
+way, a Close 1001 "going away" to the client and to the backend, evenly
+spread over ``[lifecycle] close_spread`` so that clients reconnect at a
+steady rate and not all at once; each side has ``close_wait`` to answer
+before its sockets are closed anyway. The worker exits when it holds nothing
+more, or at ``drain_timeout``. A second SIGTERM, or SIGQUIT, stops it at
+once.
+
 Error handling: a bad request or a failing backend ends only its own
-connection, with an HTTP answer and a log event. SIGTERM stops the worker; it
-ignores SIGINT (a Ctrl-C reaches the whole process group, and the supervisor
-decides how to stop). EOF on the control channel means the supervisor is gone:
-the worker exits.
+connection, with an HTTP answer and a log event. The worker ignores SIGINT
+(a Ctrl-C reaches the whole process group, and the supervisor decides how to
+stop). EOF on the control channel means the supervisor is gone: the worker
+exits.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ import signal
 import socket
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
 import trio
@@ -41,11 +50,13 @@ from .control import Channel
 from .frontend import Frontend, Handshake
 from .handshake import Reject
 from .limits import fd_capacity, raise_nofile_limit
-from .relay import CLOSED, RelayEngine, Tunnel
+from .relay import CLOSED, DRAINED, RelayEngine, Tunnel
 from .routing import Router
 from .upstream import TupleSpace, Upstream
 
 _CATEGORY = ("network", "web")  # ECS categorisation of the access event
+GOING_AWAY = 1001  # RFC 6455 §7.4.1: "an endpoint is going away, such as a server going down"
+DRAIN_POLL = 0.05  # seconds between looks for tunnels that came up during a drain
 _TYPE_END = ("connection", "end")
 
 
@@ -96,6 +107,7 @@ class Worker:
         self.capacity = min(cfg.proxy.max_connections or by_fds, by_fds)
         self.connections = 0  # handshakes in flight + tunnels
         self.counts: Counter[str] = Counter()  # totals for the stats snapshot
+        self.draining = False
         self.log = logs.get_logger()
         self.frontend = Frontend(self, listeners)
 
@@ -115,7 +127,8 @@ class Worker:
 
     def rejected(self, h: Handshake, r: Reject) -> None:
         self.counts[f"rejected.{r.reason}"] += 1
-        self.log.info(
+        log = self.log.warning if r.status >= 500 else self.log.info  # ours or the backend's
+        log(
             r.detail,
             **{
                 "event.action": "request-rejected",
@@ -197,10 +210,55 @@ class Worker:
                 "event.category": _CATEGORY,
                 "event.type": _TYPE_END,
                 "event.action": "tunnel-closed",
-                "event.outcome": "success" if outcome == CLOSED else "failure",
+                "event.outcome": "success" if outcome in (CLOSED, DRAINED) else "failure",
                 "event.duration": int((time.monotonic() - t.started) * 1e9),
             },
         )
+
+    # -- drain --------------------------------------------------------------
+
+    async def drain(self) -> None:
+        """Stop accepting and close every tunnel with a Close 1001, spread
+        over ``close_spread``; return once nothing is left. The caller bounds
+        it with ``drain_timeout``."""
+        lifecycle = self.config.lifecycle
+        self.draining = True
+        self.frontend.stop_accepting()
+        tunnels = self.engine.tunnels()
+        self.log.info(
+            f"draining: {len(tunnels)} tunnels get a Close 1001 over {lifecycle.close_spread:g}s",
+            **{"event.action": "drain-start", "shardproxy.tunnels": len(tunnels)},
+        )
+        waiting: deque[tuple[float, Tunnel]] = deque()  # close_wait deadlines, in order
+        start = trio.current_time()
+        for i, t in enumerate(tunnels):
+            await self._drain_until(start + lifecycle.close_spread * i / len(tunnels), waiting)
+            self._close_going_away(t, waiting)
+        # Tunnels from handshakes that were under way, and the last answers.
+        seen = -1
+        while len(self.engine) or self.frontend.handshakes:
+            if seen != self.counts["tunnels"]:  # a handshake became a tunnel
+                seen = self.counts["tunnels"]
+                for t in self.engine.tunnels():
+                    if not t.closing:
+                        self._close_going_away(t, waiting)
+            await self._drain_until(trio.current_time() + DRAIN_POLL, waiting)
+
+    def _close_going_away(self, t: Tunnel, waiting: deque[tuple[float, Tunnel]]) -> None:
+        self.engine.begin_close(t, GOING_AWAY, b"going away")
+        waiting.append((trio.current_time() + self.config.lifecycle.close_wait, t))
+
+    async def _drain_until(self, when: float, waiting: deque[tuple[float, Tunnel]]) -> None:
+        """Sleep until ``when``, meanwhile ending tunnels whose peers did not
+        answer our Close within close_wait."""
+        while True:
+            wake = min(when, waiting[0][0]) if waiting else when
+            await trio.sleep_until(wake)
+            now = trio.current_time()
+            while waiting and waiting[0][0] <= now:
+                self.engine.end(waiting.popleft()[1])
+            if now >= when:
+                return
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -235,7 +293,7 @@ async def serve(slot: int, control_fd: int, listen_fds: list[int]) -> None:
             nursery.start_soon(worker.frontend.run)
             nursery.start_soon(_report, channel, worker)
             nursery.start_soon(_watch_supervisor, channel, nursery.cancel_scope)
-            nursery.start_soon(_watch_sigterm, nursery.cancel_scope)
+            nursery.start_soon(_watch_signals, worker, nursery)
             await channel.send(
                 {"type": "ready", "slot": slot, "pid": os.getpid(), "capacity": worker.capacity}
             )
@@ -266,16 +324,34 @@ async def _watch_supervisor(channel: Channel, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-async def _watch_sigterm(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM) as signals:
-        async for _ in signals:
-            scope.cancel()
+async def _watch_signals(worker: Worker, nursery: trio.Nursery) -> None:
+    """The first SIGTERM drains; a second one, or SIGQUIT, stops at once."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGQUIT) as signals:
+        async for signum in signals:
+            if signum == signal.SIGTERM and not worker.draining:
+                nursery.start_soon(_drain_then_stop, worker, nursery.cancel_scope)
+                continue
+            worker.log.info("stopping at once", **{"event.action": "worker-stop-now"})
+            nursery.cancel_scope.cancel()
             return
+
+
+async def _drain_then_stop(worker: Worker, scope: trio.CancelScope) -> None:
+    with trio.move_on_after(worker.config.lifecycle.drain_timeout) as timeout:
+        await worker.drain()
+    if timeout.cancelled_caught:
+        worker.log.warning(
+            f"drain_timeout reached with {len(worker.engine)} tunnels left; closing them",
+            **{"event.action": "drain-timeout", "shardproxy.tunnels": len(worker.engine)},
+        )
+    scope.cancel()
 
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Until serve() listens for it, a SIGQUIT must not dump core.
+    signal.signal(signal.SIGQUIT, signal.SIG_IGN)
     slot, control_fd, *listen_fds = (int(a) for a in args)
     trio.run(serve, slot, control_fd, listen_fds)
 

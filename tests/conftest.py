@@ -127,9 +127,11 @@ class Proxy:
         parent = psutil.Process(self.proc.pid)
         return sum(p.memory_info().rss for p in [parent, *parent.children(recursive=True)])
 
-    def stop(self) -> int:
+    def stop(self, signum: int = signal.SIGQUIT) -> int:
+        """Stop it (by default at once: SIGTERM would drain open tunnels over
+        close_spread); the exit code."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(signum)
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:

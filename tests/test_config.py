@@ -835,3 +835,21 @@ def test_endpoints_are_listed_once_across_pools() -> None:
         Endpoint("10.0.1.5", 8080),
         Endpoint("10.0.1.5", 8081),
     )
+
+
+# -- [lifecycle] ---------------------------------------------------------------
+
+
+def test_lifecycle_defaults_and_values() -> None:
+    lc = from_mapping(minimal()).lifecycle
+    assert (lc.drain_timeout, lc.close_spread, lc.close_wait) == (60.0, 30.0, 5.0)
+    data = {**minimal(), "lifecycle": {"close_spread": "0s", "close_wait": "250ms"}}
+    lc = from_mapping(data).lifecycle
+    assert (lc.close_spread, lc.close_wait) == (0.0, 0.25)
+    assert from_mapping(data).to_dict()["lifecycle"]["close_wait"] == "250ms"
+
+
+def test_lifecycle_errors_name_the_key() -> None:
+    error({**minimal(), "lifecycle": {"drain_timeout": "0s"}}, "lifecycle.drain_timeout", "zero")
+    error({**minimal(), "lifecycle": {"close_wait": "soon"}}, "lifecycle.close_wait", "'soon'")
+    error({**minimal(), "lifecycle": {"spread": "1s"}}, "lifecycle.spread", "unknown key")
