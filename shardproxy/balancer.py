@@ -33,12 +33,13 @@ from .config import Endpoint, HashKey, PoolConfig, ServerConfig
 class EndpointState:
     """One backend ip:port and the tunnels this worker holds to it."""
 
-    __slots__ = ("active", "endpoint", "server")
+    __slots__ = ("active", "endpoint", "server", "up")
 
     def __init__(self, endpoint: Endpoint, server: ServerState) -> None:
         self.endpoint = endpoint
         self.server = server
         self.active = 0
+        self.up = True  # health checks (supervisor) drive it
 
 
 class ServerState:
@@ -48,7 +49,7 @@ class ServerState:
         self.config = config
         self.endpoints = tuple(EndpointState(ep, self) for ep in config.endpoints)
         self.active = 0
-        self.up = True  # health checks (supervisor) will drive this
+        self.up = True  # while any of its endpoints is up
 
     @property
     def name(self) -> str:
@@ -59,10 +60,24 @@ class ServerState:
         return self.config.weight
 
     def endpoints_by_use(self) -> Sequence[EndpointState]:
-        """The server's endpoints, fewest tunnels first: the order to try them in."""
+        """The server's endpoints that are up, fewest tunnels first: the
+        order to try them in."""
         if len(self.endpoints) == 1:
-            return self.endpoints
-        return sorted(self.endpoints, key=lambda e: e.active)
+            return self.endpoints if self.endpoints[0].up else ()
+        return sorted((e for e in self.endpoints if e.up), key=lambda e: e.active)
+
+    def set_health(self, down: Collection[Endpoint]) -> list[EndpointState]:
+        """Mark the endpoints in ``down`` down and the others up; the server
+        is up while one of its endpoints is. Returns the endpoints that just
+        went down."""
+        went_down = []
+        for e in self.endpoints:
+            up = e.endpoint not in down
+            if e.up and not up:
+                went_down.append(e)
+            e.up = up
+        self.up = any(e.up for e in self.endpoints)
+        return went_down
 
 
 class Algorithm(Protocol):

@@ -75,12 +75,33 @@ class ServerConfig:
         return tuple(Endpoint(self.address, port) for port in self.ports)
 
 
+HealthKind = Literal["tcp", "http", "websocket"]
+HEALTH_KINDS: tuple[HealthKind, ...] = ("tcp", "http", "websocket")
+OnServerDown = Literal["keep", "close"]
+ON_SERVER_DOWN: tuple[OnServerDown, ...] = ("keep", "close")
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    """Active checks of every endpoint of a pool, run by the supervisor."""
+
+    kind: HealthKind
+    path: str  # http and websocket
+    expect: int  # http: the status that means healthy
+    interval: float
+    timeout: float
+    rise: int  # consecutive successes that bring a down endpoint up
+    fall: int  # consecutive failures (checks or refused connects) that take it down
+    on_server_down: OnServerDown  # what happens to tunnels of a server that goes down
+
+
 @dataclass(frozen=True, slots=True)
 class PoolConfig:
     name: str
     balance: Balance
     hash_key: HashKey | None
     servers: tuple[ServerConfig, ...]
+    health: HealthConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +221,7 @@ class Config:
                 pool.name: {
                     "balance": pool.balance,
                     **({"hash_key": str(pool.hash_key)} if pool.hash_key else {}),
+                    **({"health": _health_dict(pool.health)} if pool.health else {}),
                     "servers": [
                         {
                             "name": s.name,
@@ -528,7 +550,7 @@ class _Parser:
 
     def pool(self, name: str, value: Any) -> PoolConfig:
         key = f"pools.{name}"
-        raw = self.table(value, key, {"balance", "hash_key", "servers"})
+        raw = self.table(value, key, {"balance", "hash_key", "servers", "health"})
         balance = self.string(raw.get("balance", "least_conn"), f"{key}.balance")
         if balance not in BALANCES:
             raise self.fail(
@@ -557,7 +579,40 @@ class _Parser:
             if s.name in seen:
                 raise self.fail(f"{key}.servers[{i}].name", f"{s.name!r} is used twice")
             seen.add(s.name)
-        return PoolConfig(name=name, balance=balance, hash_key=hash_key, servers=servers)
+        health = self.health(raw["health"], f"{key}.health") if "health" in raw else None
+        return PoolConfig(
+            name=name, balance=balance, hash_key=hash_key, servers=servers, health=health
+        )
+
+    def health(self, value: Any, key: str) -> HealthConfig:
+        raw = self.table(value, key, set(_HEALTH_DEFAULTS) | {"kind"})
+        if "kind" not in raw:
+            raise self.fail(f"{key}.kind", f"is required ({', '.join(HEALTH_KINDS)})")
+        kind = self.string(raw["kind"], f"{key}.kind")
+        if kind not in HEALTH_KINDS:
+            raise self.fail(
+                f"{key}.kind", f"must be one of {', '.join(HEALTH_KINDS)}, got {kind!r}"
+            )
+        raw = {**_HEALTH_DEFAULTS, **raw}
+        path = self.string(raw["path"], f"{key}.path")
+        if not path.startswith("/"):
+            raise self.fail(f"{key}.path", f'must start with "/", got {path!r}')
+        on_down = self.string(raw["on_server_down"], f"{key}.on_server_down")
+        if on_down not in ON_SERVER_DOWN:
+            raise self.fail(f"{key}.on_server_down", f"must be keep or close, got {on_down!r}")
+        health = HealthConfig(
+            kind=kind,
+            path=path,
+            expect=self.integer(raw["expect"], f"{key}.expect", 100, 599),
+            interval=self.duration(raw["interval"], f"{key}.interval"),
+            timeout=self.duration(raw["timeout"], f"{key}.timeout"),
+            rise=self.integer(raw["rise"], f"{key}.rise", 1, 100),
+            fall=self.integer(raw["fall"], f"{key}.fall", 1, 100),
+            on_server_down=on_down,
+        )
+        if health.timeout > health.interval:
+            raise self.fail(f"{key}.timeout", "must not be longer than the interval")
+        return health
 
     def server(self, value: Any, key: str) -> ServerConfig:
         raw = self.table(value, key, {"name", "address", "ports", "weight"})
@@ -580,6 +635,30 @@ class _Parser:
         default_name = f"[{address}]" if ":" in address else address
         name = self.string(raw.get("name", default_name), f"{key}.name")
         return ServerConfig(name=name, address=address, ports=ports, weight=weight)
+
+
+_HEALTH_DEFAULTS: dict[str, Any] = {
+    "path": "/",
+    "expect": 200,
+    "interval": "2s",
+    "timeout": "1s",
+    "rise": 2,
+    "fall": 3,
+    "on_server_down": "keep",
+}
+
+
+def _health_dict(h: HealthConfig) -> dict[str, Any]:
+    return {
+        "kind": h.kind,
+        "path": h.path,
+        "expect": h.expect,
+        "interval": format_duration(h.interval),
+        "timeout": format_duration(h.timeout),
+        "rise": h.rise,
+        "fall": h.fall,
+        "on_server_down": h.on_server_down,
+    }
 
 
 def _parse_hash_key(text: str) -> HashKey:

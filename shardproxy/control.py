@@ -4,12 +4,17 @@ One ``socketpair`` per worker carries newline-delimited JSON objects, each with
 a ``type``:
 
 supervisor → worker
-    ``{"type": "start", "slot": N, "config": {...}}``: first message; the
-    effective configuration (:meth:`Config.to_dict`).
+    ``{"type": "start", "slot": N, "config": {...}, "upstream": {...}}``:
+    first message; the effective configuration (:meth:`Config.to_dict`) and
+    the slot's port slice and allocator (addrplan.py).
+    ``{"type": "health", "down": ["ip:port", ...]}``: the backend endpoints
+    that are down now, whenever that changes (and after start, if any).
 worker → supervisor
     ``{"type": "ready", "slot": N, "pid": P, "capacity": C}``: accepting now;
     C is how many connections its descriptor limit allows.
-    ``{"type": "stats", "slot": N, ...}``: a snapshot, every second.
+    ``{"type": "stats", "slot": N, ...}``: a snapshot, every second, with
+    ``passive_failures``: connects refused or timed out per endpoint since
+    the last one (the supervisor counts them as failed health checks).
 
 A worker whose control socket reaches EOF has lost its supervisor and exits,
 so that no orphan keeps serving with nobody to restart or stop it.

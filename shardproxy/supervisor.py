@@ -34,6 +34,7 @@ a few seconds of its start.
 
 from __future__ import annotations
 
+import random
 import signal
 import socket
 import subprocess
@@ -46,8 +47,9 @@ import trio
 
 from . import addrplan, logs, stats
 from .addrplan import Plan
-from .config import Config, ConfigError, Endpoint
+from .config import Config, ConfigError, Endpoint, HealthConfig, parse_host_port
 from .control import Channel
+from .health import DOWN, EndpointHealth, run_check
 from .limits import fd_capacity, raise_nofile_limit
 
 LISTEN_BACKLOG = 65535  # the kernel caps it at net.core.somaxconn
@@ -103,6 +105,17 @@ class Supervisor:
         self.stats: dict[int, dict[str, Any]] = {}  # slot → its latest snapshot
         self.retired: Counter[str] = Counter()  # counts of workers that exited
         self.ready = trio.Event()  # every slot has reported ready once
+        self.channels: dict[int, Channel] = {}  # slot → its worker's control channel
+        # Endpoints of pools with active checks (the first pool's settings
+        # win for an endpoint that several pools share).
+        self.health: dict[Endpoint, tuple[EndpointHealth, HealthConfig]] = {}
+        for pool in cfg.pools:
+            if pool.health is not None:
+                for server in pool.servers:
+                    for ep in server.endpoints:
+                        if ep not in self.health:
+                            state = EndpointHealth(pool.health.rise, pool.health.fall)
+                            self.health[ep] = (state, pool.health)
         self._ready_slots: set[int] = set()
         self._stopping = False
 
@@ -159,6 +172,8 @@ class Supervisor:
                         nursery.start_soon(self._keep_slot, slot)
                     if self.config.log.stats_interval > 0:
                         nursery.start_soon(self._log_stats, self.config.log.stats_interval)
+                    for endpoint in self.health:
+                        nursery.start_soon(self._check_endpoint, endpoint)
                     task_status.started()
                     signum = await anext(signals)
                     await self.stop_workers(signals, at_once=signum == signal.SIGQUIT)
@@ -255,6 +270,7 @@ class Supervisor:
             theirs.close()
         self.processes[slot] = proc
         channel = Channel(trio.socket.from_stdlib_socket(ours))
+        self.channels[slot] = channel
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._listen_to, slot, channel)
@@ -272,14 +288,69 @@ class Supervisor:
                         },
                     }
                 )
+                if self._down():
+                    await channel.send(self._health_message())
                 code = await proc.wait()
                 nursery.cancel_scope.cancel()
         finally:
+            self.channels.pop(slot, None)
             channel.close()
             last = self.stats.pop(slot, None)
             if last is not None:
                 self.retired.update(last["counts"])
         return code
+
+    # -- health ---------------------------------------------------------------
+
+    async def _check_endpoint(self, endpoint: Endpoint) -> None:
+        cfg = self.health[endpoint][1]
+        await trio.sleep(random.uniform(0, cfg.interval))  # endpoints not all at once
+        while True:
+            error = await run_check(endpoint, cfg)
+            await self._record(endpoint, error)
+            await trio.sleep(cfg.interval)
+
+    async def _passive_failures(self, text: str, n: int, slot: int) -> None:
+        try:
+            endpoint = parse_host_port(text)
+        except ValueError:
+            return
+        if endpoint in self.health:
+            for _ in range(n):
+                await self._record(endpoint, f"connect failed (seen by worker {slot})")
+
+    async def _record(self, endpoint: Endpoint, error: str | None) -> None:
+        state, cfg = self.health[endpoint]
+        if not state.record(error):
+            return
+        down = state.state == DOWN
+        log = self.log.warning if down else self.log.info
+        log(
+            f"backend {endpoint} is {state.state}"
+            + (
+                f": {error} ({cfg.fall} failures in a row)"
+                if down
+                else f" ({cfg.rise} checks passed)"
+            ),
+            **{
+                "event.action": "server-down" if down else "server-up",
+                "destination.ip": endpoint.host,
+                "destination.port": endpoint.port,
+                **({"error.message": error} if error else {}),
+            },
+        )
+        message = self._health_message()
+        for channel in list(self.channels.values()):
+            try:
+                await channel.send(message)
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # that worker is gone; its successor gets the state at start
+
+    def _down(self) -> list[str]:
+        return sorted(str(ep) for ep, (state, _) in self.health.items() if state.state == DOWN)
+
+    def _health_message(self) -> dict[str, Any]:
+        return {"type": "health", "down": self._down()}
 
     async def _log_stats(self, interval: float) -> None:
         while True:
@@ -307,5 +378,7 @@ class Supervisor:
                         self.ready.set()
                 elif message["type"] == "stats":
                     self.stats[slot] = message
+                    for endpoint, n in message.get("passive_failures", {}).items():
+                        await self._passive_failures(endpoint, n, slot)
         except (OSError, ValueError):
             pass  # the worker went away; _run_worker sees it exit

@@ -45,7 +45,7 @@ import trio
 
 from . import balancer, config, logs
 from .balancer import EndpointState, PoolState, ServerState
-from .config import Config, PortRange, RouteConfig
+from .config import Config, Endpoint, PortRange, RouteConfig
 from .control import Channel
 from .frontend import Frontend, Handshake
 from .handshake import Reject
@@ -107,6 +107,7 @@ class Worker:
         self.capacity = min(cfg.proxy.max_connections or by_fds, by_fds)
         self.connections = 0  # handshakes in flight + tunnels
         self.counts: Counter[str] = Counter()  # totals for the stats snapshot
+        self.passive_failures: Counter[str] = Counter()  # endpoint → since the last report
         self.draining = False
         self.log = logs.get_logger()
         self.frontend = Frontend(self, listeners)
@@ -159,6 +160,7 @@ class Worker:
     ) -> None:
         ep = endpoint.endpoint
         self.counts["upstream.connect_failed"] += 1
+        self.passive_failures[str(ep)] += 1  # the supervisor counts them as failed checks
         self.log.warning(
             "upstream connect failed",
             **{
@@ -230,10 +232,7 @@ class Worker:
             **{"event.action": "drain-start", "shardproxy.tunnels": len(tunnels)},
         )
         waiting: deque[tuple[float, Tunnel]] = deque()  # close_wait deadlines, in order
-        start = trio.current_time()
-        for i, t in enumerate(tunnels):
-            await self._drain_until(start + lifecycle.close_spread * i / len(tunnels), waiting)
-            self._close_going_away(t, waiting)
+        await self._close_spread(tunnels, waiting)
         # Tunnels from handshakes that were under way, and the last answers.
         seen = -1
         while len(self.engine) or self.frontend.handshakes:
@@ -243,6 +242,43 @@ class Worker:
                     if not t.closing:
                         self._close_going_away(t, waiting)
             await self._drain_until(trio.current_time() + DRAIN_POLL, waiting)
+
+    async def _close_spread(
+        self, tunnels: list[Tunnel], waiting: deque[tuple[float, Tunnel]]
+    ) -> None:
+        """Close ``tunnels`` one after another, evenly over close_spread."""
+        spread = self.config.lifecycle.close_spread
+        start = trio.current_time()
+        for i, t in enumerate(tunnels):
+            await self._drain_until(start + spread * i / len(tunnels), waiting)
+            self._close_going_away(t, waiting)
+
+    # -- health (from the supervisor) ---------------------------------------
+
+    def set_health(self, down: set[Endpoint], nursery: trio.Nursery) -> None:
+        """Apply the supervisor's set of endpoints that are down: no new
+        tunnels to them; with ``on_server_down = "close"``, their tunnels
+        are closed with a Close 1001, spread like a drain."""
+        closing: set[EndpointState] = set()
+        for pool in self.pools.values():
+            for server in pool.servers:
+                went_down = server.set_health(down)
+                health = pool.config.health
+                if went_down and health is not None and health.on_server_down == "close":
+                    closing.update(went_down)
+        if closing:
+            tunnels = [t for t in self.engine.tunnels() if t.info.endpoint in closing]
+            nursery.start_soon(self._close_for_health, tunnels)
+
+    async def _close_for_health(self, tunnels: list[Tunnel]) -> None:
+        self.log.info(
+            f"closing {len(tunnels)} tunnels of backends that went down",
+            **{"event.action": "server-down-close", "shardproxy.tunnels": len(tunnels)},
+        )
+        waiting: deque[tuple[float, Tunnel]] = deque()
+        await self._close_spread(tunnels, waiting)
+        if waiting:
+            await self._drain_until(waiting[-1][0], waiting)
 
     def _close_going_away(self, t: Tunnel, waiting: deque[tuple[float, Tunnel]]) -> None:
         self.engine.begin_close(t, GOING_AWAY, b"going away")
@@ -292,7 +328,7 @@ async def serve(slot: int, control_fd: int, listen_fds: list[int]) -> None:
             nursery.start_soon(worker.engine.run)
             nursery.start_soon(worker.frontend.run)
             nursery.start_soon(_report, channel, worker)
-            nursery.start_soon(_watch_supervisor, channel, nursery.cancel_scope)
+            nursery.start_soon(_watch_supervisor, channel, worker, nursery)
             nursery.start_soon(_watch_signals, worker, nursery)
             await channel.send(
                 {"type": "ready", "slot": slot, "pid": os.getpid(), "capacity": worker.capacity}
@@ -315,13 +351,17 @@ async def serve(slot: int, control_fd: int, listen_fds: list[int]) -> None:
 async def _report(channel: Channel, worker: Worker) -> None:
     while True:
         await trio.sleep(1)
-        await channel.send(worker.snapshot())
+        snapshot = worker.snapshot()
+        snapshot["passive_failures"] = dict(worker.passive_failures)
+        worker.passive_failures.clear()
+        await channel.send(snapshot)
 
 
-async def _watch_supervisor(channel: Channel, scope: trio.CancelScope) -> None:
-    while await channel.receive() is not None:
-        pass  # no supervisor → worker messages after "start" yet
-    scope.cancel()
+async def _watch_supervisor(channel: Channel, worker: Worker, nursery: trio.Nursery) -> None:
+    while (message := await channel.receive()) is not None:
+        if message.get("type") == "health":
+            worker.set_health({config.parse_host_port(e) for e in message["down"]}, nursery)
+    nursery.cancel_scope.cancel()  # the supervisor is gone
 
 
 async def _watch_signals(worker: Worker, nursery: trio.Nursery) -> None:

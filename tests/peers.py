@@ -8,6 +8,7 @@
   ``/headers``  send the request headers as JSON, then echo
   ``/flood``    send 64 messages of 1 MiB, then "done"; ``flood_sent`` counts them
   ``/close/N``  close with code N after the first message
+  ``/health``   a plain HTTP answer: 200 while ``healthy``, else 503
 
   Every close code the backend received from a client is recorded in
   ``close_codes``.
@@ -23,10 +24,12 @@ import json
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from http import HTTPStatus
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
 
 FLOOD_MESSAGES = 64
 FLOOD_SIZE = 1 << 20
@@ -38,6 +41,7 @@ class WsBackend:
         self.close_codes: list[int | None] = []
         self.peers: list[tuple[str, int]] = []
         self.flood_sent = 0
+        self.healthy = True
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._stop: asyncio.Future[None] | None = None
@@ -61,11 +65,24 @@ class WsBackend:
         # A deep accept queue: the proxy opens upstream connections as fast as
         # clients arrive, and asyncio's default backlog of 100 overflows.
         async with serve(
-            self._handler, "127.0.0.1", 0, max_size=None, ping_interval=None, backlog=4096
+            self._handler,
+            "127.0.0.1",
+            0,
+            max_size=None,
+            ping_interval=None,
+            backlog=4096,
+            process_request=self._health,
         ) as server:
             self.port = server.sockets[0].getsockname()[1]
             self._ready.set()
             await self._stop
+
+    def _health(self, connection: ServerConnection, request: Request) -> Response | None:
+        if request.path != "/health":
+            return None
+        if self.healthy:
+            return connection.respond(HTTPStatus.OK, "ok\n")
+        return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "unhealthy\n")
 
     async def _handler(self, ws: ServerConnection) -> None:
         path = ws.request.path if ws.request else "/"

@@ -107,9 +107,12 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
     keys |= set(effective["routes"][0])
     keys |= {k for pool in effective["pools"].values() for k in pool}
     keys |= {k for pool in effective["pools"].values() for s in pool["servers"] for k in s}
+    keys |= {k for pool in effective["pools"].values() for k in pool.get("health", {})}
+    keys |= set(effective["lifecycle"])
     for key in keys:
         assert re.search(rf"`{key}`", readme), f"README does not document {key}"
-        assert re.search(rf"^\s*{key} =|[{{,] {key} =", example_text, re.M), f"example lacks {key}"
+        example_has = rf"^\s*{key} =|[{{,] {key} =|^\[pools\.\w+\.{key}\]"
+        assert re.search(example_has, example_text, re.M), f"example lacks {key}"
 
 
 def test_readme_shows_exactly_two_setup_commands_and_ci_runs_the_test_one() -> None:

@@ -853,3 +853,47 @@ def test_lifecycle_errors_name_the_key() -> None:
     error({**minimal(), "lifecycle": {"drain_timeout": "0s"}}, "lifecycle.drain_timeout", "zero")
     error({**minimal(), "lifecycle": {"close_wait": "soon"}}, "lifecycle.close_wait", "'soon'")
     error({**minimal(), "lifecycle": {"spread": "1s"}}, "lifecycle.spread", "unknown key")
+
+
+# -- [pools.NAME.health] -------------------------------------------------------
+
+
+def test_health_defaults_and_round_trip() -> None:
+    c = from_mapping(minimal(health={"kind": "websocket", "path": "/ws"}))
+    h = c.pools[0].health
+    assert h is not None
+    assert (h.kind, h.path, h.expect, h.interval, h.timeout, h.rise, h.fall) == (
+        "websocket",
+        "/ws",
+        200,
+        2.0,
+        1.0,
+        2,
+        3,
+    )
+    assert h.on_server_down == "keep"
+    assert from_mapping(tomllib.loads(tomli_w.dumps(c.to_dict()))) == c
+    assert from_mapping(minimal()).pools[0].health is None
+
+
+@pytest.mark.parametrize(
+    ("health", "key", "fragment"),
+    [
+        ({}, "pools.chat.health.kind", "is required"),
+        ({"kind": "icmp"}, "pools.chat.health.kind", "'icmp'"),
+        ({"kind": "http", "path": "health"}, "pools.chat.health.path", "must start"),
+        ({"kind": "http", "expect": 700}, "pools.chat.health.expect", "between"),
+        ({"kind": "tcp", "rise": 0}, "pools.chat.health.rise", "between"),
+        ({"kind": "tcp", "fall": "3"}, "pools.chat.health.fall", "integer"),
+        ({"kind": "tcp", "interval": "0s"}, "pools.chat.health.interval", "zero"),
+        (
+            {"kind": "tcp", "interval": "1s", "timeout": "2s"},
+            "pools.chat.health.timeout",
+            "interval",
+        ),
+        ({"kind": "tcp", "on_server_down": "drop"}, "pools.chat.health.on_server_down", "drop"),
+        ({"kind": "tcp", "port": 80}, "pools.chat.health.port", "unknown key"),
+    ],
+)
+def test_health_errors_name_the_key(health: dict[str, Any], key: str, fragment: str) -> None:
+    error(minimal(health=health), key, fragment)

@@ -1,0 +1,147 @@
+"""Health of backend endpoints: active checks, and the state they drive.
+
+The supervisor checks every endpoint of every pool that has a
+``[pools.NAME.health]`` table, once per interval (not once per worker), and
+counts the connects that workers saw refused or timed out as failed checks
+too (they report them in their stats snapshots). State per endpoint, with
+its transitions all in :meth:`EndpointHealth.record`::
+
+    UP ──``fall`` failures in a row──► DOWN ──``rise`` successes in a row──► UP
+
+An endpoint starts UP, as HAProxy's servers do: a fresh instance serves at
+once, and a dead backend is found within ``fall`` intervals. The supervisor
+sends the set of DOWN endpoints to every worker when it changes; a server
+whose endpoints are all down gets no new tunnels.
+
+The checks (:func:`run_check`) are the only I/O here: ``tcp`` connects,
+``http`` sends ``GET path`` and wants the ``expect`` status, ``websocket``
+makes a real upgrade and wants a 101 with the right Sec-WebSocket-Accept,
+then closes with a Close 1000.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+
+import trio
+
+from .config import Endpoint, HealthConfig
+from .frames import close_frame
+from .http1 import HeadError, head_end, parse_response
+
+UP = "up"
+DOWN = "down"
+MAX_HEAD = 16384
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
+
+
+class EndpointHealth:
+    """The rise/fall state of one endpoint."""
+
+    __slots__ = ("failures", "fall", "last_error", "rise", "state", "successes")
+
+    def __init__(self, rise: int, fall: int) -> None:
+        self.rise = rise
+        self.fall = fall
+        self.state = UP
+        self.successes = 0
+        self.failures = 0
+        self.last_error = ""
+
+    def record(self, error: str | None) -> bool:
+        """Count one check (``error`` None = success); True if the state changed."""
+        if error is None:
+            self.successes += 1
+            self.failures = 0
+            if self.state == DOWN and self.successes >= self.rise:
+                self.state = UP
+                return True
+            return False
+        self.failures += 1
+        self.successes = 0
+        self.last_error = error
+        if self.state == UP and self.failures >= self.fall:
+            self.state = DOWN
+            return True
+        return False
+
+
+# -- the checks -------------------------------------------------------------
+
+
+async def run_check(endpoint: Endpoint, cfg: HealthConfig) -> str | None:
+    """One check of ``endpoint``: None if healthy, else why not."""
+    try:
+        with trio.fail_after(cfg.timeout):
+            family = trio.socket.AF_INET6 if ":" in endpoint.host else trio.socket.AF_INET
+            sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
+            try:
+                await sock.connect((endpoint.host, endpoint.port))
+            except BaseException:
+                sock.close()
+                raise
+            async with trio.SocketStream(sock) as stream:
+                if cfg.kind == "tcp":
+                    return None
+                if cfg.kind == "http":
+                    return await _http(stream, endpoint, cfg)
+                return await _websocket(stream, endpoint, cfg)
+    except trio.TooSlowError:
+        return f"no answer within {cfg.timeout:g}s"
+    except OSError as e:
+        return os.strerror(e.errno) if e.errno else str(e)
+    except trio.BrokenResourceError as e:
+        return f"connection broken: {e}"
+
+
+def _host(endpoint: Endpoint) -> str:
+    return str(endpoint)
+
+
+async def _read_head(stream: trio.SocketStream) -> tuple[int, dict[bytes, bytes]]:
+    data = bytearray()
+    while (end := head_end(data)) < 0:
+        if len(data) > MAX_HEAD:
+            raise HeadError("response head too large")
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            raise HeadError("connection closed before a whole response head")
+        data += chunk
+    _, status, _, headers = parse_response(bytes(data[:end]))
+    return status, {name.lower(): value for name, value in headers}
+
+
+async def _http(stream: trio.SocketStream, endpoint: Endpoint, cfg: HealthConfig) -> str | None:
+    await stream.send_all(
+        f"GET {cfg.path} HTTP/1.1\r\nHost: {_host(endpoint)}\r\n"
+        "User-Agent: shardproxy-health\r\nConnection: close\r\n\r\n".encode()
+    )
+    try:
+        status, _ = await _read_head(stream)
+    except HeadError as e:
+        return f"bad answer: {e}"
+    return None if status == cfg.expect else f"status {status}, expected {cfg.expect}"
+
+
+async def _websocket(
+    stream: trio.SocketStream, endpoint: Endpoint, cfg: HealthConfig
+) -> str | None:
+    key = base64.b64encode(os.urandom(16))
+    await stream.send_all(
+        f"GET {cfg.path} HTTP/1.1\r\nHost: {_host(endpoint)}\r\n"
+        "User-Agent: shardproxy-health\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key.decode()}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    try:
+        status, headers = await _read_head(stream)
+    except HeadError as e:
+        return f"bad answer: {e}"
+    if status != 101:
+        return f"status {status}, expected 101"
+    accept = base64.b64encode(hashlib.sha1(key + _WS_GUID).digest())
+    if headers.get(b"sec-websocket-accept") != accept:
+        return "101 without the right Sec-WebSocket-Accept"
+    await stream.send_all(close_frame(1000, b"", os.urandom(4)))
+    return None
