@@ -160,3 +160,28 @@ def echoes_through(proxy: Proxy) -> bool:
             return await _echoes(ws, "after the restarts")
 
     return bool(asyncio.run(asyncio.wait_for(echo(), 20)))
+
+
+def test_connections_queued_for_a_dead_worker_are_served_by_its_replacement(
+    backend: WsBackend, start_proxy: Callable[..., Proxy]
+) -> None:
+    proxy = start_proxy([backend.port], workers=2)
+    victim = proxy.worker_pids()[0]
+    os.kill(victim, signal.SIGSTOP)  # accepts nothing: its socket's queue fills
+
+    async def main() -> None:
+        attempts = [
+            asyncio.ensure_future(connect(proxy.url + "/echo", ping_interval=None, open_timeout=30))
+            for _ in range(40)
+        ]
+        await asyncio.sleep(2)  # the other worker serves its share meanwhile
+        queued = [a for a in attempts if not a.done()]
+        assert queued, "no connection waited for the stopped worker"
+        os.kill(victim, signal.SIGKILL)
+        conns = await asyncio.gather(*attempts)  # every one, queued ones included
+        assert all([await _echoes(ws, f"m{i}") for i, ws in enumerate(conns)])
+        for ws in conns:
+            await ws.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+    assert proxy.worker_pids()[0] != victim
