@@ -152,6 +152,7 @@ class LifecycleConfig:
     drain_timeout: float  # a drain ends by then, whatever is left is closed
     close_spread: float  # tunnels get their Close 1001 evenly over this window
     close_wait: float  # how long each side has to answer our Close
+    reload_drain_after: float | None  # old workers drain this long after a reload; None = never
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +209,9 @@ class Config:
                 "drain_timeout": format_duration(self.lifecycle.drain_timeout),
                 "close_spread": format_duration(self.lifecycle.close_spread),
                 "close_wait": format_duration(self.lifecycle.close_wait),
+                "reload_drain_after": "never"
+                if self.lifecycle.reload_drain_after is None
+                else format_duration(self.lifecycle.reload_drain_after),
             },
             "log": {
                 "level": self.log.level,
@@ -493,13 +497,21 @@ class _Parser:
                     )
 
     def lifecycle(self, value: Any) -> LifecycleConfig:
-        raw = self.table(value, "lifecycle", {"drain_timeout", "close_spread", "close_wait"})
+        raw = self.table(
+            value,
+            "lifecycle",
+            {"drain_timeout", "close_spread", "close_wait", "reload_drain_after"},
+        )
+        after = raw.get("reload_drain_after", "never")
+        if after != "never":
+            after = self.duration(after, "lifecycle.reload_drain_after", positive=False)
         return LifecycleConfig(
             drain_timeout=self.duration(raw.get("drain_timeout", "60s"), "lifecycle.drain_timeout"),
             close_spread=self.duration(
                 raw.get("close_spread", "30s"), "lifecycle.close_spread", positive=False
             ),
             close_wait=self.duration(raw.get("close_wait", "5s"), "lifecycle.close_wait"),
+            reload_drain_after=None if after == "never" else after,
         )
 
     def log(self, value: Any) -> LogConfig:

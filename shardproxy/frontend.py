@@ -41,7 +41,7 @@ import os
 import select
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -278,28 +278,37 @@ class Frontend:
             os.set_blocking(client, False)
             self._start(client, addr, self._ports[fd])
 
-    def stop_accepting(self) -> None:
-        """For a drain: answer every connection waiting in the accept queues
-        with 503 and Retry-After (a clear answer rather than a reset when the
-        listen sockets close), then close this worker's listen sockets.
-        Handshakes already under way go on."""
-        for fd, listener in self._listeners.items():
-            while self.worker.connections < self.worker.capacity:
-                try:
-                    client, addr = listener._accept()  # type: ignore[attr-defined]
-                except BlockingIOError:
-                    break
-                except OSError as e:
-                    if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
-                        continue
-                    break  # out of descriptors: what is left gets the kernel's reset
-                os.set_blocking(client, False)
-                self._start(client, addr, self._ports[fd], refuse=_SHUTTING_DOWN)
+    def stop_accepting(self, *, sweep: Collection[int] | None = None, refuse: bool = True) -> None:
+        """Close this worker's listen sockets; handshakes under way go on.
+
+        Connections waiting in the accept queue of the sockets in ``sweep``
+        (indexes in listen order; None: all) are accepted first, so that
+        closing the socket resets none of them: answered 503 with
+        Retry-After when ``refuse`` (a drain), or served (a reload retiring
+        a socket the new generation does not use). The other sockets are
+        only let go of: another process keeps accepting on them.
+        """
+        for i, (fd, listener) in enumerate(self._listeners.items()):
+            if sweep is None or i in sweep:
+                self._accept_all(fd, listener, _SHUTTING_DOWN if refuse else None)
             if self._accepting:
                 self._epoll.unregister(fd)
             listener.close()
         self._listeners.clear()
         self._accepting = False
+
+    def _accept_all(self, fd: int, listener: socket.socket, refuse: Reject | None) -> None:
+        while self.worker.connections < self.worker.capacity:
+            try:
+                client, addr = listener._accept()  # type: ignore[attr-defined]
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue
+                return  # out of descriptors: what is left gets the kernel's reset
+            os.set_blocking(client, False)
+            self._start(client, addr, self._ports[fd], refuse=refuse)
 
     def _pause_accepting(self, e: OSError) -> None:
         self.worker.log.error(

@@ -24,10 +24,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
-from .config import Endpoint, HealthConfig
+from .config import Config, Endpoint, HealthConfig, parse_host_port
 from .frames import close_frame
 from .http1 import HeadError, head_end, parse_response
 
@@ -66,6 +69,91 @@ class EndpointHealth:
             self.state = DOWN
             return True
         return False
+
+
+class HealthMonitor:
+    """The supervisor's checks of every endpoint of the pools that have a
+    health table, and the state they drive. ``broadcast(message)`` sends
+    the state to every worker; it is called whenever an endpoint changes."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        log: Any,
+        broadcast: Callable[[dict[str, Any]], Awaitable[None]],
+    ) -> None:
+        self.log = log
+        self.broadcast = broadcast
+        self.endpoints: dict[Endpoint, tuple[EndpointHealth, HealthConfig]] = {}
+        self.reconfigure(cfg)
+
+    def reconfigure(self, cfg: Config) -> None:
+        """Check what ``cfg`` says (the first pool's settings win for an
+        endpoint that several pools share); an endpoint checked before
+        keeps its state. Restart :meth:`run` to apply."""
+        endpoints: dict[Endpoint, tuple[EndpointHealth, HealthConfig]] = {}
+        for pool in cfg.pools:
+            if pool.health is None:
+                continue
+            for server in pool.servers:
+                for ep in server.endpoints:
+                    if ep in endpoints:
+                        continue
+                    old = self.endpoints.get(ep)
+                    state = old[0] if old else EndpointHealth(pool.health.rise, pool.health.fall)
+                    state.rise, state.fall = pool.health.rise, pool.health.fall
+                    endpoints[ep] = (state, pool.health)
+        self.endpoints = endpoints
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for endpoint in self.endpoints:
+                nursery.start_soon(self._check_endpoint, endpoint)
+
+    async def _check_endpoint(self, endpoint: Endpoint) -> None:
+        cfg = self.endpoints[endpoint][1]
+        await trio.sleep(random.uniform(0, cfg.interval))  # endpoints not all at once
+        while True:
+            await self.record(endpoint, await run_check(endpoint, cfg))
+            await trio.sleep(cfg.interval)
+
+    async def passive_failures(self, text: str, n: int, worker: int) -> None:
+        """``n`` connects to ``text`` ("ip:port") that a worker saw fail."""
+        try:
+            endpoint = parse_host_port(text)
+        except ValueError:
+            return
+        if endpoint in self.endpoints:
+            for _ in range(n):
+                await self.record(endpoint, f"connect failed (seen by worker {worker})")
+
+    async def record(self, endpoint: Endpoint, error: str | None) -> None:
+        state, cfg = self.endpoints[endpoint]
+        if not state.record(error):
+            return
+        down = state.state == DOWN
+        log = self.log.warning if down else self.log.info
+        log(
+            f"backend {endpoint} is {state.state}"
+            + (
+                f": {error} ({cfg.fall} failures in a row)"
+                if down
+                else f" ({cfg.rise} checks passed)"
+            ),
+            **{
+                "event.action": "server-down" if down else "server-up",
+                "destination.ip": endpoint.host,
+                "destination.port": endpoint.port,
+                **({"error.message": error} if error else {}),
+            },
+        )
+        await self.broadcast(self.message())
+
+    def down(self) -> list[str]:
+        return sorted(str(ep) for ep, (s, _) in self.endpoints.items() if s.state == DOWN)
+
+    def message(self) -> dict[str, Any]:
+        return {"type": "health", "down": self.down()}
 
 
 # -- the checks -------------------------------------------------------------

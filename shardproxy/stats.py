@@ -41,16 +41,22 @@ def nest(flat: Mapping[str, int]) -> dict[str, Any]:
 def summary(
     snapshots: Mapping[int, Mapping[str, Any]], retired: Mapping[str, int]
 ) -> dict[str, Any]:
-    """One record of the whole instance: current figures and totals."""
-    workers = [
-        {
-            "slot": slot,
-            "tunnels": s["tunnels"],
-            "handshakes": s["handshakes"],
-            "capacity": s["capacity"],
-        }
-        for slot, s in sorted(snapshots.items())
-    ]
+    """One record of the whole instance: current figures and totals.
+    ``snapshots`` are the workers' latest, by any key (the supervisor uses
+    their pids: after a reload two generations share slot numbers)."""
+    workers = sorted(
+        (
+            {
+                "slot": s.get("slot", key),
+                "generation": s.get("generation", 1),
+                "tunnels": s["tunnels"],
+                "handshakes": s["handshakes"],
+                "capacity": s["capacity"],
+            }
+            for key, s in snapshots.items()
+        ),
+        key=lambda w: (w["generation"], w["slot"]),
+    )
     return {
         "upstream": upstream_usage(snapshots.values()),
         "tunnels": sum(w["tunnels"] for w in workers),

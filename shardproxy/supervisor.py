@@ -21,6 +21,19 @@ plus a grace period, then kills what is left.
 Each slot also owns one slice of the upstream port range (addrplan.py),
 passed to its worker in the start message; a replacement gets the same slice.
 
+Reload (SIGHUP, :meth:`Supervisor.reload`): the file is read and checked
+again; if it is invalid, the error is logged and nothing changes. Otherwise a
+new *generation* of workers starts on the same listen sockets (new ones are
+opened for listen addresses or slots the file adds), and once every new
+worker is ready the old ones are retired: they stop accepting (connections
+waiting in a socket that the new generation does not use are accepted and
+served by the old worker first, so none is reset), keep relaying their
+tunnels, and drain them after ``reload_drain_after`` (never, by default:
+they exit when their last tunnel ends). Generations share a slot's port
+slice; the kernel keeps every 4-tuple unique, and the userspace allocator
+skips a port the other generation still holds (EADDRNOTAVAIL) and tries the
+next.
+
 Resource handling: RLIMIT_NOFILE is raised to the hard limit at start (workers
 inherit it) and the capacity it allows is logged, as is the address plan
 (allocator, sources x ports x endpoints). Error handling: a listen address
@@ -34,22 +47,22 @@ a few seconds of its start.
 
 from __future__ import annotations
 
-import random
 import signal
 import socket
 import subprocess
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from . import addrplan, logs, stats
+from . import addrplan, config, logs, stats
 from .addrplan import Plan
-from .config import Config, ConfigError, Endpoint, HealthConfig, parse_host_port
+from .config import Config, ConfigError, Endpoint, format_duration
 from .control import Channel
-from .health import DOWN, EndpointHealth, run_check
+from .health import HealthMonitor
 from .limits import fd_capacity, raise_nofile_limit
 
 LISTEN_BACKLOG = 65535  # the kernel caps it at net.core.somaxconn
@@ -58,6 +71,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 STOP_GRACE = 10.0  # seconds a worker gets beyond drain_timeout (or after SIGQUIT) before SIGKILL
 RESTART_BACKOFF_MAX = 30.0
 STABLE_AFTER = 5.0  # a worker that ran this long resets the backoff
+READY_TIMEOUT = 30.0  # a new generation must be ready by then, or the reload is undone
 
 
 class StartError(Exception):
@@ -93,30 +107,47 @@ def _describe_exit(code: int) -> str:
     return f"exit code {code}"
 
 
+@dataclass(eq=False)
+class Generation:
+    """The workers started from one version of the configuration."""
+
+    number: int
+    config: Config
+    plan: Plan
+    slots: list[list[socket.socket]]  # slots[i]: worker i's listen sockets, one per address
+    retired: bool = False
+    ready_slots: set[int] = field(default_factory=set)
+    ready: trio.Event = field(default_factory=trio.Event)
+
+
+@dataclass(eq=False)
+class WorkerProcess:
+    generation: Generation
+    slot: int
+    process: trio.Process
+    channel: Channel
+
+    @property
+    def name(self) -> str:
+        """ "0", or "0 (generation 2)" after a reload."""
+        n = self.generation.number
+        return f"{self.slot}" if n == 1 else f"{self.slot} (generation {n})"
+
+
 class Supervisor:
     def __init__(self, cfg: Config) -> None:
-        self.config = cfg
+        self.config = cfg  # the current generation's
         self.log = logs.get_logger()
         self.nofile = raise_nofile_limit()
-        # slots[i] holds worker i's listen sockets, one per listen address.
-        self.slots: list[list[socket.socket]] = []
         self.plan: Plan  # set by prepare()
-        self.processes: dict[int, trio.Process] = {}
-        self.stats: dict[int, dict[str, Any]] = {}  # slot → its latest snapshot
+        self.gen: Generation  # set by prepare()
+        self.sockets: dict[tuple[int, Endpoint], socket.socket] = {}  # (slot, address)
+        self.workers: dict[int, WorkerProcess] = {}  # pid → every worker running
+        self.stats: dict[int, dict[str, Any]] = {}  # pid → its latest snapshot
         self.retired: Counter[str] = Counter()  # counts of workers that exited
-        self.ready = trio.Event()  # every slot has reported ready once
-        self.channels: dict[int, Channel] = {}  # slot → its worker's control channel
-        # Endpoints of pools with active checks (the first pool's settings
-        # win for an endpoint that several pools share).
-        self.health: dict[Endpoint, tuple[EndpointHealth, HealthConfig]] = {}
-        for pool in cfg.pools:
-            if pool.health is not None:
-                for server in pool.servers:
-                    for ep in server.endpoints:
-                        if ep not in self.health:
-                            state = EndpointHealth(pool.health.rise, pool.health.fall)
-                            self.health[ep] = (state, pool.health)
-        self._ready_slots: set[int] = set()
+        self.ready = trio.Event()  # the first generation is ready
+        self.health = HealthMonitor(cfg, self.log, self._broadcast)
+        self._health_scope = trio.CancelScope()
         self._stopping = False
 
     def prepare(self) -> None:
@@ -126,26 +157,60 @@ class Supervisor:
             self.plan = addrplan.build(self.config)
         except ConfigError as e:
             raise StartError(str(e)) from None
+        slots = self._open_slots(self.config)
+        self.gen = Generation(1, self.config, self.plan, slots)
+
+    def _open_slots(self, cfg: Config) -> list[list[socket.socket]]:
+        """Each slot's sockets for ``cfg``: the open ones reused, the missing
+        ones opened (all of them, or none and StartError)."""
+        opened: list[tuple[tuple[int, Endpoint], socket.socket]] = []
+        slots = []
         try:
-            for _ in range(self.config.proxy.workers):
-                self.slots.append([open_listen_socket(ep) for ep in self.config.proxy.listen])
+            for slot in range(cfg.proxy.workers):
+                row = []
+                for ep in cfg.proxy.listen:
+                    sock = self.sockets.get((slot, ep))
+                    if sock is None:
+                        sock = open_listen_socket(ep)
+                        opened.append(((slot, ep), sock))
+                    row.append(sock)
+                slots.append(row)
         except StartError:
-            self.close_sockets()
+            for _, sock in opened:
+                sock.close()
             raise
+        self.sockets.update(opened)
+        return slots
 
     def close_sockets(self) -> None:
-        for sockets in self.slots:
-            for s in sockets:
-                s.close()
-        self.slots.clear()
+        for sock in self.sockets.values():
+            sock.close()
+        self.sockets.clear()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run until SIGTERM or SIGINT, then stop the workers and return."""
-        if not self.slots:
+        """Run until SIGTERM, SIGINT or SIGQUIT, then stop the workers and return."""
+        if not self.sockets:
             self.prepare()
-        p = self.config.proxy
+        self._log_start()
+        try:
+            with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+                async with trio.open_nursery() as nursery:
+                    self._start_generation(nursery, self.gen)
+                    if self.config.log.stats_interval > 0:
+                        nursery.start_soon(self._log_stats, self.config.log.stats_interval)
+                    nursery.start_soon(self._run_health)
+                    nursery.start_soon(self._reload_on_sighup, nursery)
+                    task_status.started()
+                    signum = await anext(signals)
+                    await self.stop_workers(signals, at_once=signum == signal.SIGQUIT)
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.close_sockets()
+        self.log.info("supervisor stopped", **{"event.action": "supervisor-stopped"})
+
+    def _log_start(self) -> None:
+        p, plan = self.config.proxy, self.plan
         per_worker = fd_capacity(self.nofile)
-        plan = self.plan
         self.log.info(
             f"supervisor starting {p.workers} workers on {', '.join(map(str, p.listen))}; "
             f"RLIMIT_NOFILE {self.nofile} allows {per_worker} tunnels per worker "
@@ -165,22 +230,12 @@ class Supervisor:
             f"{plan.total.limit} tunnels, bound by {plan.total.binding}",
             **{"event.action": "address-plan", "shardproxy.plan": plan.to_dict()},
         )
-        try:
-            with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
-                async with trio.open_nursery() as nursery:
-                    for slot in range(p.workers):
-                        nursery.start_soon(self._keep_slot, slot)
-                    if self.config.log.stats_interval > 0:
-                        nursery.start_soon(self._log_stats, self.config.log.stats_interval)
-                    for endpoint in self.health:
-                        nursery.start_soon(self._check_endpoint, endpoint)
-                    task_status.started()
-                    signum = await anext(signals)
-                    await self.stop_workers(signals, at_once=signum == signal.SIGQUIT)
-                    nursery.cancel_scope.cancel()
-        finally:
-            self.close_sockets()
-        self.log.info("supervisor stopped", **{"event.action": "supervisor-stopped"})
+
+    def _start_generation(self, nursery: trio.Nursery, gen: Generation) -> None:
+        for slot in range(gen.config.proxy.workers):
+            nursery.start_soon(self._keep_slot, gen, slot)
+
+    # -- stopping -------------------------------------------------------------
 
     async def stop_workers(self, signals: AsyncIterator[int], *, at_once: bool) -> None:
         """Drain (SIGTERM to every worker) or stop at once (SIGQUIT); a
@@ -202,22 +257,22 @@ class Supervisor:
             if not at_once:
                 nursery.start_soon(self._stop_at_once_on_signal, signals)
             with trio.move_on_after(limit):
-                for proc in list(self.processes.values()):
-                    await proc.wait()
+                for w in list(self.workers.values()):
+                    await w.process.wait()
             nursery.cancel_scope.cancel()
-        for slot, proc in self.processes.items():
-            if proc.returncode is None:
+        for w in list(self.workers.values()):
+            if w.process.returncode is None:
                 self.log.warning(
-                    f"worker {slot} did not stop in {limit:g}s; killing it",
-                    **{"event.action": "worker-kill", "shardproxy.worker": slot},
+                    f"worker {w.name} did not stop in {limit:g}s; killing it",
+                    **{"event.action": "worker-kill", "shardproxy.worker": w.slot},
                 )
-                proc.kill()
-                await proc.wait()
+                w.process.kill()
+                await w.process.wait()
 
     def _signal_workers(self, signum: int) -> None:
-        for proc in self.processes.values():
-            if proc.returncode is None:
-                proc.send_signal(signum)
+        for w in self.workers.values():
+            if w.process.returncode is None:
+                w.process.send_signal(signum)
 
     async def _stop_at_once_on_signal(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
@@ -228,17 +283,100 @@ class Supervisor:
             self._signal_workers(signal.SIGQUIT)
             return
 
-    async def _keep_slot(self, slot: int) -> None:
+    # -- reload ---------------------------------------------------------------
+
+    async def _reload_on_sighup(self, nursery: trio.Nursery) -> None:
+        with trio.open_signal_receiver(signal.SIGHUP) as signals:
+            async for _ in signals:
+                if not self._stopping:
+                    await self.reload(nursery)
+
+    async def reload(self, nursery: trio.Nursery) -> bool:
+        """Start a new generation from the file as it is now and retire the
+        running one; on any error log it and change nothing."""
+        source = self.config.source
+        try:
+            cfg = config.load(source)
+            plan = addrplan.build(cfg)
+            slots = self._open_slots(cfg)
+        except (ConfigError, StartError) as e:
+            self.log.error(
+                f"reload refused, the running configuration stays: {e}",
+                **{"event.action": "reload-refused", "error.message": str(e)},
+            )
+            return False
+        old = self.gen
+        new = Generation(old.number + 1, cfg, plan, slots)
+        self.log.info(
+            f"reload: starting generation {new.number} ({cfg.proxy.workers} workers)",
+            **{"event.action": "reload-start", "shardproxy.generation": new.number},
+        )
+        self._start_generation(nursery, new)
+        with trio.move_on_after(READY_TIMEOUT):
+            await new.ready.wait()
+        if not new.ready.is_set():
+            await self._retire(new, drain_after=0.0)
+            self._close_unused_sockets(old)
+            self.log.error(
+                f"reload undone: generation {new.number} not ready in {READY_TIMEOUT:g}s",
+                **{"event.action": "reload-refused", "error.message": "workers not ready"},
+            )
+            return False
+        self.gen, self.config, self.plan = new, cfg, plan
+        await self._retire(old, drain_after=cfg.lifecycle.reload_drain_after)
+        self._close_unused_sockets(new)
+        self.health.reconfigure(cfg)
+        self._health_scope.cancel()
+        nursery.start_soon(self._run_health)
+        self.log.info(
+            f"reload done: generation {new.number} serves; generation {old.number} keeps "
+            f"its tunnels"
+            + (
+                ""
+                if cfg.lifecycle.reload_drain_after is None
+                else f" for {format_duration(cfg.lifecycle.reload_drain_after)}, then drains"
+            ),
+            **{"event.action": "reload-done", "shardproxy.generation": new.number},
+        )
+        return True
+
+    async def _retire(self, gen: Generation, drain_after: float | None) -> None:
+        """Tell ``gen``'s workers to stop accepting and to keep, or drain,
+        their tunnels. Sockets the current generation does not use are
+        swept: what waits in them is accepted and served before they close."""
+        gen.retired = True
+        keep = (
+            {id(sock) for row in self.gen.slots for sock in row} if gen is not self.gen else set()
+        )
+        for w in list(self.workers.values()):
+            if w.generation is gen:
+                sweep = [i for i, sock in enumerate(gen.slots[w.slot]) if id(sock) not in keep]
+                await self._send(w, {"type": "retire", "sweep": sweep, "drain_after": drain_after})
+
+    def _close_unused_sockets(self, gen: Generation) -> None:
+        """Close the supervisor's copy of every socket ``gen`` does not use
+        (a retired worker still holding one sweeps it, then closes it)."""
+        used = {id(sock) for row in gen.slots for sock in row}
+        for key, sock in list(self.sockets.items()):
+            if id(sock) not in used:
+                sock.close()
+                del self.sockets[key]
+
+    # -- workers ----------------------------------------------------------------
+
+    async def _keep_slot(self, gen: Generation, slot: int) -> None:
+        """Run ``gen``'s worker for ``slot``, restarting it when it dies,
+        until the supervisor stops or the generation is retired."""
         failures = 0
-        while not self._stopping:
+        while not self._stopping and not gen.retired:
             started = trio.current_time()
-            code = await self._run_worker(slot)
-            if self._stopping:
+            code, name = await self._run_worker(gen, slot)
+            if self._stopping or gen.retired:
                 return
             failures = failures + 1 if trio.current_time() - started < STABLE_AFTER else 1
             delay = restart_delay(failures)
             self.log.error(
-                f"worker {slot} exited ({_describe_exit(code)}); restarting in {delay:g}s",
+                f"worker {name} exited ({_describe_exit(code)}); restarting in {delay:g}s",
                 **{
                     "event.action": "worker-exited",
                     "event.outcome": "failure",
@@ -249,10 +387,10 @@ class Supervisor:
             )
             await trio.sleep(delay)
 
-    async def _run_worker(self, slot: int) -> int:
-        """Spawn one worker for ``slot`` and wait until it exits."""
+    async def _run_worker(self, gen: Generation, slot: int) -> tuple[int, str]:
+        """Spawn one worker of ``gen`` for ``slot`` and wait until it exits."""
         ours, theirs = socket.socketpair()
-        listen_fds = [s.fileno() for s in self.slots[slot]]
+        listen_fds = [s.fileno() for s in gen.slots[slot]]
         try:
             proc = await trio.lowlevel.open_process(
                 [
@@ -268,89 +406,87 @@ class Supervisor:
             )
         finally:
             theirs.close()
-        self.processes[slot] = proc
-        channel = Channel(trio.socket.from_stdlib_socket(ours))
-        self.channels[slot] = channel
+        w = WorkerProcess(gen, slot, proc, Channel(trio.socket.from_stdlib_socket(ours)))
+        self.workers[proc.pid] = w
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._listen_to, slot, channel)
-                await channel.send(
-                    {
-                        "type": "start",
-                        "slot": slot,
-                        "config": self.config.to_dict(),
-                        "source": self.config.source,
-                        "upstream": {
-                            "first": self.plan.slices[slot].first,
-                            "last": self.plan.slices[slot].last,
-                            "allocator": self.plan.allocator,
-                            "excluded": self.plan.excluded_in(self.plan.slices[slot]),
-                        },
-                    }
-                )
-                if self._down():
-                    await channel.send(self._health_message())
+                nursery.start_soon(self._listen_to, w)
+                await self._send(w, self._start_message(gen, slot))
+                if self.health.down():
+                    await self._send(w, self.health.message())
                 code = await proc.wait()
                 nursery.cancel_scope.cancel()
         finally:
-            self.channels.pop(slot, None)
-            channel.close()
-            last = self.stats.pop(slot, None)
+            del self.workers[proc.pid]
+            w.channel.close()
+            last = self.stats.pop(proc.pid, None)
             if last is not None:
                 self.retired.update(last["counts"])
-        return code
+        if gen.retired and not self._stopping:
+            self.log.info(
+                f"worker {w.name} of generation {gen.number} exited ({_describe_exit(code)})",
+                **{"event.action": "worker-retired", "shardproxy.worker": slot},
+            )
+        return code, w.name
 
-    # -- health ---------------------------------------------------------------
-
-    async def _check_endpoint(self, endpoint: Endpoint) -> None:
-        cfg = self.health[endpoint][1]
-        await trio.sleep(random.uniform(0, cfg.interval))  # endpoints not all at once
-        while True:
-            error = await run_check(endpoint, cfg)
-            await self._record(endpoint, error)
-            await trio.sleep(cfg.interval)
-
-    async def _passive_failures(self, text: str, n: int, slot: int) -> None:
-        try:
-            endpoint = parse_host_port(text)
-        except ValueError:
-            return
-        if endpoint in self.health:
-            for _ in range(n):
-                await self._record(endpoint, f"connect failed (seen by worker {slot})")
-
-    async def _record(self, endpoint: Endpoint, error: str | None) -> None:
-        state, cfg = self.health[endpoint]
-        if not state.record(error):
-            return
-        down = state.state == DOWN
-        log = self.log.warning if down else self.log.info
-        log(
-            f"backend {endpoint} is {state.state}"
-            + (
-                f": {error} ({cfg.fall} failures in a row)"
-                if down
-                else f" ({cfg.rise} checks passed)"
-            ),
-            **{
-                "event.action": "server-down" if down else "server-up",
-                "destination.ip": endpoint.host,
-                "destination.port": endpoint.port,
-                **({"error.message": error} if error else {}),
+    def _start_message(self, gen: Generation, slot: int) -> dict[str, Any]:
+        ports = gen.plan.slices[slot]
+        return {
+            "type": "start",
+            "slot": slot,
+            "generation": gen.number,
+            "config": gen.config.to_dict(),
+            "source": gen.config.source,
+            "upstream": {
+                "first": ports.first,
+                "last": ports.last,
+                "allocator": gen.plan.allocator,
+                "excluded": gen.plan.excluded_in(ports),
             },
-        )
-        message = self._health_message()
-        for channel in list(self.channels.values()):
-            try:
-                await channel.send(message)
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # that worker is gone; its successor gets the state at start
+        }
 
-    def _down(self) -> list[str]:
-        return sorted(str(ep) for ep, (state, _) in self.health.items() if state.state == DOWN)
+    async def _send(self, w: WorkerProcess, message: dict[str, Any]) -> None:
+        try:
+            await w.channel.send(message)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the worker is gone; _run_worker sees it exit
 
-    def _health_message(self) -> dict[str, Any]:
-        return {"type": "health", "down": self._down()}
+    async def _broadcast(self, message: dict[str, Any]) -> None:
+        for w in list(self.workers.values()):
+            await self._send(w, message)
+
+    async def _listen_to(self, w: WorkerProcess) -> None:
+        gen, slot = w.generation, w.slot
+        try:
+            while (message := await w.channel.receive()) is not None:
+                if message["type"] == "ready":
+                    self.log.info(
+                        f"worker {w.name} ready (pid {message['pid']})",
+                        **{
+                            "event.action": "worker-ready",
+                            "shardproxy.worker": slot,
+                            "shardproxy.generation": gen.number,
+                            "shardproxy.capacity": message["capacity"],
+                        },
+                    )
+                    gen.ready_slots.add(slot)
+                    if len(gen.ready_slots) == gen.config.proxy.workers:
+                        gen.ready.set()
+                        if gen.number == 1:
+                            self.ready.set()
+                elif message["type"] == "stats":
+                    self.stats[w.process.pid] = message
+                    for endpoint, n in message.get("passive_failures", {}).items():
+                        await self.health.passive_failures(endpoint, n, slot)
+        except (OSError, ValueError):
+            pass  # the worker went away; _run_worker sees it exit
+
+    # -- health and stats -------------------------------------------------------
+
+    async def _run_health(self) -> None:
+        with trio.CancelScope() as scope:
+            self._health_scope = scope
+            await self.health.run()
 
     async def _log_stats(self, interval: float) -> None:
         while True:
@@ -360,25 +496,3 @@ class Supervisor:
                 f"{record['tunnels']} tunnels, {record['handshakes']} handshakes in flight",
                 **{"event.action": "stats", "shardproxy.stats": record},
             )
-
-    async def _listen_to(self, slot: int, channel: Channel) -> None:
-        try:
-            while (message := await channel.receive()) is not None:
-                if message["type"] == "ready":
-                    self.log.info(
-                        f"worker {slot} ready (pid {message['pid']})",
-                        **{
-                            "event.action": "worker-ready",
-                            "shardproxy.worker": slot,
-                            "shardproxy.capacity": message["capacity"],
-                        },
-                    )
-                    self._ready_slots.add(slot)
-                    if len(self._ready_slots) == self.config.proxy.workers:
-                        self.ready.set()
-                elif message["type"] == "stats":
-                    self.stats[slot] = message
-                    for endpoint, n in message.get("passive_failures", {}).items():
-                        await self._passive_failures(endpoint, n, slot)
-        except (OSError, ValueError):
-            pass  # the worker went away; _run_worker sees it exit

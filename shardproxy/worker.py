@@ -33,6 +33,7 @@ exits.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -57,6 +58,7 @@ from .upstream import TupleSpace, Upstream
 _CATEGORY = ("network", "web")  # ECS categorisation of the access event
 GOING_AWAY = 1001  # RFC 6455 §7.4.1: "an endpoint is going away, such as a server going down"
 DRAIN_POLL = 0.05  # seconds between looks for tunnels that came up during a drain
+RETIRED_POLL = 0.5  # seconds between looks whether a retired worker is empty
 _TYPE_END = ("connection", "end")
 
 
@@ -109,6 +111,7 @@ class Worker:
         self.counts: Counter[str] = Counter()  # totals for the stats snapshot
         self.passive_failures: Counter[str] = Counter()  # endpoint → since the last report
         self.draining = False
+        self.generation = 1
         self.log = logs.get_logger()
         self.frontend = Frontend(self, listeners)
 
@@ -296,10 +299,29 @@ class Worker:
             if now >= when:
                 return
 
+    async def retire(self, sweep: list[int], drain_after: float | None) -> None:
+        """A reload started a new generation: stop accepting, keep relaying
+        until the tunnels end by themselves or ``drain_after`` (None: no
+        limit) passes, then drain. Returns when nothing is left."""
+        self.frontend.stop_accepting(sweep=sweep, refuse=False)
+        self.log.info(
+            f"retired by a reload: keeping {len(self.engine)} tunnels"
+            + ("" if drain_after is None else f", draining them in {drain_after:g}s"),
+            **{"event.action": "worker-retiring", "shardproxy.tunnels": len(self.engine)},
+        )
+        with trio.move_on_after(math.inf if drain_after is None else drain_after):
+            while len(self.engine) or self.frontend.handshakes:
+                await trio.sleep(RETIRED_POLL)
+            return
+        if not self.draining:
+            with trio.move_on_after(self.config.lifecycle.drain_timeout):
+                await self.drain()
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "type": "stats",
             "slot": self.slot,
+            "generation": self.generation,
             "tunnels": len(self.engine),
             "handshakes": self.frontend.handshakes,
             "capacity": self.capacity,
@@ -314,7 +336,11 @@ async def serve(slot: int, control_fd: int, listen_fds: list[int]) -> None:
     if start is None or start.get("type") != "start":
         raise SystemExit("worker: no start message from the supervisor")
     cfg = config.from_mapping(start["config"], start.get("source", "<supervisor>"))
-    logs.configure(cfg.log.level, {"shardproxy.worker": slot, "process.name": "worker"})
+    generation = start.get("generation", 1)
+    logs.configure(
+        cfg.log.level,
+        {"shardproxy.worker": slot, "shardproxy.generation": generation, "process.name": "worker"},
+    )
     listeners = [socket.socket(fileno=fd) for fd in listen_fds]
     for listener in listeners:
         listener.setblocking(False)
@@ -323,6 +349,7 @@ async def serve(slot: int, control_fd: int, listen_fds: list[int]) -> None:
     worker = Worker(
         slot, cfg, raise_nofile_limit(), listeners, ports, up["allocator"], up["excluded"]
     )
+    worker.generation = generation
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(worker.engine.run)
@@ -361,6 +388,8 @@ async def _watch_supervisor(channel: Channel, worker: Worker, nursery: trio.Nurs
     while (message := await channel.receive()) is not None:
         if message.get("type") == "health":
             worker.set_health({config.parse_host_port(e) for e in message["down"]}, nursery)
+        elif message.get("type") == "retire":
+            nursery.start_soon(_retire_then_stop, worker, message, nursery.cancel_scope)
     nursery.cancel_scope.cancel()  # the supervisor is gone
 
 
@@ -374,6 +403,13 @@ async def _watch_signals(worker: Worker, nursery: trio.Nursery) -> None:
             worker.log.info("stopping at once", **{"event.action": "worker-stop-now"})
             nursery.cancel_scope.cancel()
             return
+
+
+async def _retire_then_stop(
+    worker: Worker, message: dict[str, Any], scope: trio.CancelScope
+) -> None:
+    await worker.retire(message["sweep"], message["drain_after"])
+    scope.cancel()
 
 
 async def _drain_then_stop(worker: Worker, scope: trio.CancelScope) -> None:

@@ -897,3 +897,16 @@ def test_health_defaults_and_round_trip() -> None:
 )
 def test_health_errors_name_the_key(health: dict[str, Any], key: str, fragment: str) -> None:
     error(minimal(health=health), key, fragment)
+
+
+def test_reload_drain_after_is_never_or_a_duration() -> None:
+    assert from_mapping(minimal()).lifecycle.reload_drain_after is None
+    data = {**minimal(), "lifecycle": {"reload_drain_after": "10m"}}
+    assert from_mapping(data).lifecycle.reload_drain_after == 600.0
+    assert from_mapping(from_mapping(data).to_dict()) == from_mapping(data)
+    assert from_mapping(minimal()).to_dict()["lifecycle"]["reload_drain_after"] == "never"
+    error(
+        {**minimal(), "lifecycle": {"reload_drain_after": "later"}},
+        "lifecycle.reload_drain_after",
+        "'later'",
+    )

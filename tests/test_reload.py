@@ -1,0 +1,171 @@
+"""Reload on SIGHUP through a real ``shardproxy run``: established tunnels
+keep echoing, new connections never fail and follow the new file."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from conftest import Proxy, free_port
+from peers import WsBackend
+from websockets.asyncio.client import ClientConnection, connect
+
+TUNNELS = 500
+
+
+def config_text(port: int, b1: int, b2: int, pool: str) -> str:
+    return (
+        f'[proxy]\nlisten = ["127.0.0.1:{port}"]\nworkers = 2\n\n'
+        '[log]\nstats_interval = "0s"\n\n'
+        f'[[routes]]\npool = "{pool}"\n\n'
+        f'[pools.one]\nservers = [{{ address = "127.0.0.1", ports = [{b1}] }}]\n\n'
+        f'[pools.two]\nservers = [{{ address = "127.0.0.1", ports = [{b2}] }}]\n'
+    )
+
+
+@pytest.fixture
+def backends() -> Iterator[tuple[WsBackend, WsBackend]]:
+    with WsBackend() as b1, WsBackend() as b2:
+        yield b1, b2
+
+
+class Traffic:
+    """Every tunnel echoing in a loop, and new connections opened, used and
+    closed one after another; every failure is kept."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.failures: list[str] = []
+        self.echoes = 0
+        self.opened = 0
+        self.running = True
+
+    async def echo_loop(self, i: int, ws: ClientConnection) -> None:
+        n = 0
+        while self.running:
+            try:
+                await ws.send(f"{i}:{n}")
+                reply = await asyncio.wait_for(ws.recv(), 10)
+            except Exception as e:
+                self.failures.append(f"tunnel {i}: {e!r}")
+                return
+            if reply != f"{i}:{n}":
+                self.failures.append(f"tunnel {i}: got {reply!r}")
+            self.echoes += 1
+            n += 1
+            await asyncio.sleep(0.2)
+
+    async def connect_loop(self) -> None:
+        while self.running:
+            try:
+                async with connect(
+                    self.proxy.url + "/echo", ping_interval=None, open_timeout=10
+                ) as ws:
+                    await ws.send("new")
+                    assert await asyncio.wait_for(ws.recv(), 10) == "new"
+                self.opened += 1
+            except Exception as e:
+                self.failures.append(f"new connection: {e!r}")
+            await asyncio.sleep(0.01)
+
+
+async def wait_log(proxy: Proxy, action: str, count: int) -> None:
+    await asyncio.to_thread(
+        proxy.wait_for, lambda evs: len(proxy.actions(action)) >= count, f"{count} {action}"
+    )
+
+
+def test_reloads_keep_tunnels_and_new_connections_follow_the_new_file(
+    tmp_path: Path, backends: tuple[WsBackend, WsBackend]
+) -> None:
+    b1, b2 = backends
+    port = free_port()
+    path = tmp_path / "shardproxy.toml"
+    path.write_text(config_text(port, b1.port, b2.port, "one"))
+    proxy = Proxy(path, port, 2)
+    try:
+        traffic = Traffic(proxy)
+
+        async def main() -> None:
+            tunnels = [
+                await connect(proxy.url + "/echo", ping_interval=None) for _ in range(TUNNELS)
+            ]
+            assert len(b1.peers) == TUNNELS
+            tasks = [
+                asyncio.ensure_future(traffic.echo_loop(i, ws)) for i, ws in enumerate(tunnels)
+            ]
+            tasks.append(asyncio.ensure_future(traffic.connect_loop()))
+            await asyncio.sleep(1)
+
+            proxy.proc.send_signal(signal.SIGHUP)  # 1: the same file
+            await wait_log(proxy, "reload-done", 1)
+            await asyncio.sleep(1)
+
+            path.write_text(config_text(port, b1.port, b2.port, "two"))
+            proxy.proc.send_signal(signal.SIGHUP)  # 2: the route now goes to pool two
+            await wait_log(proxy, "reload-done", 2)
+            await asyncio.sleep(0.5)  # connections begun before the switch finish
+            on_b1, on_b2 = len(b1.peers), len(b2.peers)
+            await asyncio.sleep(1.5)
+            assert len(b1.peers) == on_b1, "a new connection followed the old route"
+            assert len(b2.peers) > on_b2
+
+            path.write_text("[proxy\nworkers = 2\n")  # 3: broken
+            proxy.proc.send_signal(signal.SIGHUP)
+            await wait_log(proxy, "reload-refused", 1)
+            on_b2 = len(b2.peers)
+            await asyncio.sleep(1)
+            assert len(b2.peers) > on_b2, "the running configuration should stay"
+
+            traffic.running = False
+            await asyncio.gather(*tasks)
+            for ws in tunnels:
+                await ws.close()
+
+        asyncio.run(asyncio.wait_for(main(), 120))
+        assert traffic.failures == []
+        assert traffic.echoes > TUNNELS * 5 and traffic.opened > 50
+        refused = proxy.actions("reload-refused")[0]
+        assert "TOML syntax error" in refused["error"]["message"]
+        # The retired generations leave once their tunnels are gone: 2 + 2 workers.
+        proxy.wait_for(lambda evs: len(proxy.actions("worker-retired")) >= 4, "old workers exit")
+        live = psutil.Process(proxy.proc.pid).children()
+        assert len(live) == 2
+        assert not proxy.actions("worker-exited")  # no worker died
+    finally:
+        proxy.stop()
+
+
+def test_reload_drain_after_closes_old_tunnels_with_1001(
+    tmp_path: Path, backends: tuple[WsBackend, WsBackend]
+) -> None:
+    b1, b2 = backends
+    port = free_port()
+    path = tmp_path / "shardproxy.toml"
+    text = config_text(port, b1.port, b2.port, "one")
+    drain = '\n[lifecycle]\nreload_drain_after = "1s"\nclose_spread = "1s"\n'
+    path.write_text(text + drain)
+    proxy = Proxy(path, port, 2)
+    try:
+
+        async def main() -> list[Any]:
+            tunnels = [await connect(proxy.url + "/echo", ping_interval=None) for _ in range(20)]
+            started = time.monotonic()
+            proxy.proc.send_signal(signal.SIGHUP)
+            codes = []
+            for ws in tunnels:
+                await asyncio.wait_for(ws.wait_closed(), 15)
+                codes.append(ws.close_code)
+            assert time.monotonic() - started > 1  # not before reload_drain_after
+            return codes
+
+        assert asyncio.run(main()) == [1001] * 20
+        proxy.wait_for(lambda evs: len(proxy.actions("worker-retired")) >= 2, "old workers exit")
+    finally:
+        proxy.stop()
