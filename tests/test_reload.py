@@ -29,10 +29,31 @@ def config_text(port: int, b1: int, b2: int, pool: str) -> str:
     )
 
 
+class Setup:
+    """Two backends, a config file routing to pool one or two, the proxy."""
+
+    def __init__(self, tmp_path: Path, b1: WsBackend, b2: WsBackend) -> None:
+        self.b1, self.b2 = b1, b2
+        self.port = free_port()
+        self.path = tmp_path / "shardproxy.toml"
+        self.proxy: Proxy | None = None
+
+    def write(self, pool: str, extra: str = "") -> None:
+        self.path.write_text(config_text(self.port, self.b1.port, self.b2.port, pool) + extra)
+
+    def start(self, extra: str = "") -> Proxy:
+        self.write("one", extra)
+        self.proxy = Proxy(self.path, self.port, 2)
+        return self.proxy
+
+
 @pytest.fixture
-def backends() -> Iterator[tuple[WsBackend, WsBackend]]:
+def setup(tmp_path: Path) -> Iterator[Setup]:
     with WsBackend() as b1, WsBackend() as b2:
-        yield b1, b2
+        s = Setup(tmp_path, b1, b2)
+        yield s
+        if s.proxy is not None:
+            s.proxy.stop()
 
 
 class Traffic:
@@ -81,91 +102,67 @@ async def wait_log(proxy: Proxy, action: str, count: int) -> None:
     )
 
 
-def test_reloads_keep_tunnels_and_new_connections_follow_the_new_file(
-    tmp_path: Path, backends: tuple[WsBackend, WsBackend]
-) -> None:
-    b1, b2 = backends
-    port = free_port()
-    path = tmp_path / "shardproxy.toml"
-    path.write_text(config_text(port, b1.port, b2.port, "one"))
-    proxy = Proxy(path, port, 2)
-    try:
-        traffic = Traffic(proxy)
+def test_reloads_keep_tunnels_and_new_connections_follow_the_new_file(setup: Setup) -> None:
+    b1, b2, proxy = setup.b1, setup.b2, setup.start()
+    traffic = Traffic(proxy)
 
-        async def main() -> None:
-            tunnels = [
-                await connect(proxy.url + "/echo", ping_interval=None) for _ in range(TUNNELS)
-            ]
-            assert len(b1.peers) == TUNNELS
-            tasks = [
-                asyncio.ensure_future(traffic.echo_loop(i, ws)) for i, ws in enumerate(tunnels)
-            ]
-            tasks.append(asyncio.ensure_future(traffic.connect_loop()))
-            await asyncio.sleep(1)
+    async def main() -> None:
+        tunnels = [await connect(proxy.url + "/echo", ping_interval=None) for _ in range(TUNNELS)]
+        assert len(b1.peers) == TUNNELS
+        tasks = [asyncio.ensure_future(traffic.echo_loop(i, ws)) for i, ws in enumerate(tunnels)]
+        tasks.append(asyncio.ensure_future(traffic.connect_loop()))
+        await asyncio.sleep(1)
 
-            proxy.proc.send_signal(signal.SIGHUP)  # 1: the same file
-            await wait_log(proxy, "reload-done", 1)
-            await asyncio.sleep(1)
+        proxy.proc.send_signal(signal.SIGHUP)  # 1: the same file
+        await wait_log(proxy, "reload-done", 1)
+        await asyncio.sleep(1)
 
-            path.write_text(config_text(port, b1.port, b2.port, "two"))
-            proxy.proc.send_signal(signal.SIGHUP)  # 2: the route now goes to pool two
-            await wait_log(proxy, "reload-done", 2)
-            await asyncio.sleep(0.5)  # connections begun before the switch finish
-            on_b1, on_b2 = len(b1.peers), len(b2.peers)
-            await asyncio.sleep(1.5)
-            assert len(b1.peers) == on_b1, "a new connection followed the old route"
-            assert len(b2.peers) > on_b2
+        setup.write("two")
+        proxy.proc.send_signal(signal.SIGHUP)  # 2: the route now goes to pool two
+        await wait_log(proxy, "reload-done", 2)
+        await asyncio.sleep(0.5)  # connections begun before the switch finish
+        on_b1, on_b2 = len(b1.peers), len(b2.peers)
+        await asyncio.sleep(1.5)
+        assert len(b1.peers) == on_b1, "a new connection followed the old route"
+        assert len(b2.peers) > on_b2
 
-            path.write_text("[proxy\nworkers = 2\n")  # 3: broken
-            proxy.proc.send_signal(signal.SIGHUP)
-            await wait_log(proxy, "reload-refused", 1)
-            on_b2 = len(b2.peers)
-            await asyncio.sleep(1)
-            assert len(b2.peers) > on_b2, "the running configuration should stay"
+        setup.path.write_text("[proxy\nworkers = 2\n")  # 3: broken
+        proxy.proc.send_signal(signal.SIGHUP)
+        await wait_log(proxy, "reload-refused", 1)
+        on_b2 = len(b2.peers)
+        await asyncio.sleep(1)
+        assert len(b2.peers) > on_b2, "the running configuration should stay"
 
-            traffic.running = False
-            await asyncio.gather(*tasks)
-            for ws in tunnels:
-                await ws.close()
+        traffic.running = False
+        await asyncio.gather(*tasks)
+        for ws in tunnels:
+            await ws.close()
 
-        asyncio.run(asyncio.wait_for(main(), 120))
-        assert traffic.failures == []
-        assert traffic.echoes > TUNNELS * 5 and traffic.opened > 50
-        refused = proxy.actions("reload-refused")[0]
-        assert "TOML syntax error" in refused["error"]["message"]
-        # The retired generations leave once their tunnels are gone: 2 + 2 workers.
-        proxy.wait_for(lambda evs: len(proxy.actions("worker-retired")) >= 4, "old workers exit")
-        live = psutil.Process(proxy.proc.pid).children()
-        assert len(live) == 2
-        assert not proxy.actions("worker-exited")  # no worker died
-    finally:
-        proxy.stop()
+    asyncio.run(asyncio.wait_for(main(), 120))
+    assert traffic.failures == []
+    assert traffic.echoes > TUNNELS * 5 and traffic.opened > 50
+    refused = proxy.actions("reload-refused")[0]
+    assert "TOML syntax error" in refused["error"]["message"]
+    # The retired generations leave once their tunnels are gone: 2 + 2 workers.
+    proxy.wait_for(lambda evs: len(proxy.actions("worker-retired")) >= 4, "old workers exit")
+    live = psutil.Process(proxy.proc.pid).children()
+    assert len(live) == 2
+    assert not proxy.actions("worker-exited")  # no worker died
 
 
-def test_reload_drain_after_closes_old_tunnels_with_1001(
-    tmp_path: Path, backends: tuple[WsBackend, WsBackend]
-) -> None:
-    b1, b2 = backends
-    port = free_port()
-    path = tmp_path / "shardproxy.toml"
-    text = config_text(port, b1.port, b2.port, "one")
-    drain = '\n[lifecycle]\nreload_drain_after = "1s"\nclose_spread = "1s"\n'
-    path.write_text(text + drain)
-    proxy = Proxy(path, port, 2)
-    try:
+def test_reload_drain_after_closes_old_tunnels_with_1001(setup: Setup) -> None:
+    proxy = setup.start('\n[lifecycle]\nreload_drain_after = "1s"\nclose_spread = "1s"\n')
 
-        async def main() -> list[Any]:
-            tunnels = [await connect(proxy.url + "/echo", ping_interval=None) for _ in range(20)]
-            started = time.monotonic()
-            proxy.proc.send_signal(signal.SIGHUP)
-            codes = []
-            for ws in tunnels:
-                await asyncio.wait_for(ws.wait_closed(), 15)
-                codes.append(ws.close_code)
-            assert time.monotonic() - started > 1  # not before reload_drain_after
-            return codes
+    async def main() -> list[Any]:
+        tunnels = [await connect(proxy.url + "/echo", ping_interval=None) for _ in range(20)]
+        started = time.monotonic()
+        proxy.proc.send_signal(signal.SIGHUP)
+        codes = []
+        for ws in tunnels:
+            await asyncio.wait_for(ws.wait_closed(), 15)
+            codes.append(ws.close_code)
+        assert time.monotonic() - started > 1  # not before reload_drain_after
+        return codes
 
-        assert asyncio.run(main()) == [1001] * 20
-        proxy.wait_for(lambda evs: len(proxy.actions("worker-retired")) >= 2, "old workers exit")
-    finally:
-        proxy.stop()
+    assert asyncio.run(main()) == [1001] * 20
+    proxy.wait_for(lambda evs: len(proxy.actions("worker-retired")) >= 2, "old workers exit")
