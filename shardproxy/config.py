@@ -156,6 +156,13 @@ class LifecycleConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class KeepaliveConfig:
+    tcp_idle: float  # seconds of silence before TCP keepalive probes; 0 = none
+    tcp_interval: float  # between probes
+    tcp_count: int  # unanswered probes before the connection is dropped
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str
     stats_interval: float  # seconds between "stats" events; 0 = none
@@ -167,6 +174,7 @@ class Config:
     proxy: ProxyConfig
     upstream: UpstreamConfig
     lifecycle: LifecycleConfig
+    keepalive: KeepaliveConfig
     log: LogConfig
     routes: tuple[RouteConfig, ...]
     pools: tuple[PoolConfig, ...]
@@ -212,6 +220,11 @@ class Config:
                 "reload_drain_after": "never"
                 if self.lifecycle.reload_drain_after is None
                 else format_duration(self.lifecycle.reload_drain_after),
+            },
+            "keepalive": {
+                "tcp_idle": format_duration(self.keepalive.tcp_idle),
+                "tcp_interval": format_duration(self.keepalive.tcp_interval),
+                "tcp_count": self.keepalive.tcp_count,
             },
             "log": {
                 "level": self.log.level,
@@ -396,10 +409,13 @@ class _Parser:
         return value
 
     def config(self, data: Mapping[str, Any]) -> Config:
-        top = self.table(data, "", {"proxy", "upstream", "lifecycle", "log", "routes", "pools"})
+        top = self.table(
+            data, "", {"proxy", "upstream", "lifecycle", "keepalive", "log", "routes", "pools"}
+        )
         proxy = self.proxy(top.get("proxy", {}))
         upstream = self.upstream(top.get("upstream", {}), proxy)
         lifecycle = self.lifecycle(top.get("lifecycle", {}))
+        keepalive = self.keepalive(top.get("keepalive", {}))
         log = self.log(top.get("log", {}))
         pools = self.pools(top.get("pools"))
         routes = self.routes(top.get("routes"), {p.name for p in pools})
@@ -408,6 +424,7 @@ class _Parser:
             proxy=proxy,
             upstream=upstream,
             lifecycle=lifecycle,
+            keepalive=keepalive,
             log=log,
             routes=routes,
             pools=pools,
@@ -512,6 +529,19 @@ class _Parser:
             ),
             close_wait=self.duration(raw.get("close_wait", "5s"), "lifecycle.close_wait"),
             reload_drain_after=None if after == "never" else after,
+        )
+
+    def keepalive(self, value: Any) -> KeepaliveConfig:
+        defaults = {
+            "tcp_idle": "60s",
+            "tcp_interval": "10s",
+            "tcp_count": 6,
+        }
+        raw = {**defaults, **self.table(value, "keepalive", set(defaults))}
+        return KeepaliveConfig(
+            tcp_idle=self.duration(raw["tcp_idle"], "keepalive.tcp_idle", positive=False),
+            tcp_interval=self.duration(raw["tcp_interval"], "keepalive.tcp_interval"),
+            tcp_count=self.integer(raw["tcp_count"], "keepalive.tcp_count", 1, 127),
         )
 
     def log(self, value: Any) -> LogConfig:

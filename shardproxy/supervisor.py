@@ -64,6 +64,7 @@ from .config import Config, ConfigError, Endpoint, format_duration
 from .control import Channel
 from .health import HealthMonitor
 from .limits import fd_capacity, raise_nofile_limit
+from .sockopts import set_tcp_keepalive
 
 LISTEN_BACKLOG = 65535  # the kernel caps it at net.core.somaxconn
 # The first drains (SIGINT too: Ctrl-C should not cut tunnels); a second, or SIGQUIT, stops at once.
@@ -173,6 +174,7 @@ class Supervisor:
                     if sock is None:
                         sock = open_listen_socket(ep)
                         opened.append(((slot, ep), sock))
+                    set_tcp_keepalive(sock, cfg.keepalive)  # accepted sockets inherit it
                     row.append(sock)
                 slots.append(row)
         except StartError:

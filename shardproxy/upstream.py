@@ -38,7 +38,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from .addrplan import AUTO_SOURCE, IP_BIND_ADDRESS_NO_PORT, IP_LOCAL_PORT_RANGE, port_range_option
-from .config import Endpoint, PortRange
+from .config import Endpoint, KeepaliveConfig, PortRange
+from .sockopts import set_tcp_keepalive
 
 PORT_TRIES = 8  # userspace: ports tried per pair before the pair counts as full for now
 _FULL = {errno.EADDRNOTAVAIL, errno.EADDRINUSE}
@@ -120,11 +121,13 @@ class Upstream:
         endpoints: Iterable[Endpoint],
         allocator: str,
         excluded: Iterable[int] = (),
+        keepalive: KeepaliveConfig | None = None,
     ) -> None:
         if allocator not in ("kernel", "userspace"):
             raise ValueError(f"unknown port allocator {allocator!r}")
         self.ports = ports
         self.allocator = allocator
+        self.keepalive = keepalive
         self._range_option = port_range_option(ports)
         sources = tuple(sources) or (AUTO_SOURCE,)
         skip = frozenset(excluded)
@@ -166,8 +169,20 @@ class Upstream:
     def snapshot(self) -> list[dict[str, Any]]:
         return [space.snapshot() for spaces in self._spaces.values() for space in spaces]
 
+    def _socket(self, endpoint: Endpoint) -> socket.socket:
+        family = socket.AF_INET6 if _family(endpoint.host) == 6 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.keepalive is not None and self.keepalive.tcp_idle > 0:
+                set_tcp_keepalive(sock, self.keepalive)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
     def _kernel(self, space: TupleSpace) -> tuple[socket.socket, TupleSpace, int] | None:
-        sock = _socket(space.endpoint)
+        sock = self._socket(space.endpoint)
         try:
             sock.setsockopt(socket.IPPROTO_IP, IP_LOCAL_PORT_RANGE, self._range_option)
             if space.address is not None:
@@ -188,7 +203,7 @@ class Upstream:
                 port = space.take_port()
             except Exhausted:
                 return None
-            sock = _socket(space.endpoint)
+            sock = self._socket(space.endpoint)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind((address, port))
@@ -201,13 +216,6 @@ class Upstream:
                 raise
             return sock, space, port
         return None
-
-
-def _socket(endpoint: Endpoint) -> socket.socket:
-    family = socket.AF_INET6 if _family(endpoint.host) == 6 else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
 
 
 def _connect(sock: socket.socket, endpoint: Endpoint) -> None:

@@ -100,7 +100,12 @@ class Worker:
         self.slot = slot
         self.config = cfg
         self.upstream = Upstream(
-            ports, cfg.upstream.source_addresses, cfg.endpoints(), allocator, excluded
+            ports,
+            cfg.upstream.source_addresses,
+            cfg.endpoints(),
+            allocator,
+            excluded,
+            cfg.keepalive,
         )
         self.router = Router(cfg.routes)
         self.pools = {p.name: PoolState(p) for p in cfg.pools}

@@ -910,3 +910,14 @@ def test_reload_drain_after_is_never_or_a_duration() -> None:
         "lifecycle.reload_drain_after",
         "'later'",
     )
+
+
+def test_keepalive_defaults_and_errors() -> None:
+    k = from_mapping(minimal()).keepalive
+    assert (k.tcp_idle, k.tcp_interval, k.tcp_count) == (60.0, 10.0, 6)
+    assert from_mapping({**minimal(), "keepalive": {"tcp_idle": "0s"}}).keepalive.tcp_idle == 0
+    error({**minimal(), "keepalive": {"tcp_count": 0}}, "keepalive.tcp_count", "between")
+    error({**minimal(), "keepalive": {"tcp_interval": "0s"}}, "keepalive.tcp_interval", "zero")
+    error(
+        {**minimal(), "keepalive": {"ping_interval": "30s"}}, "keepalive.ping_interval", "unknown"
+    )
