@@ -108,7 +108,9 @@ def test_reloads_keep_tunnels_and_new_connections_follow_the_new_file(setup: Set
 
     async def main() -> None:
         tunnels = [await connect(proxy.url + "/echo", ping_interval=None) for _ in range(TUNNELS)]
-        assert len(b1.peers) == TUNNELS
+        await asyncio.gather(*(ws.send("first") for ws in tunnels))
+        assert await asyncio.gather(*(ws.recv() for ws in tunnels)) == ["first"] * TUNNELS
+        assert len(b1.peers) == TUNNELS  # (each backend handler has run by now)
         tasks = [asyncio.ensure_future(traffic.echo_loop(i, ws)) for i, ws in enumerate(tunnels)]
         tasks.append(asyncio.ensure_future(traffic.connect_loop()))
         await asyncio.sleep(1)
