@@ -160,6 +160,8 @@ class KeepaliveConfig:
     tcp_idle: float  # seconds of silence before TCP keepalive probes; 0 = none
     tcp_interval: float  # between probes
     tcp_count: int  # unanswered probes before the connection is dropped
+    ping_interval: float  # WebSocket Pings from the proxy to each client; 0 = none
+    ping_timeout: float  # how long a client has to answer with its Pong
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +227,8 @@ class Config:
                 "tcp_idle": format_duration(self.keepalive.tcp_idle),
                 "tcp_interval": format_duration(self.keepalive.tcp_interval),
                 "tcp_count": self.keepalive.tcp_count,
+                "ping_interval": format_duration(self.keepalive.ping_interval),
+                "ping_timeout": format_duration(self.keepalive.ping_timeout),
             },
             "log": {
                 "level": self.log.level,
@@ -536,12 +540,18 @@ class _Parser:
             "tcp_idle": "60s",
             "tcp_interval": "10s",
             "tcp_count": 6,
+            "ping_interval": "0s",
+            "ping_timeout": "10s",
         }
         raw = {**defaults, **self.table(value, "keepalive", set(defaults))}
         return KeepaliveConfig(
             tcp_idle=self.duration(raw["tcp_idle"], "keepalive.tcp_idle", positive=False),
             tcp_interval=self.duration(raw["tcp_interval"], "keepalive.tcp_interval"),
             tcp_count=self.integer(raw["tcp_count"], "keepalive.tcp_count", 1, 127),
+            ping_interval=self.duration(
+                raw["ping_interval"], "keepalive.ping_interval", positive=False
+            ),
+            ping_timeout=self.duration(raw["ping_timeout"], "keepalive.ping_timeout"),
         )
 
     def log(self, value: Any) -> LogConfig:

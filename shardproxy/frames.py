@@ -46,13 +46,15 @@ masking direction.
 
 from __future__ import annotations
 
-__all__ = ["FrameTracker", "close_frame"]
+__all__ = ["PONG", "FrameTracker", "close_frame", "peek_frame", "ping_frame", "unmasked_payload"]
 
 # Opcodes, RFC 6455 §5.2 and §11.8. 3-7 and 11-15 are reserved.
 _CONTINUATION = 0x0
 _BINARY = 0x2
 _CLOSE = 0x8
+_PING = 0x9
 _PONG = 0xA
+PONG = _PONG
 
 # The longest header we ever need to see in one piece: 2 bytes, a 64-bit
 # extended length, a 4-byte masking key. (The first Close frame's header is
@@ -305,3 +307,43 @@ def close_frame(code: int, reason: bytes = b"", mask: bytes | None = None) -> by
         return bytes((_FIN | _CLOSE, len(payload))) + payload
     masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
     return bytes((_FIN | _CLOSE, _MASK | len(payload))) + mask + masked
+
+
+def ping_frame(payload: bytes) -> bytes:
+    """An unmasked Ping (a server's, RFC 6455 §5.5.2), payload ≤ 125 bytes."""
+    if len(payload) > 125:
+        raise ValueError("a Ping payload may take at most 125 bytes")
+    return bytes((_FIN | _PING, len(payload))) + payload
+
+
+def peek_frame(data: bytes | bytearray | memoryview, pos: int) -> tuple[int, int, int] | None:
+    """(opcode, header length, payload length) of the frame whose header
+    starts at ``data[pos]``, or None while the header is not all there.
+    It changes nothing: what to do with the frame is the caller's choice."""
+    avail = len(data) - pos
+    if avail < 2:
+        return None
+    b1 = data[pos + 1]
+    length = b1 & _LENGTH
+    header = 6 if b1 & _MASK else 2
+    if length >= 126:
+        extended = 2 if length == 126 else 8
+        if avail < header + extended:
+            return None
+        length = int.from_bytes(data[pos + 2 : pos + 2 + extended], "big")
+        header += extended
+    elif avail < header:
+        return None
+    return data[pos] & _OPCODE, header, length
+
+
+def unmasked_payload(
+    data: bytes | bytearray | memoryview, pos: int, header: int, length: int
+) -> bytes:
+    """The payload of the frame at ``data[pos]`` (all of it must be there),
+    unmasked if it is masked (§5.3)."""
+    payload = bytes(data[pos + header : pos + header + length])
+    if not data[pos + 1] & _MASK:
+        return payload
+    key = data[pos + header - 4 : pos + header]
+    return bytes(b ^ key[i % 4] for i, b in enumerate(payload))

@@ -36,6 +36,16 @@ Kernel semantics this relies on (Linux ``epoll(7)``, ``socket(7)``, ``tcp(7)``):
   The sockets were detached from trio before they came here, and trio keeps
   no waiter on them.
 
+Frames of the proxy's own go into the streams only at frame boundaries,
+which each direction's frame tracker knows (a frame written into another
+frame would corrupt the stream; control frames may come between the
+fragments of a message, RFC 6455 §5.4): a Close when a tunnel is closed the
+WebSocket way (:meth:`RelayEngine.begin_close`, for drains and backends that
+went down) and a Ping to the client (:meth:`RelayEngine.ping`), whose Pong is
+then looked for frame by frame in the client's stream and taken out of it.
+The common path (no frame of ours pending) is one read, one tracker feed and
+one write per event, as before.
+
 Resource handling: the engine owns the descriptors of every tunnel added to it
 and closes both when the tunnel ends or the engine is closed. Error handling:
 socket errors end only the tunnel they happen on; the engine never raises
@@ -55,7 +65,7 @@ from typing import Any
 
 import trio
 
-from .frames import FrameTracker, close_frame
+from .frames import PONG, FrameTracker, close_frame, peek_frame, ping_frame, unmasked_payload
 
 BUFFER_SIZE = 65536
 MAX_EVENTS = 1024
@@ -101,7 +111,7 @@ class Flow(FrameTracker):
 class Tunnel:
     """An established client⇄backend connection pair."""
 
-    __slots__ = ("closing", "down", "info", "started", "up")
+    __slots__ = ("closing", "down", "held", "info", "ping_sent", "started", "up")
 
     def __init__(self, client_fd: int, backend_fd: int, info: Any) -> None:
         self.up = Flow(client_fd, backend_fd)  # client → backend
@@ -109,6 +119,8 @@ class Tunnel:
         self.started = time.monotonic()
         self.info = info  # the worker's record for the access log and accounting
         self.closing = False  # the proxy is closing it (begin_close)
+        self.ping_sent = 0.0  # when our unanswered Ping went out; 0: none
+        self.held = b""  # client bytes kept back while looking for our Pong
 
     @property
     def client_fd(self) -> int:
@@ -125,6 +137,7 @@ CLIENT_RESET = "client_reset"
 BACKEND_RESET = "backend_reset"
 STOPPED = "stopped"  # closed by the proxy without a WebSocket close handshake
 DRAINED = "drained"  # closed by the proxy after a WebSocket close handshake (begin_close)
+PING_TIMEOUT = "ping_timeout"  # the client did not answer the proxy's Ping in time
 
 OnClose = Callable[[Tunnel, str], None]
 
@@ -143,6 +156,11 @@ class RelayEngine:
         self._view = memoryview(self._buffer)
         self._buffers = [self._buffer]  # os.readv's argument, built once
         self._on_close = on_close
+        # Our Pings carry this payload; a client's Pong with it is ours to
+        # take (RFC 6455 §5.5.3: a Pong echoes its Ping's payload), any
+        # other Pong is the backend's business and passes.
+        self.ping_payload = b"shardproxy:" + os.urandom(8).hex().encode()
+        self._ping = ping_frame(self.ping_payload)
 
     def __len__(self) -> int:
         return len(self._tunnels) // 2
@@ -218,6 +236,20 @@ class RelayEngine:
                     return
         self._check_closed(t)
 
+    def ping(self, t: Tunnel, now: float) -> bool:
+        """Send the client a Ping at the next frame boundary towards it; its
+        Pong is taken out of the stream to the backend. False (nothing
+        sent) while the last one is unanswered or the tunnel is closing."""
+        if t.ping_sent or t.closing or t.down.state != OPEN or not self.alive(t):
+            return False
+        t.ping_sent = now
+        down = t.down
+        if down.inject is None:
+            down.inject = self._ping
+            if down.parked is None and down.at_boundary:
+                self._inject(t, down)
+        return True
+
     def alive(self, t: Tunnel) -> bool:
         return self._tunnels.get(t.up.src) is t
 
@@ -268,9 +300,76 @@ class RelayEngine:
         flow.nbytes += n
         if t.closing:
             self._pump_closing(t, flow, chunk)
+        elif flow.inject is not None:
+            self._pump_ping(t, flow, chunk)
+        elif t.ping_sent and flow is t.up:
+            self._pump_pong(t, flow, chunk)
+        else:
+            flow.feed(chunk)
+            self._write(t, flow, chunk)
+
+    def _pump_ping(self, t: Tunnel, flow: Flow, chunk: memoryview) -> None:
+        """Towards the client with our Ping waiting: the frame in progress
+        first, then the Ping, then the rest."""
+        k = self._write_to_boundary(t, flow, chunk)
+        if k < 0:
             return
-        flow.feed(chunk)
-        self._write(t, flow, chunk)
+        if flow.parked is None:
+            self._inject(t, flow)
+            if not self.alive(t):
+                return
+        rest = chunk[k:]
+        if rest:
+            flow.feed(rest)
+            self._send_more(t, flow, rest)
+
+    def _pump_pong(self, t: Tunnel, flow: Flow, chunk: memoryview) -> None:
+        """From the client while our Ping is unanswered: frame by frame,
+        everything passes except the Pong that answers it. A frame whose
+        header, or a Pong whose payload, is not all there yet is kept back
+        (at most 139 bytes) until the next read completes it."""
+        data: bytes | memoryview = chunk
+        if t.held:
+            data, t.held = t.held + bytes(chunk), b""
+        n, pos, start = len(data), 0, 0
+        ours = self.ping_payload
+        while pos < n:
+            if not flow.at_boundary:
+                k = flow.feed_to_boundary(data[pos:])
+                pos = n if k < 0 else pos + k
+                continue
+            frame = peek_frame(data, pos)
+            if frame is None:  # a header cut short: wait for the rest
+                t.held = bytes(data[pos:])
+                n = pos
+                break
+            opcode, header, length = frame
+            end = pos + header + length
+            if opcode == PONG and length == len(ours):
+                if end > n:  # perhaps ours: wait for its payload
+                    t.held = bytes(data[pos:])
+                    n = pos
+                    break
+                if unmasked_payload(data, pos, header, length) == ours:
+                    self._send_more(t, flow, data[start:pos])
+                    flow.feed(data[pos:end])  # counted, not passed on
+                    t.ping_sent = 0.0
+                    flow.feed(data[end:])
+                    start = end
+                    break
+            flow.feed(data[pos : min(end, n)])
+            pos = min(end, n)
+        if self.alive(t) and n > start:
+            self._send_more(t, flow, data[start:n])
+
+    def _send_more(self, t: Tunnel, flow: Flow, data: bytes | memoryview) -> None:
+        """Write ``data`` after what is parked, if anything is."""
+        if not data:
+            return
+        if flow.parked is not None:
+            flow.parked += bytes(data)
+        else:
+            self._write(t, flow, data)
 
     def _pump_closing(self, t: Tunnel, flow: Flow, chunk: memoryview) -> None:
         """A read from a tunnel being closed: pass bytes on up to the end of
@@ -278,15 +377,14 @@ class RelayEngine:
         frames still, to see the peer's Close)."""
         if flow.state == CLOSING:
             flow.feed(chunk)
+        elif flow.inject is None:  # no Close of ours for this direction
+            flow.feed(chunk)
+            self._write(t, flow, chunk)
+            return
         else:
-            k = flow.feed_to_boundary(chunk) if flow.inject is not None else -1
-            if k < 0:  # no Close to write here, or the frame goes on
-                self._write(t, flow, chunk)
+            k = self._write_to_boundary(t, flow, chunk)
+            if k < 0:
                 return
-            if k:
-                self._write(t, flow, chunk[:k])
-                if not self.alive(t):
-                    return
             flow.feed(chunk[k:])  # the dropped rest
             if flow.parked is None:
                 self._inject(t, flow)
@@ -296,11 +394,26 @@ class RelayEngine:
                 flow.state = CLOSING  # _flush writes our Close after the parked bytes
         self._check_closed(t)
 
+    def _write_to_boundary(self, t: Tunnel, flow: Flow, chunk: memoryview) -> int:
+        """Pass ``chunk`` on up to the end of the frame in progress. Returns
+        where in ``chunk`` that frame ended, or -1: no frame ends in it (all
+        of it was passed on), or the tunnel ended."""
+        k = flow.feed_to_boundary(chunk)
+        if k < 0:
+            self._write(t, flow, chunk)
+            return -1
+        if k:
+            self._write(t, flow, chunk[:k])
+            if not self.alive(t):
+                return -1
+        return k
+
     def _inject(self, t: Tunnel, flow: Flow) -> None:
         frame = flow.inject
         assert frame is not None
         flow.inject = None
-        flow.state = CLOSING
+        if frame[0] & 0x0F == 0x8:  # a Close: nothing is passed on after it
+            flow.state = CLOSING
         self._write(t, flow, frame)
 
     def _check_closed(self, t: Tunnel) -> None:
@@ -346,6 +459,9 @@ class RelayEngine:
         """Pass the source's FIN on to the destination."""
         flow.state = SHUT
         flow.inject = None  # its destination is being closed: no Close to write
+        if t.held and flow is t.up:  # an unfinished frame: the client's last bytes
+            held, t.held = t.held, b""
+            self._send_more(t, flow, held)
         try:
             shutdown_write(flow.dst)
         except OSError:

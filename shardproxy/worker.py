@@ -51,7 +51,7 @@ from .control import Channel
 from .frontend import Frontend, Handshake
 from .handshake import Reject
 from .limits import fd_capacity, raise_nofile_limit
-from .relay import CLOSED, DRAINED, RelayEngine, Tunnel
+from .relay import CLOSED, DRAINED, PING_TIMEOUT, RelayEngine, Tunnel
 from .routing import Router
 from .upstream import TupleSpace, Upstream
 
@@ -261,6 +261,50 @@ class Worker:
             await self._drain_until(start + spread * i / len(tunnels), waiting)
             self._close_going_away(t, waiting)
 
+    # -- pings ----------------------------------------------------------------
+
+    async def keep_pinging(self) -> None:
+        """Ping every client once per ping_interval, spread evenly over it;
+        end the tunnel of a client that has not answered within
+        ping_timeout (its Pong never reaches the backend: relay.py)."""
+        keepalive = self.config.keepalive
+        waiting: deque[tuple[float, Tunnel, float]] = deque()  # (deadline, tunnel, sent)
+        while True:
+            tunnels = self.engine.tunnels()
+            start = trio.current_time()
+            for i, t in enumerate(tunnels):
+                await self._ping_until(start + keepalive.ping_interval * i / len(tunnels), waiting)
+                now = trio.current_time()
+                if self.engine.ping(t, now):
+                    waiting.append((now + keepalive.ping_timeout, t, now))
+            await self._ping_until(start + keepalive.ping_interval, waiting)
+
+    async def _ping_until(self, when: float, waiting: deque[tuple[float, Tunnel, float]]) -> None:
+        while True:
+            wake = min(when, waiting[0][0]) if waiting else when
+            await trio.sleep_until(wake)
+            now = trio.current_time()
+            while waiting and waiting[0][0] <= now:
+                _, t, sent = waiting.popleft()
+                if self.engine.alive(t) and t.ping_sent == sent:
+                    self._ping_timed_out(t)
+            if now >= when:
+                return
+
+    def _ping_timed_out(self, t: Tunnel) -> None:
+        info: TunnelInfo = t.info
+        self.counts["ping_timeout"] += 1
+        self.log.info(
+            f"client did not answer a ping within {self.config.keepalive.ping_timeout:g}s; "
+            "closing its tunnel",
+            **{
+                "event.action": "ping-timeout",
+                "client.ip": info.client_ip,
+                "client.port": info.client_port,
+            },
+        )
+        self.engine.end(t, PING_TIMEOUT)
+
     # -- health (from the supervisor) ---------------------------------------
 
     def set_health(self, down: set[Endpoint], nursery: trio.Nursery) -> None:
@@ -362,6 +406,8 @@ async def serve(slot: int, control_fd: int, listen_fds: list[int]) -> None:
             nursery.start_soon(_report, channel, worker)
             nursery.start_soon(_watch_supervisor, channel, worker, nursery)
             nursery.start_soon(_watch_signals, worker, nursery)
+            if cfg.keepalive.ping_interval > 0:
+                nursery.start_soon(worker.keep_pinging)
             await channel.send(
                 {"type": "ready", "slot": slot, "pid": os.getpid(), "capacity": worker.capacity}
             )

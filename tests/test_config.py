@@ -918,6 +918,8 @@ def test_keepalive_defaults_and_errors() -> None:
     assert from_mapping({**minimal(), "keepalive": {"tcp_idle": "0s"}}).keepalive.tcp_idle == 0
     error({**minimal(), "keepalive": {"tcp_count": 0}}, "keepalive.tcp_count", "between")
     error({**minimal(), "keepalive": {"tcp_interval": "0s"}}, "keepalive.tcp_interval", "zero")
-    error(
-        {**minimal(), "keepalive": {"ping_interval": "30s"}}, "keepalive.ping_interval", "unknown"
-    )
+    assert (k.ping_interval, k.ping_timeout) == (0.0, 10.0)
+    pings = from_mapping({**minimal(), "keepalive": {"ping_interval": "30s"}}).keepalive
+    assert pings.ping_interval == 30.0
+    error({**minimal(), "keepalive": {"ping_timeout": "0s"}}, "keepalive.ping_timeout", "zero")
+    error({**minimal(), "keepalive": {"ping": "30s"}}, "keepalive.ping", "unknown")

@@ -1,18 +1,32 @@
 """Keepalive through a real ``shardproxy run``: TCP keepalive on both sides
-of every tunnel."""
+of every tunnel, and the proxy's own WebSocket pings to clients (with wsproto
+peers, which show every Ping and Pong)."""
 
 from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import subprocess
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from conftest import Proxy
-from peers import WsBackend
+from peers import RawServer, WsBackend
 from websockets.asyncio.client import connect
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    CloseConnection,
+    Message,
+    Ping,
+    Pong,
+    Request,
+    TextMessage,
+)
 
 
 @pytest.fixture
@@ -62,3 +76,122 @@ def test_tcp_keepalive_on_both_sides_of_a_tunnel(
         # Seconds left, not the kernel default's "119min…" (2 h).
         for left in client_side + backend_side:
             assert left is not None and "min" not in left, (client_side, backend_side)
+
+
+# -- the proxy's WebSocket pings ---------------------------------------------------
+
+PINGS = '\n[keepalive]\nping_interval = "200ms"\nping_timeout = "500ms"\n'
+
+
+class WsprotoBackend:
+    """A backend on wsproto that echoes text, answers Pings, counts the Pongs
+    it receives, and can ping the client itself (``ping_first``)."""
+
+    def __init__(self, ping_first: bool = False) -> None:
+        self.ping_first = ping_first
+        self.pongs: list[bytes] = []
+        self.ended = threading.Event()
+        self.server = RawServer(self._serve)
+
+    def __enter__(self) -> WsprotoBackend:
+        self.server.__enter__()
+        self.port = self.server.port
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.__exit__(*exc)
+
+    def _serve(self, conn: socket.socket) -> None:
+        ws = WSConnection(ConnectionType.SERVER)
+        conn.settimeout(30)
+        try:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                ws.receive_data(data)
+                for event in ws.events():
+                    if isinstance(event, Request):
+                        conn.sendall(ws.send(AcceptConnection()))
+                        if self.ping_first:
+                            conn.sendall(ws.send(Ping(b"backend ping")))
+                    elif isinstance(event, TextMessage):
+                        conn.sendall(ws.send(Message(data=event.data)))
+                    elif isinstance(event, Ping):
+                        conn.sendall(ws.send(event.response()))
+                    elif isinstance(event, Pong):
+                        self.pongs.append(bytes(event.payload))
+                    elif isinstance(event, CloseConnection):
+                        conn.sendall(ws.send(event.response()))
+                        return
+        except OSError:
+            pass
+        finally:
+            self.ended.set()
+
+
+def upgraded_client(port: int) -> tuple[socket.socket, WSConnection, list[Any]]:
+    """A wsproto client through the proxy, and the events that came with the 101."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    ws = WSConnection(ConnectionType.CLIENT)
+    sock.sendall(ws.send(Request(host="127.0.0.1", target="/")))
+    events: list[Any] = []
+    while not any(isinstance(e, AcceptConnection) for e in events):
+        events += _events(sock, ws)
+    return sock, ws, [e for e in events if not isinstance(e, AcceptConnection)]
+
+
+def _events(sock: socket.socket, ws: WSConnection) -> list[Any]:
+    data = sock.recv(65536)
+    if not data:
+        raise ConnectionError("the proxy closed the connection")
+    ws.receive_data(data)
+    return list(ws.events())
+
+
+def test_a_client_that_answers_pings_stays_and_its_pongs_stop_at_the_proxy(
+    start_proxy: Callable[..., Proxy],
+) -> None:
+    with WsprotoBackend(ping_first=True) as backend:
+        proxy = start_proxy([backend.port], workers=1, extra=PINGS)
+        sock, ws, events = upgraded_client(proxy.port)
+        pings: list[bytes] = []
+        deadline = time.monotonic() + 2.5  # a dozen ping intervals
+        sock.settimeout(0.1)
+        while time.monotonic() < deadline:
+            for event in events:
+                if isinstance(event, Ping):
+                    pings.append(bytes(event.payload))
+                    sock.sendall(ws.send(event.response()))
+            try:
+                events = _events(sock, ws)
+            except TimeoutError:
+                events = []
+        sock.settimeout(10)
+        sock.sendall(ws.send(Message(data="still here")))
+        replies: list[Any] = []
+        while not any(isinstance(e, TextMessage) for e in replies):
+            replies += [e for e in _events(sock, ws) if not isinstance(e, Ping)]
+        assert [e.data for e in replies if isinstance(e, TextMessage)] == ["still here"]
+        ours = [p for p in pings if p != b"backend ping"]
+        assert len(ours) >= 5, pings
+        assert b"backend ping" in pings  # the backend's own Ping reached the client…
+        assert backend.pongs == [b"backend ping"]  # …and only its answer reached the backend
+        assert not proxy.actions("ping-timeout")
+        sock.close()
+
+
+def test_a_client_that_stops_answering_is_closed_after_ping_timeout(
+    start_proxy: Callable[..., Proxy],
+) -> None:
+    with WsprotoBackend() as backend:
+        proxy = start_proxy([backend.port], workers=1, extra=PINGS)
+        sock, _, _ = upgraded_client(proxy.port)  # and never reads again
+        started = time.monotonic()
+        assert backend.ended.wait(10), "the proxy kept the silent client"
+        assert time.monotonic() - started < 3  # interval + timeout, with room
+        event = proxy.wait_for(lambda evs: proxy.actions("ping-timeout"), what="ping-timeout")[0]
+        assert event["client"]["port"] == sock.getsockname()[1]
+        closed = proxy.wait_for(lambda evs: proxy.actions("tunnel-closed"), what="access event")
+        assert closed[0]["shardproxy"]["outcome"] == "ping_timeout"
+        sock.close()

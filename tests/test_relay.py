@@ -317,3 +317,57 @@ def test_a_peer_that_never_answers_is_ended_by_end() -> None:
         backend.close()
 
     run(test)
+
+
+# -- the proxy's pings ---------------------------------------------------------------
+
+
+def masked(opcode: int, payload: bytes, key: bytes = b"\x11\x22\x33\x44") -> bytes:
+    body = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + key + body
+
+
+@pytest.mark.parametrize("bytewise", [False, True])
+def test_our_pong_is_taken_out_of_the_stream_and_nothing_else(bytewise: bool) -> None:
+    async def test(h: Harness) -> None:
+        client, backend, t = h.tunnel()
+        assert h.engine.ping(t, 1.0)
+        assert not h.engine.ping(t, 2.0)  # one at a time
+        ping = bytes([0x89, len(h.engine.ping_payload)]) + h.engine.ping_payload
+        assert await trio.to_thread.run_sync(recv_exactly, client, len(ping)) == ping
+        before = masked(0x1, b"before")
+        theirs = masked(0xA, b"x" * len(h.engine.ping_payload))  # same length, not ours
+        after = masked(0x2, b"after" * 40)
+        stream = before + masked(0xA, h.engine.ping_payload) + theirs + after
+        if bytewise:  # every frame cut everywhere: the held-back path
+            for i in range(len(stream)):
+                await trio.to_thread.run_sync(client.sendall, stream[i : i + 1])
+                await trio.sleep(0.001)
+        else:
+            await trio.to_thread.run_sync(client.sendall, stream)
+        expected = before + theirs + after
+        assert await trio.to_thread.run_sync(recv_exactly, backend, len(expected)) == expected
+        assert t.ping_sent == 0.0 and t.held == b""
+        assert t.up.messages == 2
+        client.close()
+        backend.close()
+
+    run(test)
+
+
+def test_a_ping_waits_for_the_frame_in_progress() -> None:
+    big = bytes([0x82, 126]) + (3000).to_bytes(2, "big") + b"y" * 3000
+
+    async def test(h: Harness) -> None:
+        client, backend, t = h.tunnel()
+        await trio.to_thread.run_sync(backend.sendall, big[:100])
+        await trio.to_thread.run_sync(recv_exactly, client, 100)
+        assert h.engine.ping(t, 1.0)
+        await trio.to_thread.run_sync(backend.sendall, big[100:] + bytes([0x81, 2]) + b"ok")
+        ping = bytes([0x89, len(h.engine.ping_payload)]) + h.engine.ping_payload
+        expected = big[100:] + ping + bytes([0x81, 2]) + b"ok"
+        assert await trio.to_thread.run_sync(recv_exactly, client, len(expected)) == expected
+        client.close()
+        backend.close()
+
+    run(test)
