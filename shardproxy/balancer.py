@@ -43,17 +43,23 @@ class EndpointState:
 
 
 class ServerState:
-    __slots__ = ("active", "config", "endpoints", "up")
+    __slots__ = ("active", "config", "drained", "endpoints", "up")
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.endpoints = tuple(EndpointState(ep, self) for ep in config.endpoints)
         self.active = 0
         self.up = True  # while any of its endpoints is up
+        self.drained = False  # an operator's admin call: no new tunnels, existing ones kept
 
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def available(self) -> bool:
+        """May it get new tunnels: up, and not drained by an operator."""
+        return self.up and not self.drained
 
     @property
     def weight(self) -> int:
@@ -102,7 +108,7 @@ class RoundRobin:
         key: bytes | None,
         exclude: Collection[ServerState],
     ) -> ServerState | None:
-        candidates = [s for s in servers if s.up and s not in exclude]
+        candidates = [s for s in servers if s.available and s not in exclude]
         if not candidates:
             return None
         total = 0
@@ -138,7 +144,7 @@ class LeastConn:
         self._turn = (self._turn + 1) % n if n else 0
         for i in range(n):
             s = servers[(self._turn + i) % n]
-            if not s.up or s in exclude:
+            if not s.available or s in exclude:
                 continue
             load = s.active / s.weight
             if load < best_load:
@@ -171,7 +177,7 @@ class RendezvousHash:
         best: ServerState | None = None
         best_score = -math.inf
         for s in servers:
-            if not s.up or s in exclude:
+            if not s.available or s in exclude:
                 continue
             score = -s.weight / math.log(_unit_interval(key, s.name))
             if score > best_score:

@@ -165,6 +165,12 @@ class KeepaliveConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminConfig:
+    listen: Endpoint | None  # None: no admin listener
+    token: str  # "" = no authentication
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str
     stats_interval: float  # seconds between "stats" events; 0 = none
@@ -177,6 +183,7 @@ class Config:
     upstream: UpstreamConfig
     lifecycle: LifecycleConfig
     keepalive: KeepaliveConfig
+    admin: AdminConfig
     log: LogConfig
     routes: tuple[RouteConfig, ...]
     pools: tuple[PoolConfig, ...]
@@ -229,6 +236,10 @@ class Config:
                 "tcp_count": self.keepalive.tcp_count,
                 "ping_interval": format_duration(self.keepalive.ping_interval),
                 "ping_timeout": format_duration(self.keepalive.ping_timeout),
+            },
+            "admin": {
+                "listen": "" if self.admin.listen is None else str(self.admin.listen),
+                "token": self.admin.token,
             },
             "log": {
                 "level": self.log.level,
@@ -414,12 +425,15 @@ class _Parser:
 
     def config(self, data: Mapping[str, Any]) -> Config:
         top = self.table(
-            data, "", {"proxy", "upstream", "lifecycle", "keepalive", "log", "routes", "pools"}
+            data,
+            "",
+            {"proxy", "upstream", "lifecycle", "keepalive", "admin", "log", "routes", "pools"},
         )
         proxy = self.proxy(top.get("proxy", {}))
         upstream = self.upstream(top.get("upstream", {}), proxy)
         lifecycle = self.lifecycle(top.get("lifecycle", {}))
         keepalive = self.keepalive(top.get("keepalive", {}))
+        admin = self.admin(top.get("admin", {}), proxy)
         log = self.log(top.get("log", {}))
         pools = self.pools(top.get("pools"))
         routes = self.routes(top.get("routes"), {p.name for p in pools})
@@ -429,6 +443,7 @@ class _Parser:
             upstream=upstream,
             lifecycle=lifecycle,
             keepalive=keepalive,
+            admin=admin,
             log=log,
             routes=routes,
             pools=pools,
@@ -553,6 +568,15 @@ class _Parser:
             ),
             ping_timeout=self.duration(raw["ping_timeout"], "keepalive.ping_timeout"),
         )
+
+    def admin(self, value: Any, proxy: ProxyConfig) -> AdminConfig:
+        raw = self.table(value, "admin", {"listen", "token"})
+        text = self.string(raw.get("listen", ""), "admin.listen")
+        listen = self.check("admin.listen", parse_host_port, text) if text else None
+        if listen is not None and listen in proxy.listen:
+            raise self.fail("admin.listen", f"{listen} is also in proxy.listen")
+        token = self.string(raw.get("token", ""), "admin.token")
+        return AdminConfig(listen=listen, token=token)
 
     def log(self, value: Any) -> LogConfig:
         raw = self.table(value, "log", {"level", "stats_interval", "access"})

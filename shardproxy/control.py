@@ -9,6 +9,10 @@ supervisor → worker
     the slot's port slice and allocator (addrplan.py).
     ``{"type": "health", "down": ["ip:port", ...]}``: the backend endpoints
     that are down now, whenever that changes (and after start, if any).
+    ``{"type": "drained", "servers": [["pool", "server"], ...]}``: the
+    servers an operator drained (admin.py): no new tunnels for them.
+    ``{"type": "retire", "sweep": [i, ...], "drain_after": s | null}``: a
+    reload replaced this worker's generation (supervisor.py).
 worker → supervisor
     ``{"type": "ready", "slot": N, "pid": P, "capacity": C}``: accepting now;
     C is how many connections its descriptor limit allows.

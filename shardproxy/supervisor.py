@@ -55,11 +55,13 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 import trio
 
 from . import addrplan, config, logs, stats
 from .addrplan import Plan
+from .admin import serve_admin
 from .config import Config, ConfigError, Endpoint, format_duration
 from .control import Channel
 from .health import HealthMonitor
@@ -79,12 +81,13 @@ class StartError(Exception):
     """The supervisor cannot start; ``str()`` says why in one line."""
 
 
-def open_listen_socket(endpoint: Endpoint) -> socket.socket:
+def open_listen_socket(endpoint: Endpoint, *, reuse_port: bool = True) -> socket.socket:
     family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((endpoint.host, endpoint.port))
         sock.listen(LISTEN_BACKLOG)
     except OSError as e:
@@ -148,6 +151,8 @@ class Supervisor:
         self.retired: Counter[str] = Counter()  # counts of workers that exited
         self.ready = trio.Event()  # the first generation is ready
         self.health = HealthMonitor(cfg, self.log, self._broadcast)
+        self.drained: set[tuple[str, str]] = set()  # (pool, server) an operator drained
+        self.admin_socket: socket.socket | None = None
         self._health_scope = trio.CancelScope()
         self._stopping = False
 
@@ -160,6 +165,17 @@ class Supervisor:
             raise StartError(str(e)) from None
         slots = self._open_slots(self.config)
         self.gen = Generation(1, self.config, self.plan, slots)
+        if self.config.admin.listen is not None:
+            try:
+                self.admin_socket = open_listen_socket(self.config.admin.listen, reuse_port=False)
+            except StartError as e:
+                self.close_sockets()
+                raise StartError(f"admin.listen: {e}") from None
+
+    def close_admin(self) -> None:
+        if self.admin_socket is not None:
+            self.admin_socket.close()
+            self.admin_socket = None
 
     def _open_slots(self, cfg: Config) -> list[list[socket.socket]]:
         """Each slot's sockets for ``cfg``: the open ones reused, the missing
@@ -202,12 +218,21 @@ class Supervisor:
                         nursery.start_soon(self._log_stats, self.config.log.stats_interval)
                     nursery.start_soon(self._run_health)
                     nursery.start_soon(self._reload_on_sighup, nursery)
+                    if self.admin_socket is not None:
+                        nursery.start_soon(
+                            serve_admin,
+                            self.admin_socket,
+                            self.config.admin.token,
+                            self._admin,
+                            self.log,
+                        )
                     task_status.started()
                     signum = await anext(signals)
                     await self.stop_workers(signals, at_once=signum == signal.SIGQUIT)
                     nursery.cancel_scope.cancel()
         finally:
             self.close_sockets()
+            self.close_admin()  # last: /healthz answers 503 while the workers drain
         self.log.info("supervisor stopped", **{"event.action": "supervisor-stopped"})
 
     def _log_start(self) -> None:
@@ -416,6 +441,8 @@ class Supervisor:
                 await self._send(w, self._start_message(gen, slot))
                 if self.health.down():
                     await self._send(w, self.health.message())
+                if self.drained:
+                    await self._send(w, self._drained_message())
                 code = await proc.wait()
                 nursery.cancel_scope.cancel()
         finally:
@@ -482,6 +509,67 @@ class Supervisor:
                         await self.health.passive_failures(endpoint, n, slot)
         except (OSError, ValueError):
             pass  # the worker went away; _run_worker sees it exit
+
+    # -- admin ------------------------------------------------------------------
+
+    async def _admin(self, method: str, path: str) -> tuple[int, Any]:
+        """The admin listener's requests (admin.py)."""
+        if path == "/healthz":
+            if method != "GET":
+                return 405, {"error": "use GET"}
+            return (503, {"status": "draining"}) if self._stopping else (200, {"status": "ok"})
+        if path == "/servers":
+            return (200, self._servers()) if method == "GET" else (405, {"error": "use GET"})
+        parts = [unquote(p) for p in path.strip("/").split("/")]
+        if len(parts) != 4 or parts[0] != "servers" or parts[3] not in ("drain", "ready"):
+            return 404, {"error": f"no such resource: {path}"}
+        if method != "POST":
+            return 405, {"error": "use POST"}
+        pool, server, action = parts[1], parts[2], parts[3]
+        if not any(
+            p.name == pool and any(s.name == server for s in p.servers) for p in self.config.pools
+        ):
+            return 404, {"error": f"no server {server!r} in pool {pool!r}"}
+        if action == "drain":
+            self.drained.add((pool, server))
+        else:
+            self.drained.discard((pool, server))
+        self.log.info(
+            f"server {server} of pool {pool}: "
+            + ("drained by an admin call (no new tunnels)" if action == "drain" else "ready again"),
+            **{
+                "event.action": f"server-{action}",
+                "shardproxy.pool": pool,
+                "shardproxy.server": server,
+            },
+        )
+        await self._broadcast(self._drained_message())
+        return 200, {"pool": pool, "server": server, "admin": action}
+
+    def _drained_message(self) -> dict[str, Any]:
+        return {"type": "drained", "servers": sorted(self.drained)}
+
+    def _servers(self) -> list[dict[str, Any]]:
+        down = set(self.health.down())
+        checked = {str(ep) for ep in self.health.endpoints}
+        return [
+            {
+                "pool": pool.name,
+                "server": server.name,
+                "admin": "drain" if (pool.name, server.name) in self.drained else "ready",
+                "endpoints": [
+                    {
+                        "endpoint": str(ep),
+                        "health": "down"
+                        if str(ep) in down
+                        else ("up" if str(ep) in checked else "unchecked"),
+                    }
+                    for ep in server.endpoints
+                ],
+            }
+            for pool in self.config.pools
+            for server in pool.servers
+        ]
 
     # -- health and stats -------------------------------------------------------
 

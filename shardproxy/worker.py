@@ -322,6 +322,12 @@ class Worker:
             tunnels = [t for t in self.engine.tunnels() if t.info.endpoint in closing]
             nursery.start_soon(self._close_for_health, tunnels)
 
+    def set_drained(self, drained: set[tuple[str, str]]) -> None:
+        """The (pool, server) pairs an operator drained: no new tunnels."""
+        for pool in self.pools.values():
+            for server in pool.servers:
+                server.drained = (pool.name, server.name) in drained
+
     async def _close_for_health(self, tunnels: list[Tunnel]) -> None:
         self.log.info(
             f"closing {len(tunnels)} tunnels of backends that went down",
@@ -439,6 +445,8 @@ async def _watch_supervisor(channel: Channel, worker: Worker, nursery: trio.Nurs
     while (message := await channel.receive()) is not None:
         if message.get("type") == "health":
             worker.set_health({config.parse_host_port(e) for e in message["down"]}, nursery)
+        elif message.get("type") == "drained":
+            worker.set_drained({(pool, server) for pool, server in message["servers"]})
         elif message.get("type") == "retire":
             nursery.start_soon(_retire_then_stop, worker, message, nursery.cancel_scope)
     nursery.cancel_scope.cancel()  # the supervisor is gone

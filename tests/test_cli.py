@@ -108,7 +108,7 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
     keys |= {k for pool in effective["pools"].values() for k in pool}
     keys |= {k for pool in effective["pools"].values() for s in pool["servers"] for k in s}
     keys |= {k for pool in effective["pools"].values() for k in pool.get("health", {})}
-    keys |= set(effective["lifecycle"]) | set(effective["keepalive"])
+    keys |= set(effective["lifecycle"]) | set(effective["keepalive"]) | set(effective["admin"])
     for key in keys:
         assert re.search(rf"`{key}`", readme), f"README does not document {key}"
         example_has = rf"^\s*{key} =|[{{,] {key} =|^\[pools\.\w+\.{key}\]"

@@ -923,3 +923,15 @@ def test_keepalive_defaults_and_errors() -> None:
     assert pings.ping_interval == 30.0
     error({**minimal(), "keepalive": {"ping_timeout": "0s"}}, "keepalive.ping_timeout", "zero")
     error({**minimal(), "keepalive": {"ping": "30s"}}, "keepalive.ping", "unknown")
+
+
+def test_admin_listener_is_off_unless_set() -> None:
+    a = from_mapping(minimal()).admin
+    assert (a.listen, a.token) == (None, "")
+    data = {**minimal(), "admin": {"listen": "127.0.0.1:9900", "token": "t"}}
+    a = from_mapping(data).admin
+    assert (a.listen, a.token) == (Endpoint("127.0.0.1", 9900), "t")
+    assert from_mapping(from_mapping(data).to_dict()) == from_mapping(data)
+    error({**minimal(), "admin": {"listen": "localhost:9900"}}, "admin.listen", "IP address")
+    clash = {**minimal(), "admin": {"listen": "0.0.0.0:8080"}}
+    error(clash, "admin.listen", "also in proxy.listen")

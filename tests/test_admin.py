@@ -1,0 +1,118 @@
+"""The admin listener of a real ``shardproxy run``: health, and draining one
+server by hand."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import signal
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from conftest import Proxy, free_port
+from peers import WsBackend
+from websockets.asyncio.client import connect
+
+TOKEN = "s3cret"
+
+
+def call(port: int, method: str, path: str, token: str | None = TOKEN) -> tuple[int, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    conn.request(method, path, headers=headers)
+    response = conn.getresponse()
+    body = json.loads(response.read() or b"null")
+    conn.close()
+    return response.status, body
+
+
+def admin_config(port: int) -> str:
+    return f'\n[admin]\nlisten = "127.0.0.1:{port}"\ntoken = "{TOKEN}"\n'
+
+
+def test_draining_a_server_by_hand_keeps_its_tunnels_and_sends_new_ones_elsewhere(
+    start_proxy: Callable[..., Proxy],
+) -> None:
+    aport = free_port()
+    with WsBackend() as b0, WsBackend() as b1:
+        proxy = start_proxy([b0.port, b1.port], extra=admin_config(aport))
+        assert call(aport, "GET", "/healthz", token=None)[0] == 401
+        assert call(aport, "GET", "/healthz", token="wrong")[0] == 401
+        assert call(aport, "GET", "/healthz") == (200, {"status": "ok"})
+        status, servers = call(aport, "GET", "/servers")
+        assert status == 200
+        assert [(s["server"], s["admin"]) for s in servers] == [("b0", "ready"), ("b1", "ready")]
+        assert servers[0]["endpoints"] == [
+            {"endpoint": f"127.0.0.1:{b0.port}", "health": "unchecked"}
+        ]
+
+        async def main() -> None:
+            held = [await connect(proxy.url + "/echo", ping_interval=None) for _ in range(10)]
+            assert b0.peers and b1.peers
+            assert call(aport, "POST", "/servers/main/b0/drain") == (
+                200,
+                {"pool": "main", "server": "b0", "admin": "drain"},
+            )
+            await asyncio.to_thread(
+                proxy.wait_for, lambda evs: proxy.actions("server-drain"), "server-drain"
+            )
+            await asyncio.sleep(0.3)  # the workers have the message
+            on_b0 = len(b0.peers)
+            for _ in range(20):
+                async with connect(proxy.url + "/echo", ping_interval=None) as ws:
+                    await ws.send("x")
+                    await ws.recv()
+            assert len(b0.peers) == on_b0  # none to the drained server
+            for i, ws in enumerate(held):  # its tunnels are kept
+                await ws.send(f"kept {i}")
+                assert await ws.recv() == f"kept {i}"
+            assert call(aport, "POST", "/servers/main/b0/ready")[0] == 200
+            await asyncio.sleep(0.3)
+            for _ in range(20):
+                async with connect(proxy.url + "/echo", ping_interval=None) as ws:
+                    await ws.send("x")
+                    await ws.recv()
+            assert len(b0.peers) > on_b0
+            for ws in held:
+                await ws.close()
+
+        asyncio.run(asyncio.wait_for(main(), 60))
+        assert call(aport, "POST", "/servers/main/nope/drain")[0] == 404
+        assert call(aport, "GET", "/servers/main/b0/drain")[0] == 405
+        assert call(aport, "GET", "/nothing")[0] == 404
+
+
+def test_healthz_turns_503_while_draining(start_proxy: Callable[..., Proxy]) -> None:
+    aport = free_port()
+    with WsBackend() as b0:
+        proxy = start_proxy(
+            [b0.port], extra=admin_config(aport) + '\n[lifecycle]\nclose_spread = "10s"\n'
+        )
+
+        async def main() -> None:
+            held = [await connect(proxy.url + "/echo", ping_interval=None) for _ in range(4)]
+            proxy.proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(
+                proxy.wait_for, lambda evs: proxy.actions("supervisor-stop"), "drain"
+            )
+            status, body = await asyncio.to_thread(call, aport, "GET", "/healthz")
+            assert (status, body) == (503, {"status": "draining"})
+            for ws in held:
+                await ws.close()
+
+        asyncio.run(asyncio.wait_for(main(), 60))
+        assert proxy.proc.wait(20) == 0
+
+
+def test_a_broken_admin_request_gets_400_and_the_listener_goes_on(
+    start_proxy: Callable[..., Proxy],
+) -> None:
+    aport = free_port()
+    with WsBackend() as b0:
+        start_proxy([b0.port], extra=admin_config(aport))
+        with socket.create_connection(("127.0.0.1", aport), timeout=10) as s:
+            s.sendall(b"GARBAGE\r\n\r\n")
+            assert s.recv(100).startswith(b"HTTP/1.1 400")
+        assert call(aport, "GET", "/healthz")[0] == 200
