@@ -168,3 +168,36 @@ def test_reload_drain_after_closes_old_tunnels_with_1001(setup: Setup) -> None:
 
     assert asyncio.run(main()) == [1001] * 20
     proxy.wait_for(lambda evs: len(proxy.actions("worker-retired")) >= 2, "old workers exit")
+
+
+def test_reload_opens_added_listen_addresses_and_closes_removed_ones(setup: Setup) -> None:
+    proxy = setup.start()
+    extra_port = free_port()
+    text = setup.path.read_text()
+    two = text.replace(
+        f'listen = ["127.0.0.1:{setup.port}"]',
+        f'listen = ["127.0.0.1:{setup.port}", "127.0.0.1:{extra_port}"]',
+    )
+    assert two != text
+    setup.path.write_text(two)
+
+    async def echo_on(port: int) -> None:
+        async with connect(f"ws://127.0.0.1:{port}/echo", ping_interval=None) as ws:
+            await ws.send("hi")
+            assert await ws.recv() == "hi"
+
+    with pytest.raises(OSError):
+        asyncio.run(echo_on(extra_port))
+    proxy.proc.send_signal(signal.SIGHUP)
+    proxy.wait_for(lambda evs: proxy.actions("reload-done"), "reload-done")
+    asyncio.run(echo_on(extra_port))  # opened
+    asyncio.run(echo_on(setup.port))
+    setup.path.write_text(
+        two.replace(f'listen = ["127.0.0.1:{setup.port}", ', "listen = [")
+    )  # only the new address is left
+    proxy.proc.send_signal(signal.SIGHUP)
+    proxy.wait_for(lambda evs: len(proxy.actions("reload-done")) == 2, "second reload-done")
+    asyncio.run(echo_on(extra_port))
+    proxy.wait_for(lambda evs: len(proxy.actions("worker-retired")) >= 4, "old workers exit")
+    with pytest.raises(OSError):  # closed: refused
+        asyncio.run(echo_on(setup.port))
