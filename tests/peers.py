@@ -36,8 +36,8 @@ FLOOD_SIZE = 1 << 20
 
 
 class WsBackend:
-    def __init__(self) -> None:
-        self.port = 0
+    def __init__(self, port: int = 0) -> None:
+        self.port = port  # 0: any free port
         self.close_codes: list[int | None] = []
         self.peers: list[tuple[str, int]] = []
         self.flood_sent = 0
@@ -67,7 +67,7 @@ class WsBackend:
         async with serve(
             self._handler,
             "127.0.0.1",
-            0,
+            self.port,
             max_size=None,
             ping_interval=None,
             backlog=4096,

@@ -208,3 +208,30 @@ def test_check_kinds_through_the_config(kind: str, start_proxy: Callable[..., Pr
         )
         events = proxy.wait_for(lambda evs: proxy.actions("server-down"), what="server-down")
         assert [e["destination"]["port"] for e in events] == [dead]
+
+
+def test_a_killed_backend_goes_down_and_comes_back_when_restarted(
+    start_proxy: Callable[..., Proxy],
+) -> None:
+    with WsBackend() as b1:
+        with WsBackend() as b2:
+            port2 = b2.port
+            proxy = start_proxy(
+                [b1.port, port2],
+                extra='\n[pools.main.health]\nkind = "tcp"\ninterval = "200ms"\n'
+                'timeout = "150ms"\nrise = 2\nfall = 2\n',
+            )
+        # b2 is gone (its listener closed): down after `fall` failed checks.
+        event = proxy.wait_for(lambda evs: proxy.actions("server-down"), what="server-down")[0]
+        assert event["destination"]["port"] == port2
+
+        async def some(n: int) -> None:
+            for ws in await open_clients(proxy, n):
+                await ws.close()
+
+        asyncio.run(some(10))  # every one served, by b1
+        assert not proxy.actions("request-rejected")
+        with WsBackend(port=port2) as restarted:
+            proxy.wait_for(lambda evs: proxy.actions("server-up"), what="server-up")
+            asyncio.run(some(20))
+            assert restarted.peers  # back in rotation
