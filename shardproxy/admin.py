@@ -3,6 +3,8 @@
 Endpoints (JSON answers)::
 
     GET  /healthz                          200 while serving, 503 once a drain began
+    GET  /metrics                          Prometheus text format (metrics.py)
+    GET  /stats                            the same figures as JSON, per worker
     GET  /servers                          every pool's servers: health and admin state
     POST /servers/POOL/SERVER/drain        no new tunnels for it; its tunnels stay
     POST /servers/POOL/SERVER/ready        back in rotation
@@ -31,7 +33,9 @@ import trio
 MAX_HEAD = 8192
 REQUEST_TIMEOUT = 5.0
 
-# (method, path) → (status, JSON body)
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# (method, path) → (status, a JSON-able body, or bytes already rendered)
 Handler = Callable[[str, str], Awaitable[tuple[int, Any]]]
 
 
@@ -88,9 +92,12 @@ async def _answer(token: str, handler: Handler, log: Any, request: h11.Request) 
 async def _respond(conn: h11.Connection, stream: trio.SocketStream, status: int, body: Any) -> None:
     if conn.our_state not in {h11.IDLE, h11.SEND_RESPONSE}:
         return  # (IDLE: the request was unreadable, h11 still lets us answer it)
-    data = json.dumps(body).encode() + b"\n"
+    if isinstance(body, bytes):  # already rendered (/metrics)
+        data, content_type = body, METRICS_CONTENT_TYPE
+    else:
+        data, content_type = json.dumps(body).encode() + b"\n", "application/json"
     headers = [
-        ("content-type", "application/json"),
+        ("content-type", content_type),
         ("content-length", str(len(data))),
         ("connection", "close"),
     ]

@@ -47,6 +47,7 @@ a few seconds of its start.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -57,14 +58,15 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
+import psutil
 import trio
 
-from . import addrplan, config, logs, stats
+from . import addrplan, config, logs, metrics, stats
 from .addrplan import Plan
 from .admin import serve_admin
 from .config import Config, ConfigError, Endpoint, format_duration
 from .control import Channel
-from .health import HealthMonitor
+from .health import UP, HealthMonitor
 from .limits import fd_capacity, raise_nofile_limit
 from .sockopts import set_tcp_keepalive
 
@@ -103,6 +105,22 @@ def restart_delay(failures: int) -> float:
     if failures <= 1:
         return 0.0
     return float(min(0.5 * 2 ** (failures - 2), RESTART_BACKOFF_MAX))
+
+
+def _process_figures(pid: int) -> dict[str, Any]:
+    """psutil's view of one of our processes; {} if it is gone."""
+    try:
+        p = psutil.Process(pid)
+        with p.oneshot():
+            cpu = p.cpu_times()
+            return {
+                "rss": p.memory_info().rss,
+                "cpu_seconds": cpu.user + cpu.system,
+                "open_fds": p.num_fds(),
+                "max_fds": p.rlimit(psutil.RLIMIT_NOFILE)[0],
+            }
+    except psutil.Error:
+        return {}
 
 
 def _describe_exit(code: int) -> str:
@@ -152,6 +170,8 @@ class Supervisor:
         self.ready = trio.Event()  # the first generation is ready
         self.health = HealthMonitor(cfg, self.log, self._broadcast)
         self.drained: set[tuple[str, str]] = set()  # (pool, server) an operator drained
+        self.restarts = 0  # workers restarted after dying
+        self.reloads: Counter[str] = Counter()  # "done" / "refused"
         self.admin_socket: socket.socket | None = None
         self._health_scope = trio.CancelScope()
         self._stopping = False
@@ -327,6 +347,7 @@ class Supervisor:
             plan = addrplan.build(cfg)
             slots = self._open_slots(cfg)
         except (ConfigError, StartError) as e:
+            self.reloads["refused"] += 1
             self.log.error(
                 f"reload refused, the running configuration stays: {e}",
                 **{"event.action": "reload-refused", "error.message": str(e)},
@@ -342,6 +363,7 @@ class Supervisor:
         with trio.move_on_after(READY_TIMEOUT):
             await new.ready.wait()
         if not new.ready.is_set():
+            self.reloads["refused"] += 1
             await self._retire(new, drain_after=0.0)
             self._close_unused_sockets(old)
             self.log.error(
@@ -350,6 +372,7 @@ class Supervisor:
             )
             return False
         self.gen, self.config, self.plan = new, cfg, plan
+        self.reloads["done"] += 1
         await self._retire(old, drain_after=cfg.lifecycle.reload_drain_after)
         self._close_unused_sockets(new)
         self.health.reconfigure(cfg)
@@ -400,6 +423,7 @@ class Supervisor:
             code, name = await self._run_worker(gen, slot)
             if self._stopping or gen.retired:
                 return
+            self.restarts += 1
             failures = failures + 1 if trio.current_time() - started < STABLE_AFTER else 1
             delay = restart_delay(failures)
             self.log.error(
@@ -520,6 +544,14 @@ class Supervisor:
             return (503, {"status": "draining"}) if self._stopping else (200, {"status": "ok"})
         if path == "/servers":
             return (200, self._servers()) if method == "GET" else (405, {"error": "use GET"})
+        if path == "/metrics":
+            if method != "GET":
+                return 405, {"error": "use GET"}
+            return 200, metrics.render(metrics.families(self.stats, self.retired, self._figures()))
+        if path == "/stats":
+            if method != "GET":
+                return 405, {"error": "use GET"}
+            return 200, {**stats.summary(self.stats, self.retired), **self._figures()}
         parts = [unquote(p) for p in path.strip("/").split("/")]
         if len(parts) != 4 or parts[0] != "servers" or parts[3] not in ("drain", "ready"):
             return 404, {"error": f"no such resource: {path}"}
@@ -545,6 +577,25 @@ class Supervisor:
         )
         await self._broadcast(self._drained_message())
         return 200, {"pool": pool, "server": server, "admin": action}
+
+    def _figures(self) -> dict[str, Any]:
+        """The supervisor's own figures, for /metrics and /stats."""
+        processes = {"supervisor": _process_figures(os.getpid())}
+        for pid, w in list(self.workers.items()):
+            name = f"worker-{w.slot}" + (
+                "" if w.generation.number == 1 else f".{w.generation.number}"
+            )
+            figures = _process_figures(pid)
+            if figures:
+                processes[name] = figures
+        return {
+            "restarts": self.restarts,
+            "reloads": dict(self.reloads),
+            "backends": {
+                str(ep): state.state == UP for ep, (state, _) in self.health.endpoints.items()
+            },
+            "processes": {k: v for k, v in processes.items() if v},
+        }
 
     def _drained_message(self) -> dict[str, Any]:
         return {"type": "drained", "servers": sorted(self.drained)}

@@ -1,0 +1,211 @@
+"""Prometheus metrics, from the workers' snapshots the supervisor keeps.
+
+:func:`families` turns plain data (the latest snapshot of every worker, the
+totals of workers that exited, the supervisor's own figures) into metric
+families; :func:`render` writes them in the text exposition format with
+``prometheus_client`` (not by hand). Names follow Prometheus conventions:
+``shardproxy_`` prefix, base units, ``_total`` for counters. Counters are
+sums over the workers plus the retired totals, so they never go back when a
+worker is replaced or a reload retires a generation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .stats import total_counts, upstream_usage
+
+# worker count name → (metric, help, label name, label value); label None = no label
+_COUNTERS: dict[str, tuple[str, str, str | None, str | None]] = {
+    "tunnels": (
+        "shardproxy_tunnels_opened_total",
+        "Tunnels established (101 passed on).",
+        None,
+        None,
+    ),
+    "bytes.up": ("shardproxy_bytes_total", "Bytes relayed by ended tunnels.", "direction", "up"),
+    "bytes.down": (
+        "shardproxy_bytes_total",
+        "Bytes relayed by ended tunnels.",
+        "direction",
+        "down",
+    ),
+    "messages.up": (
+        "shardproxy_messages_total",
+        "WebSocket data messages relayed by ended tunnels.",
+        "direction",
+        "up",
+    ),
+    "messages.down": (
+        "shardproxy_messages_total",
+        "WebSocket data messages relayed by ended tunnels.",
+        "direction",
+        "down",
+    ),
+    "upstream.connect_failed": (
+        "shardproxy_upstream_connect_failures_total",
+        "Upstream connects refused or timed out.",
+        None,
+        None,
+    ),
+    "handshake_failed": (
+        "shardproxy_handshake_failures_total",
+        "Client connections that failed during the handshake.",
+        None,
+        None,
+    ),
+    "ping_timeout": (
+        "shardproxy_ping_timeouts_total",
+        "Tunnels ended because the client did not answer the proxy's ping.",
+        None,
+        None,
+    ),
+}
+
+
+def families(
+    snapshots: Mapping[int, Mapping[str, Any]],
+    retired: Mapping[str, int],
+    supervisor: Mapping[str, Any],
+) -> list[Metric]:
+    """Every metric family. ``supervisor`` holds ``restarts``, ``reloads``
+    (result → count), ``backends`` (endpoint → up?) and ``processes``
+    (name → {rss, cpu_seconds, open_fds, max_fds})."""
+    out: list[Metric] = []
+    out += _worker_gauges(snapshots)
+    out += _counters(total_counts(snapshots.values(), retired))
+    out += _upstream(snapshots.values())
+    out += _supervisor(supervisor)
+    return out
+
+
+def _worker_gauges(snapshots: Mapping[int, Mapping[str, Any]]) -> list[Metric]:
+    gauges = {
+        "tunnels": GaugeMetricFamily(
+            "shardproxy_tunnels", "Tunnels open now.", labels=["worker", "generation"]
+        ),
+        "handshakes": GaugeMetricFamily(
+            "shardproxy_handshakes_in_flight",
+            "Connections between accept and 101 (or their answer).",
+            labels=["worker", "generation"],
+        ),
+        "capacity": GaugeMetricFamily(
+            "shardproxy_connections_capacity",
+            "Connections a worker may hold (RLIMIT_NOFILE or max_connections).",
+            labels=["worker", "generation"],
+        ),
+    }
+    for s in snapshots.values():
+        labels = [str(s.get("slot", "")), str(s.get("generation", 1))]
+        for key, family in gauges.items():
+            family.add_metric(labels, s.get(key, 0))
+    return list(gauges.values())
+
+
+def _counters(totals: Mapping[str, int]) -> list[Metric]:
+    found: dict[str, CounterMetricFamily] = {}
+
+    def family(name: str, doc: str, label: str | None) -> CounterMetricFamily:
+        if name not in found:
+            found[name] = CounterMetricFamily(name, doc, labels=[label] if label else [])
+        return found[name]
+
+    for key, (name, doc, label, value) in _COUNTERS.items():
+        family(name, doc, label).add_metric([value] if value else [], totals.get(key, 0))
+    rejected = family("shardproxy_rejected_total", "Requests refused, by reason.", "reason")
+    closed = family("shardproxy_tunnels_closed_total", "Tunnels ended, by outcome.", "outcome")
+    for key, n in sorted(totals.items()):
+        kind, _, name = key.partition(".")
+        if kind == "rejected":
+            rejected.add_metric([name], n)
+        elif kind == "closed":
+            closed.add_metric([name], n)
+    return list(found.values())
+
+
+def _upstream(snapshots: Iterable[Mapping[str, Any]]) -> list[Metric]:
+    labels = ["source", "endpoint"]
+    used = GaugeMetricFamily(
+        "shardproxy_upstream_tuples_used",
+        "Upstream connections per (source address, backend endpoint).",
+        labels=labels,
+    )
+    capacity = GaugeMetricFamily(
+        "shardproxy_upstream_tuples_capacity",
+        "Upstream connections the address plan allows per (source address, backend endpoint).",
+        labels=labels,
+    )
+    for u in upstream_usage(snapshots):
+        used.add_metric([u["source"], u["endpoint"]], u["used"])
+        capacity.add_metric([u["source"], u["endpoint"]], u["capacity"])
+    return [used, capacity]
+
+
+def _supervisor(s: Mapping[str, Any]) -> list[Metric]:
+    restarts = CounterMetricFamily(
+        "shardproxy_worker_restarts_total", "Workers restarted after dying."
+    )
+    restarts.add_metric([], s.get("restarts", 0))
+    reloads = CounterMetricFamily(
+        "shardproxy_reloads_total", "Reloads, by result.", labels=["result"]
+    )
+    for result, n in sorted(s.get("reloads", {}).items()):
+        reloads.add_metric([result], n)
+    up = GaugeMetricFamily(
+        "shardproxy_backend_up",
+        "Health of checked backend endpoints (1 up, 0 down).",
+        labels=["endpoint"],
+    )
+    for endpoint, is_up in sorted(s.get("backends", {}).items()):
+        up.add_metric([endpoint], 1 if is_up else 0)
+    out: list[Metric] = [restarts, reloads, up]
+    per_process: list[tuple[str, GaugeMetricFamily | CounterMetricFamily]] = [
+        (
+            "rss",
+            GaugeMetricFamily(
+                "shardproxy_process_resident_memory_bytes", "Resident memory.", labels=["process"]
+            ),
+        ),
+        (
+            "cpu_seconds",
+            CounterMetricFamily(
+                "shardproxy_process_cpu_seconds", "User and system CPU time.", labels=["process"]
+            ),
+        ),
+        (
+            "open_fds",
+            GaugeMetricFamily(
+                "shardproxy_process_open_fds", "Open file descriptors.", labels=["process"]
+            ),
+        ),
+        (
+            "max_fds",
+            GaugeMetricFamily(
+                "shardproxy_process_max_fds", "RLIMIT_NOFILE (soft).", labels=["process"]
+            ),
+        ),
+    ]
+    for key, family in per_process:
+        for name, figures in sorted(s.get("processes", {}).items()):
+            family.add_metric([name], figures[key])
+        out.append(family)
+    return out
+
+
+class _Fixed(Collector):
+    def __init__(self, metrics: list[Metric]) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        return self.metrics
+
+
+def render(metrics: list[Metric]) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed(metrics))
+    return generate_latest(registry)

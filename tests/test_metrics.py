@@ -1,0 +1,123 @@
+"""Prometheus metrics: the families built from snapshots, and /metrics of a
+real ``shardproxy run`` parsed with prometheus_client's own parser."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from conftest import Proxy, free_port
+from peers import WsBackend, read_head
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import connect
+
+from shardproxy import metrics
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """{(sample name, sorted labels): value} of an exposition text."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def total(found: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str) -> float:
+    return sum(v for (n, _), v in found.items() if n == name)
+
+
+def test_counters_add_the_retired_workers_and_never_go_back() -> None:
+    snap = {
+        "slot": 0,
+        "generation": 1,
+        "tunnels": 3,
+        "handshakes": 1,
+        "capacity": 100,
+        "counts": {"tunnels": 5, "rejected.no_route": 2, "closed.closed": 2, "bytes.up": 10},
+        "upstream": [{"source": "auto", "endpoint": "10.0.0.1:80", "used": 3, "capacity": 50}],
+    }
+    text = metrics.render(
+        metrics.families(
+            {11: snap},
+            {"tunnels": 7, "closed.closed": 7},
+            {"restarts": 1, "reloads": {"done": 2}, "backends": {"10.0.0.1:80": True}},
+        )
+    ).decode()
+    found = samples(text)
+    assert found[("shardproxy_tunnels_opened_total", ())] == 12
+    assert found[("shardproxy_tunnels_closed_total", (("outcome", "closed"),))] == 9
+    assert found[("shardproxy_rejected_total", (("reason", "no_route"),))] == 2
+    assert found[("shardproxy_bytes_total", (("direction", "up"),))] == 10
+    assert found[("shardproxy_tunnels", (("generation", "1"), ("worker", "0")))] == 3
+    key = (("endpoint", "10.0.0.1:80"), ("source", "auto"))
+    assert found[("shardproxy_upstream_tuples_used", key)] == 3
+    assert found[("shardproxy_upstream_tuples_capacity", key)] == 50
+    assert found[("shardproxy_worker_restarts_total", ())] == 1
+    assert found[("shardproxy_reloads_total", (("result", "done"),))] == 2
+    assert found[("shardproxy_backend_up", (("endpoint", "10.0.0.1:80"),))] == 1
+
+
+def get(port: int, path: str) -> tuple[int, str, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", path)
+    r = conn.getresponse()
+    body = r.read()
+    conn.close()
+    return r.status, r.getheader("content-type") or "", body
+
+
+def test_metrics_follow_the_traffic(start_proxy: Callable[..., Proxy]) -> None:
+    aport = free_port()
+    with WsBackend() as backend:
+        proxy = start_proxy([backend.port], extra=f'\n[admin]\nlisten = "127.0.0.1:{aport}"\n')
+
+        async def main() -> list[Any]:
+            tunnels = [await connect(proxy.url + "/echo", ping_interval=None) for _ in range(100)]
+            for ws in tunnels[:40]:
+                await ws.close()
+            return tunnels[40:]
+
+        held = asyncio.run(main())
+        for _ in range(3):  # plain HTTP, no upgrade: 426
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert read_head(s).startswith(b"HTTP/1.1 426")
+
+        deadline = time.monotonic() + 20
+        while True:  # workers report every second
+            status, ctype, body = get(aport, "/metrics")
+            found = samples(body.decode())
+            done = found.get(("shardproxy_tunnels_closed_total", (("outcome", "closed"),)), 0)
+            rejected = total(found, "shardproxy_rejected_total")
+            if (total(found, "shardproxy_tunnels") == 60 and done == 40 and rejected == 3) or (
+                time.monotonic() > deadline
+            ):
+                break
+            time.sleep(0.2)
+        assert status == 200 and ctype.startswith("text/plain; version=0.0.4")
+        assert total(found, "shardproxy_tunnels") == 60
+        assert found[("shardproxy_tunnels_opened_total", ())] == 100
+        assert found[("shardproxy_tunnels_closed_total", (("outcome", "closed"),))] == 40
+        assert found[("shardproxy_rejected_total", (("reason", "not_upgrade"),))] == 3
+        assert total(found, "shardproxy_upstream_tuples_used") == 60
+        processes = {
+            dict(labels)["process"] for (n, labels) in found if n == "shardproxy_process_open_fds"
+        }
+        assert processes == {"supervisor", "worker-0", "worker-1"}
+        assert all(
+            v > 0 for (n, _), v in found.items() if n == "shardproxy_process_resident_memory_bytes"
+        )
+
+        status, ctype, body = get(aport, "/stats")
+        stats = json.loads(body)
+        assert status == 200 and ctype == "application/json"
+        assert stats["tunnels"] == 60 and len(stats["workers"]) == 2
+        assert stats["totals"]["tunnels"] == 100
+        assert set(stats["processes"]) == {"supervisor", "worker-0", "worker-1"}
+        del held  # the proxy's stop ends them
