@@ -68,6 +68,15 @@ _COUNTERS: dict[str, tuple[str, str, str | None, str | None]] = {
 }
 
 
+# snapshot key → (family, metric name, help), per process
+_PER_PROCESS: tuple[tuple[str, type[GaugeMetricFamily | CounterMetricFamily], str, str], ...] = (
+    ("rss", GaugeMetricFamily, "shardproxy_process_resident_memory_bytes", "Resident memory."),
+    ("cpu_seconds", CounterMetricFamily, "shardproxy_process_cpu_seconds", "User+system CPU."),
+    ("open_fds", GaugeMetricFamily, "shardproxy_process_open_fds", "Open file descriptors."),
+    ("max_fds", GaugeMetricFamily, "shardproxy_process_max_fds", "RLIMIT_NOFILE (soft)."),
+)
+
+
 def families(
     snapshots: Mapping[int, Mapping[str, Any]],
     retired: Mapping[str, int],
@@ -164,31 +173,8 @@ def _supervisor(s: Mapping[str, Any]) -> list[Metric]:
     for endpoint, is_up in sorted(s.get("backends", {}).items()):
         up.add_metric([endpoint], 1 if is_up else 0)
     out: list[Metric] = [restarts, reloads, up]
-    per_process: list[tuple[str, GaugeMetricFamily | CounterMetricFamily]] = [
-        (
-            "rss",
-            GaugeMetricFamily(
-                "shardproxy_process_resident_memory_bytes", "Resident memory.", labels=["process"]
-            ),
-        ),
-        (
-            "cpu_seconds",
-            CounterMetricFamily(
-                "shardproxy_process_cpu_seconds", "User and system CPU time.", labels=["process"]
-            ),
-        ),
-        (
-            "open_fds",
-            GaugeMetricFamily(
-                "shardproxy_process_open_fds", "Open file descriptors.", labels=["process"]
-            ),
-        ),
-        (
-            "max_fds",
-            GaugeMetricFamily(
-                "shardproxy_process_max_fds", "RLIMIT_NOFILE (soft).", labels=["process"]
-            ),
-        ),
+    per_process = [
+        (key, kind(name, doc, labels=["process"])) for key, kind, name, doc in _PER_PROCESS
     ]
     for key, family in per_process:
         for name, figures in sorted(s.get("processes", {}).items()):
