@@ -11,14 +11,20 @@ worker is replaced or a reload retires a generation.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
-from .stats import total_counts, upstream_usage
+from .stats import merge_histograms, total_counts, upstream_usage
 
 # worker count name → (metric, help, label name, label value); label None = no label
 _COUNTERS: dict[str, tuple[str, str, str | None, str | None]] = {
@@ -89,7 +95,63 @@ def families(
     out += _worker_gauges(snapshots)
     out += _counters(total_counts(snapshots.values(), retired))
     out += _upstream(snapshots.values())
+    out += _current(snapshots.values())
+    out += _histograms(snapshots.values(), supervisor.get("retired_histograms", {}))
     out += _supervisor(supervisor)
+    return out
+
+
+def _current(snapshots: Iterable[Mapping[str, Any]]) -> list[Metric]:
+    routes: Counter[str] = Counter()
+    servers: Counter[str] = Counter()
+    for s in snapshots:
+        routes.update(s.get("routes", {}))
+        servers.update(s.get("servers", {}))
+    by_route = GaugeMetricFamily(
+        "shardproxy_route_tunnels", "Tunnels open now, per route.", labels=["route"]
+    )
+    for route, n in sorted(routes.items()):
+        by_route.add_metric([route], n)
+    by_server = GaugeMetricFamily(
+        "shardproxy_server_connections",
+        "Upstream connections now (tunnels and connects under way), per server.",
+        labels=["pool", "server"],
+    )
+    for name, n in sorted(servers.items()):
+        pool, _, server = name.partition("/")
+        by_server.add_metric([pool, server], n)
+    return [by_route, by_server]
+
+
+_HISTOGRAMS = {
+    "handshake_seconds": (
+        "shardproxy_handshake_duration_seconds",
+        "From accept to the 101 passed on to the client.",
+    ),
+    "tunnel_seconds": (
+        "shardproxy_tunnel_duration_seconds",
+        "How long ended tunnels lasted.",
+    ),
+}
+
+
+def _histograms(
+    snapshots: Iterable[Mapping[str, Any]], retired: Mapping[str, Mapping[str, Any]]
+) -> list[Metric]:
+    snapshots = list(snapshots)
+    out: list[Metric] = []
+    for key, (name, doc) in _HISTOGRAMS.items():
+        parts = [s["histograms"][key] for s in snapshots if key in s.get("histograms", {})]
+        if key in retired:
+            parts.append(retired[key])
+        merged = merge_histograms(parts)
+        if merged is None:
+            continue
+        cumulative, buckets = 0, []
+        for bound, n in zip([*merged["bounds"], float("inf")], merged["counts"], strict=True):
+            cumulative += n
+            buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
+        out.append(HistogramMetricFamily(name, doc, buckets=buckets, sum_value=merged["sum"]))
     return out
 
 

@@ -12,9 +12,45 @@ across restarts, as counters must.
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+# Upper bounds (seconds) of the histogram buckets, with +Inf after the last.
+HANDSHAKE_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+TUNNEL_BOUNDS = (1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0, 86400.0)
+
+
+class BucketCounts:
+    """A histogram a worker fills: how many observations fell in each bucket
+    (not cumulative; the last bucket is +Inf), and their sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bounds": list(self.bounds), "counts": list(self.counts), "sum": self.sum}
+
+
+def merge_histograms(histograms: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The sum of histograms with the same bounds (None if there are none)."""
+    merged: dict[str, Any] | None = None
+    for h in histograms:
+        if merged is None:
+            merged = {"bounds": list(h["bounds"]), "counts": list(h["counts"]), "sum": h["sum"]}
+            continue
+        merged["counts"] = [a + b for a, b in zip(merged["counts"], h["counts"], strict=True)]
+        merged["sum"] += h["sum"]
+    return merged
 
 
 def total_counts(

@@ -167,6 +167,7 @@ class Supervisor:
         self.workers: dict[int, WorkerProcess] = {}  # pid → every worker running
         self.stats: dict[int, dict[str, Any]] = {}  # pid → its latest snapshot
         self.retired: Counter[str] = Counter()  # counts of workers that exited
+        self.retired_histograms: dict[str, dict[str, Any]] = {}  # theirs, merged
         self.ready = trio.Event()  # the first generation is ready
         self.health = HealthMonitor(cfg, self.log, self._broadcast)
         self.drained: set[tuple[str, str]] = set()  # (pool, server) an operator drained
@@ -475,6 +476,11 @@ class Supervisor:
             last = self.stats.pop(proc.pid, None)
             if last is not None:
                 self.retired.update(last["counts"])
+                for name, h in last.get("histograms", {}).items():
+                    old = self.retired_histograms.get(name)
+                    merged = stats.merge_histograms([h] if old is None else [old, h])
+                    if merged is not None:
+                        self.retired_histograms[name] = merged
         if gen.retired and not self._stopping:
             self.log.info(
                 f"worker {w.name} of generation {gen.number} exited ({_describe_exit(code)})",
@@ -589,6 +595,7 @@ class Supervisor:
             if figures:
                 processes[name] = figures
         return {
+            "retired_histograms": self.retired_histograms,
             "restarts": self.restarts,
             "reloads": dict(self.reloads),
             "backends": {

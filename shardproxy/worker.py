@@ -53,6 +53,7 @@ from .handshake import Reject
 from .limits import fd_capacity, raise_nofile_limit
 from .relay import CLOSED, DRAINED, PING_TIMEOUT, RelayEngine, Tunnel
 from .routing import Router
+from .stats import HANDSHAKE_BOUNDS, TUNNEL_BOUNDS, BucketCounts
 from .upstream import TupleSpace, Upstream
 
 _CATEGORY = ("network", "web")  # ECS categorisation of the access event
@@ -60,6 +61,10 @@ GOING_AWAY = 1001  # RFC 6455 §7.4.1: "an endpoint is going away, such as a ser
 DRAIN_POLL = 0.05  # seconds between looks for tunnels that came up during a drain
 RETIRED_POLL = 0.5  # seconds between looks whether a retired worker is empty
 _TYPE_END = ("connection", "end")
+
+
+def _route_name(route: RouteConfig) -> str:
+    return f"{route.host}{route.path_prefix}"
 
 
 class TunnelInfo:
@@ -115,6 +120,9 @@ class Worker:
         self.connections = 0  # handshakes in flight + tunnels
         self.counts: Counter[str] = Counter()  # totals for the stats snapshot
         self.passive_failures: Counter[str] = Counter()  # endpoint → since the last report
+        self.handshake_seconds = BucketCounts(HANDSHAKE_BOUNDS)  # accept → 101 passed on
+        self.tunnel_seconds = BucketCounts(TUNNEL_BOUNDS)  # 101 → closed
+        self.route_tunnels: Counter[str] = Counter()  # route → tunnels open now
         self.draining = False
         self.generation = 1
         self.log = logs.get_logger()
@@ -124,6 +132,8 @@ class Worker:
 
     def tunnel_info(self, h: Handshake) -> TunnelInfo:
         assert h.request is not None and h.endpoint is not None and h.space is not None
+        self.handshake_seconds.observe(time.monotonic() - h.started)
+        self.route_tunnels[_route_name(h.route)] += 1
         return TunnelInfo(
             h.client_ip,
             h.client_port,
@@ -189,6 +199,9 @@ class Worker:
         balancer.release(info.endpoint)
         self.upstream.release(info.space, info.source_port)
         self.connections -= 1
+        self.route_tunnels[_route_name(info.route)] -= 1
+        duration = time.monotonic() - t.started
+        self.tunnel_seconds.observe(duration)
         up, down = t.up, t.down
         ep = info.endpoint.endpoint
         self.counts["bytes.up"] += up.nbytes
@@ -207,7 +220,7 @@ class Worker:
             destination={"ip": ep.host, "port": ep.port},
             url={"path": info.path},
             shardproxy={
-                "route": f"{info.route.host}{info.route.path_prefix}",
+                "route": _route_name(info.route),
                 "pool": info.route.pool,
                 "server": info.endpoint.server.name,
                 "outcome": outcome,
@@ -221,7 +234,7 @@ class Worker:
                 "event.type": _TYPE_END,
                 "event.action": "tunnel-closed",
                 "event.outcome": "success" if outcome in (CLOSED, DRAINED) else "failure",
-                "event.duration": int((time.monotonic() - t.started) * 1e9),
+                "event.duration": int(duration * 1e9),
             },
         )
 
@@ -382,6 +395,16 @@ class Worker:
             "capacity": self.capacity,
             "counts": dict(self.counts),
             "upstream": self.upstream.snapshot(),
+            "histograms": {
+                "handshake_seconds": self.handshake_seconds.to_dict(),
+                "tunnel_seconds": self.tunnel_seconds.to_dict(),
+            },
+            "routes": {r: n for r, n in self.route_tunnels.items() if n},
+            "servers": {
+                f"{pool.name}/{server.name}": server.active
+                for pool in self.pools.values()
+                for server in pool.servers
+            },
         }
 
 

@@ -95,9 +95,10 @@ def test_metrics_follow_the_traffic(start_proxy: Callable[..., Proxy]) -> None:
             found = samples(body.decode())
             done = found.get(("shardproxy_tunnels_closed_total", (("outcome", "closed"),)), 0)
             rejected = total(found, "shardproxy_rejected_total")
-            if (total(found, "shardproxy_tunnels") == 60 and done == 40 and rejected == 3) or (
-                time.monotonic() > deadline
-            ):
+            ended = found.get(("shardproxy_tunnel_duration_seconds_count", ()), 0)
+            if (
+                total(found, "shardproxy_tunnels") == 60 and done == ended == 40 and rejected == 3
+            ) or (time.monotonic() > deadline):
                 break
             time.sleep(0.2)
         assert status == 200 and ctype.startswith("text/plain; version=0.0.4")
@@ -106,6 +107,11 @@ def test_metrics_follow_the_traffic(start_proxy: Callable[..., Proxy]) -> None:
         assert found[("shardproxy_tunnels_closed_total", (("outcome", "closed"),))] == 40
         assert found[("shardproxy_rejected_total", (("reason", "not_upgrade"),))] == 3
         assert total(found, "shardproxy_upstream_tuples_used") == 60
+        assert found[("shardproxy_handshake_duration_seconds_count", ())] == 100
+        assert found[("shardproxy_handshake_duration_seconds_bucket", (("le", "+Inf"),))] == 100
+        assert found[("shardproxy_tunnel_duration_seconds_count", ())] == 40
+        assert found[("shardproxy_route_tunnels", (("route", "*/"),))] == 60
+        assert total(found, "shardproxy_server_connections") == 60
         processes = {
             dict(labels)["process"] for (n, labels) in found if n == "shardproxy_process_open_fds"
         }

@@ -14,7 +14,14 @@ from conftest import Proxy
 from peers import WsBackend, upgrade_head
 from websockets.asyncio.client import connect
 
-from shardproxy.stats import nest, summary, total_counts, upstream_usage
+from shardproxy.stats import (
+    BucketCounts,
+    merge_histograms,
+    nest,
+    summary,
+    total_counts,
+    upstream_usage,
+)
 
 
 def snapshot(current: int, **counts: int) -> dict[str, Any]:
@@ -38,6 +45,17 @@ def test_summary_adds_workers_up() -> None:
     assert (record["tunnels"], record["handshakes"], record["capacity"]) == (6, 2, 200)
     assert [w["slot"] for w in record["workers"]] == [0, 1]
     assert record["totals"] == {"tunnels": 12}
+
+
+def test_bucket_counts_and_their_merge() -> None:
+    a, b = BucketCounts((0.1, 1.0)), BucketCounts((0.1, 1.0))
+    for v in (0.05, 0.1, 0.5, 3.0):  # a bound belongs to its bucket (le)
+        a.observe(v)
+    b.observe(2.0)
+    assert a.to_dict() == {"bounds": [0.1, 1.0], "counts": [2, 1, 1], "sum": 3.65}
+    merged = merge_histograms([a.to_dict(), b.to_dict()])
+    assert merged == {"bounds": [0.1, 1.0], "counts": [2, 1, 2], "sum": 5.65}
+    assert merge_histograms([]) is None
 
 
 def test_upstream_usage_is_summed_per_source_and_endpoint() -> None:
