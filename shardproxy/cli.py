@@ -1,4 +1,4 @@
-"""Command line: ``shardproxy run | check | plan | demo | version``."""
+"""Command line: ``shardproxy run | check | plan | status | demo | version``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import tomli_w
 import trio
 
-from . import __version__, addrplan, config, logs
+from . import __version__, addrplan, config, logs, status
 from .addrplan import Plan
 from .config import Config, ConfigError
 from .echo import serve_echo
@@ -54,6 +54,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps(plan.to_dict(), indent=2))
     else:
         print(addrplan.describe(plan))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    try:
+        if args.once:
+            print(status.screen(cfg))
+        else:
+            status.watch(cfg, args.interval)
+    except status.StatusError as e:
+        print(f"shardproxy: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
     return 0
 
 
@@ -150,6 +165,11 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("-c", "--config", required=True, help="TOML config file")
     plan.add_argument("--json", action="store_true", help="print it as JSON")
     plan.set_defaults(func=cmd_plan)
+    st = sub.add_parser("status", help="a live view of the running instance (needs [admin] listen)")
+    st.add_argument("-c", "--config", required=True, help="the instance's TOML config file")
+    st.add_argument("--once", action="store_true", help="print once and exit")
+    st.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    st.set_defaults(func=cmd_status)
     demo = sub.add_parser(
         "demo", help="run on 127.0.0.1:8080 in front of two built-in echo backends"
     )

@@ -6,8 +6,12 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import re
 import signal
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -116,3 +120,47 @@ def test_a_broken_admin_request_gets_400_and_the_listener_goes_on(
             s.sendall(b"GARBAGE\r\n\r\n")
             assert s.recv(100).startswith(b"HTTP/1.1 400")
         assert call(aport, "GET", "/healthz")[0] == 200
+
+
+def test_status_renders_a_running_instance(start_proxy: Callable[..., Proxy]) -> None:
+    aport = free_port()
+    with WsBackend() as b0:
+        proxy = start_proxy([b0.port], extra=admin_config(aport))
+        config_path = proxy.log_path.with_suffix(".toml")
+
+        async def main() -> list[Any]:
+            return [await connect(proxy.url + "/echo", ping_interval=None) for _ in range(3)]
+
+        held = asyncio.run(main())
+        deadline = time.monotonic() + 20
+        while True:  # the workers' next snapshots
+            out = subprocess.run(
+                [sys.executable, "-m", "shardproxy", "status", "-c", str(config_path), "--once"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert out.returncode == 0, out.stderr
+            if "tunnels 3 /" in out.stdout or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        lines = out.stdout.splitlines()
+        assert lines[0].startswith("shardproxy: ok  tunnels 3 / capacity")
+        assert sum(1 for line in lines if re.match(r"^[01]\s+\d", line)) == 2  # two workers
+        assert any(line.startswith("main/b0") and "ready" in line for line in lines)
+        assert any(line.startswith("auto ") and f"127.0.0.1:{b0.port}" in line for line in lines)
+        del held
+
+
+def test_status_without_an_admin_listener_says_so(start_proxy: Callable[..., Proxy]) -> None:
+    with WsBackend() as b0:
+        proxy = start_proxy([b0.port])
+        path = proxy.log_path.with_suffix(".toml")
+        out = subprocess.run(
+            [sys.executable, "-m", "shardproxy", "status", "-c", str(path), "--once"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert out.returncode == 1
+        assert out.stderr.strip().endswith("[admin] listen is not set: nothing to ask")
