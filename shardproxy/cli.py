@@ -74,7 +74,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
-    logs.configure(cfg.log.level, {"process.name": "supervisor"})
+    try:
+        stream = logs.open_stream(cfg.log.file)
+    except OSError as e:
+        print(
+            f"shardproxy: {cfg.source}: log.file: cannot open {cfg.log.file}: {e.strerror}",
+            file=sys.stderr,
+        )
+        return 1
+    logs.configure(cfg.log.level, {"process.name": "supervisor"}, stream)
     return _run_supervisor(cfg)
 
 

@@ -175,6 +175,7 @@ class LogConfig:
     level: str
     stats_interval: float  # seconds between "stats" events; 0 = none
     access: bool  # one tunnel-closed event per tunnel
+    file: str = ""  # "" = stdout; else every process appends to this file
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +246,7 @@ class Config:
                 "level": self.log.level,
                 "stats_interval": format_duration(self.log.stats_interval),
                 "access": self.log.access,
+                "file": self.log.file,
             },
             "routes": [
                 {"host": r.host, "path_prefix": r.path_prefix, "pool": r.pool} for r in self.routes
@@ -579,7 +581,7 @@ class _Parser:
         return AdminConfig(listen=listen, token=token)
 
     def log(self, value: Any) -> LogConfig:
-        raw = self.table(value, "log", {"level", "stats_interval", "access"})
+        raw = self.table(value, "log", {"level", "stats_interval", "access", "file"})
         level = self.string(raw.get("level", "info"), "log.level")
         if level not in LOG_LEVELS:
             raise self.fail("log.level", f"must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
@@ -589,7 +591,12 @@ class _Parser:
         access = raw.get("access", True)
         if not isinstance(access, bool):
             raise self.fail("log.access", f"must be true or false, got {_kind(access)}")
-        return LogConfig(level=level, stats_interval=interval, access=access)
+        file = self.string(raw.get("file", ""), "log.file")
+        if file and not os.path.isabs(file):
+            raise self.fail(
+                "log.file", f"must be an absolute path (or empty for stdout), got {file!r}"
+            )
+        return LogConfig(level=level, stats_interval=interval, access=access, file=file)
 
     def routes(self, value: Any, pool_names: set[str]) -> tuple[RouteConfig, ...]:
         if value is None:

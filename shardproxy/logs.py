@@ -6,7 +6,10 @@ Events are logged with ECS dotted field names (``client.ip``,
 as ``ecs-logging``'s ``StructlogFormatter`` (a test holds the two side by
 side). Fields of our own live under ``shardproxy.*``. Every process logs to
 its stdout, which workers inherit from the supervisor, so one stream carries
-the whole instance.
+the whole instance; or, with ``[log] file``, every process appends to that
+file (:class:`LogFile`: one ``write`` per line on an ``O_APPEND``
+descriptor, so lines of different processes do not mix), and SIGUSR1 makes
+them reopen it after logrotate moved it away.
 
 Why not ``ecs-logging``'s formatter itself: it costs about 50 µs per event
 (generic dict normalising and merging, three ``json.dumps`` calls), and a
@@ -83,8 +86,52 @@ def ecs_json(_: WrappedLogger, method_name: str, event: EventDict) -> str:
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
+class LogFile:
+    """The log file, as the stream structlog writes to: each line goes out
+    in one ``os.write`` on an ``O_APPEND`` descriptor; :meth:`reopen`
+    starts a new file at the same path (logrotate's ``create`` method)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = self._open()
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def write(self, text: str) -> int:
+        data = text.encode("utf-8", "replace")
+        written = 0
+        while written < len(data):  # a regular file takes it whole, short of a full disk
+            written += os.write(self._fd, data[written:])
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def reopen(self) -> None:
+        fd = self._open()
+        os.close(self._fd)
+        self._fd = fd
+
+
+_stream: Any = None  # what this process logs to
+
+
+def reopen() -> None:
+    """SIGUSR1: reopen the log file, if logging goes to one."""
+    if isinstance(_stream, LogFile):
+        _stream.reopen()
+
+
+def open_stream(path: str) -> TextIO | LogFile:
+    """Where ``[log] file`` says to log: stdout for "", else the file."""
+    return LogFile(path) if path else sys.stdout
+
+
 def configure(
-    level: str = "info", static: dict[str, Any] | None = None, stream: TextIO | None = None
+    level: str = "info",
+    static: dict[str, Any] | None = None,
+    stream: TextIO | LogFile | None = None,
 ) -> None:
     """Set up logging for this process; ``static`` fields go on every event
     (e.g. ``{"shardproxy.worker": 3}``)."""
@@ -95,12 +142,14 @@ def configure(
             event.setdefault(key, value)
         return event
 
+    global _stream
+    _stream = stream or sys.stdout
     structlog.configure(
         processors=[add_static, ecs_json],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.WriteLoggerFactory(stream or sys.stdout),
+        logger_factory=structlog.WriteLoggerFactory(_stream),
         cache_logger_on_first_use=True,
     )
 

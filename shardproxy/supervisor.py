@@ -239,6 +239,7 @@ class Supervisor:
                         nursery.start_soon(self._log_stats, self.config.log.stats_interval)
                     nursery.start_soon(self._run_health)
                     nursery.start_soon(self._reload_on_sighup, nursery)
+                    nursery.start_soon(self._reopen_logs_on_sigusr1)
                     if self.admin_socket is not None:
                         nursery.start_soon(
                             serve_admin,
@@ -338,6 +339,14 @@ class Supervisor:
             async for _ in signals:
                 if not self._stopping:
                     await self.reload(nursery)
+
+    async def _reopen_logs_on_sigusr1(self) -> None:
+        """logrotate moved the log file away: reopen it, here and in every worker."""
+        with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+            async for _ in signals:
+                logs.reopen()
+                self._signal_workers(signal.SIGUSR1)
+                self.log.info("log file reopened", **{"event.action": "log-reopened"})
 
     async def reload(self, nursery: trio.Nursery) -> bool:
         """Start a new generation from the file as it is now and retire the

@@ -418,6 +418,7 @@ async def serve(slot: int, control_fd: int, listen_fds: list[int]) -> None:
     logs.configure(
         cfg.log.level,
         {"shardproxy.worker": slot, "shardproxy.generation": generation, "process.name": "worker"},
+        logs.open_stream(cfg.log.file),
     )
     listeners = [socket.socket(fileno=fd) for fd in listen_fds]
     for listener in listeners:
@@ -435,6 +436,7 @@ async def serve(slot: int, control_fd: int, listen_fds: list[int]) -> None:
             nursery.start_soon(_report, channel, worker)
             nursery.start_soon(_watch_supervisor, channel, worker, nursery)
             nursery.start_soon(_watch_signals, worker, nursery)
+            nursery.start_soon(_reopen_log_on_sigusr1)
             if cfg.keepalive.ping_interval > 0:
                 nursery.start_soon(worker.keep_pinging)
             await channel.send(
@@ -487,6 +489,12 @@ async def _watch_signals(worker: Worker, nursery: trio.Nursery) -> None:
             return
 
 
+async def _reopen_log_on_sigusr1() -> None:
+    with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+        async for _ in signals:
+            logs.reopen()
+
+
 async def _retire_then_stop(
     worker: Worker, message: dict[str, Any], scope: trio.CancelScope
 ) -> None:
@@ -508,8 +516,10 @@ async def _drain_then_stop(worker: Worker, scope: trio.CancelScope) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Until serve() listens for it, a SIGQUIT must not dump core.
+    # Until serve() listens for them, a SIGQUIT must not dump core nor a
+    # SIGUSR1 (log reopen) kill the worker.
     signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     slot, control_fd, *listen_fds = (int(a) for a in args)
     trio.run(serve, slot, control_fd, listen_fds)
 

@@ -195,3 +195,15 @@ def test_check_refuses_a_port_range_outside_the_system_range(tmp_path: Path) -> 
     assert f"upstream.port_range: {first - 10}-{first + 10} is not inside the system range" in (
         out.stderr
     )
+
+
+def test_run_says_so_when_the_log_file_cannot_be_opened(tmp_path: Path) -> None:
+    path = _plan_config(tmp_path)
+    with open(path, "a") as f:
+        f.write('\n[log]\nfile = "/nonexistent-dir/shardproxy.log"\n')
+    out = shardproxy("run", "-c", path)
+    assert out.returncode == 1
+    assert out.stderr.strip() == (
+        f"shardproxy: {path}: log.file: cannot open /nonexistent-dir/shardproxy.log: "
+        "No such file or directory"
+    )

@@ -935,3 +935,10 @@ def test_admin_listener_is_off_unless_set() -> None:
     error({**minimal(), "admin": {"listen": "localhost:9900"}}, "admin.listen", "IP address")
     clash = {**minimal(), "admin": {"listen": "0.0.0.0:8080"}}
     error(clash, "admin.listen", "also in proxy.listen")
+
+
+def test_log_file_is_stdout_or_an_absolute_path() -> None:
+    assert from_mapping(minimal()).log.file == ""
+    data = {**minimal(), "log": {"file": "/var/log/shardproxy.log"}}
+    assert from_mapping(data).log.file == "/var/log/shardproxy.log"
+    error({**minimal(), "log": {"file": "shardproxy.log"}}, "log.file", "absolute path")
