@@ -1,0 +1,55 @@
+"""The deploy kit agrees with the code: the systemd unit gives a drain the
+time it may take, reloads and reopens logs with the right signals."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from shardproxy.config import from_mapping
+from shardproxy.supervisor import STOP_GRACE
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+UNIT = DEPLOY / "systemd" / "shardproxy.service"
+
+
+def unit_settings() -> dict[str, str]:
+    return dict(
+        line.split("=", 1)
+        for line in UNIT.read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+
+
+def test_the_unit_waits_for_a_whole_drain_and_uses_our_signals() -> None:
+    unit = unit_settings()
+    defaults = from_mapping(
+        {
+            "routes": [{"pool": "p"}],
+            "pools": {"p": {"servers": [{"address": "10.0.0.1", "ports": [80]}]}},
+        }
+    ).lifecycle
+    assert int(unit["TimeoutStopSec"]) > defaults.drain_timeout + STOP_GRACE
+    assert unit["KillSignal"] == "SIGTERM"
+    assert unit["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert unit["ExecStart"].endswith("run -c /etc/shardproxy/shardproxy.toml")
+    assert unit["ExecStartPre"].endswith("check -c /etc/shardproxy/shardproxy.toml")
+    assert int(unit["LimitNOFILE"]) >= 65536
+    assert "SIGUSR1" in (DEPLOY / "logrotate" / "shardproxy").read_text()
+
+
+def test_systemd_accepts_the_unit() -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed here")
+    out = subprocess.run([analyze, "verify", str(UNIT)], capture_output=True, text=True, timeout=60)
+    complaints = [
+        line
+        for line in (out.stdout + out.stderr).splitlines()
+        if line.strip() and not re.search(r"/usr/local/bin/shardproxy is not executable", line)
+    ]
+    assert complaints == []
