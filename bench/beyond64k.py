@@ -51,6 +51,8 @@ import time
 from collections import Counter
 from typing import Any
 
+from shardproxy.limits import FD_RESERVE, fd_capacity
+
 from . import measure, scenario
 from .peers import fd_hard_limit
 from .procs import Upstream
@@ -58,7 +60,6 @@ from .scenario import Session, fmt
 
 UPSTREAM_FIRST = ipaddress.IPv4Address("127.64.0.1")  # the proxy's upstream sources
 PER_BACKEND_PROC = 12_000  # tunnels per echo process: far below its descriptor limit
-FD_RESERVE = 64  # a shardproxy worker keeps these for itself (shardproxy/limits.py)
 # Plan to fill at most this share of a worker's descriptors and of the tuple
 # space: SO_REUSEPORT's hash spreads tunnels over workers only about evenly.
 DESCRIPTOR_USE = 0.8
@@ -95,7 +96,7 @@ def sizing(args: Any) -> dict[str, Any]:
     nofile = fd_hard_limit()
     first, last = Upstream(port_range=args.port_range).ports()
     ports = last - first + 1
-    per_worker = (nofile - FD_RESERVE) // 2
+    per_worker = fd_capacity(nofile)
     workers = args.workers or math.ceil(n / (DESCRIPTOR_USE * per_worker))
     sources = args.upstream_sources or math.ceil(n / (TUPLE_USE * ports))
     return {

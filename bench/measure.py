@@ -12,6 +12,8 @@ from typing import Any
 
 import psutil
 
+from shardproxy.addrplan import read_system_port_range
+
 Snapshot = dict[str, Any]
 
 
@@ -100,7 +102,7 @@ def machine() -> dict[str, Any]:
         cpus_usable = len(os.sched_getaffinity(0))
     except AttributeError:
         cpus_usable = os.cpu_count() or 0
-    first, last = port_range()
+    first, last = read_system_port_range()
     return {
         "cores": os.cpu_count(),
         "cores_usable": cpus_usable,
@@ -112,13 +114,6 @@ def machine() -> dict[str, Any]:
         "ip_local_port_range": f"{first}-{last}",
         "page_size": os.sysconf("SC_PAGE_SIZE"),
     }
-
-
-def port_range() -> tuple[int, int]:
-    """The system's ephemeral port range (net.ipv4.ip_local_port_range)."""
-    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-        first, last = f.read().split()
-    return int(first), int(last)
 
 
 def sockstat() -> dict[str, int]:

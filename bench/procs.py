@@ -17,7 +17,7 @@ from typing import Any
 
 import psutil
 
-from . import measure
+from shardproxy.addrplan import read_system_port_range
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -177,7 +177,7 @@ class Upstream:
     def ports(self) -> tuple[int, int]:
         """The range's first and last port (the system's for ``"auto"``)."""
         if self.port_range == "auto":
-            return measure.port_range()
+            return read_system_port_range()
         first, _, last = self.port_range.partition("-")
         return int(first), int(last)
 

@@ -265,18 +265,15 @@ class Frontend:
                 self._sync_listeners()
                 return
             try:
-                client, addr = listener._accept()  # type: ignore[attr-defined]  # (fd, addr): no socket object
-            except BlockingIOError:
-                return
+                taken = _take(listener)
             except OSError as e:
                 if e.errno in _EXHAUSTED:
                     self._pause_accepting(e)
                     return
-                if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
-                    continue  # the client gave up while queued, or a firewall said no
                 raise
-            os.set_blocking(client, False)
-            self._start(client, addr, self._ports[fd])
+            if taken is None:
+                return
+            self._start(*taken, self._ports[fd])
 
     def stop_accepting(self, *, sweep: Collection[int] | None = None, refuse: bool = True) -> None:
         """Close this worker's listen sockets; handshakes under way go on.
@@ -300,15 +297,12 @@ class Frontend:
     def _accept_all(self, fd: int, listener: socket.socket, refuse: Reject | None) -> None:
         while self.worker.connections < self.worker.capacity:
             try:
-                client, addr = listener._accept()  # type: ignore[attr-defined]
-            except BlockingIOError:
-                return
-            except OSError as e:
-                if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
-                    continue
+                taken = _take(listener)
+            except OSError:
                 return  # out of descriptors: what is left gets the kernel's reset
-            os.set_blocking(client, False)
-            self._start(client, addr, self._ports[fd], refuse=refuse)
+            if taken is None:
+                return
+            self._start(*taken, self._ports[fd], refuse=refuse)
 
     def _pause_accepting(self, e: OSError) -> None:
         self.worker.log.error(
@@ -689,3 +683,21 @@ class Frontend:
         os.close(h.client)
         self._retire(h)
         self.worker.connections -= 1
+
+
+def _take(listener: socket.socket) -> tuple[int, Any] | None:
+    """The next connection of ``listener``'s accept queue, as a non-blocking
+    descriptor and its address, or None once the queue is empty. Skips
+    clients that gave up while queued (or a firewall refused); raises any
+    other OSError (EMFILE…)."""
+    while True:
+        try:
+            client, addr = listener._accept()  # type: ignore[attr-defined]  # (fd, addr): no socket object
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                continue
+            raise
+        os.set_blocking(client, False)
+        return client, addr

@@ -114,7 +114,6 @@ def upstream_usage(snapshots: Iterable[Mapping[str, Any]]) -> list[dict[str, Any
             used[key] += space["used"]
             capacity[key] += space["capacity"]
     return [
-        {"source": source, "endpoint": endpoint, "used": used[key], "capacity": capacity[key]}
-        for key in sorted(capacity)
-        for source, endpoint in (key,)
+        {"source": pair[0], "endpoint": pair[1], "used": used[pair], "capacity": capacity[pair]}
+        for pair in sorted(capacity)
     ]

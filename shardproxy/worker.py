@@ -40,6 +40,8 @@ import socket
 import sys
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import trio
@@ -91,6 +93,41 @@ class TunnelInfo:
         self.source_port = source_port
 
 
+class Deadlines:
+    """Actions due at given times (a close_wait, a ping_timeout), added in
+    time order and run while a task sleeps in :meth:`sleep_until`."""
+
+    def __init__(self) -> None:
+        self._due: deque[tuple[float, Callable[[], None]]] = deque()
+
+    def add(self, when: float, action: Callable[[], None]) -> None:
+        self._due.append((when, action))
+
+    async def sleep_until(self, when: float) -> None:
+        while True:
+            await trio.sleep_until(min(when, self._due[0][0]) if self._due else when)
+            now = trio.current_time()
+            while self._due and self._due[0][0] <= now:
+                self._due.popleft()[1]()
+            if now >= when:
+                return
+
+    async def spread(
+        self, items: Sequence[Tunnel], span: float, action: Callable[[Tunnel], None]
+    ) -> None:
+        """``action`` on each item in turn, evenly over ``span`` seconds
+        (the first at once), running what falls due meanwhile."""
+        start = trio.current_time()
+        for i, item in enumerate(items):
+            await self.sleep_until(start + span * i / len(items))
+            action(item)
+
+    async def run_out(self) -> None:
+        """Sleep until every action added so far has run."""
+        if self._due:
+            await self.sleep_until(self._due[-1][0])
+
+
 class Worker:
     def __init__(
         self,
@@ -122,7 +159,7 @@ class Worker:
         self.passive_failures: Counter[str] = Counter()  # endpoint → since the last report
         self.handshake_seconds = BucketCounts(HANDSHAKE_BOUNDS)  # accept → 101 passed on
         self.tunnel_seconds = BucketCounts(TUNNEL_BOUNDS)  # 101 → closed
-        self.route_tunnels: Counter[str] = Counter()  # route → tunnels open now
+        self.route_tunnels: Counter[RouteConfig] = Counter()  # route → tunnels open now
         self.draining = False
         self.generation = 1
         self.log = logs.get_logger()
@@ -133,7 +170,7 @@ class Worker:
     def tunnel_info(self, h: Handshake) -> TunnelInfo:
         assert h.request is not None and h.endpoint is not None and h.space is not None
         self.handshake_seconds.observe(time.monotonic() - h.started)
-        self.route_tunnels[_route_name(h.route)] += 1
+        self.route_tunnels[h.route] += 1
         return TunnelInfo(
             h.client_ip,
             h.client_port,
@@ -199,7 +236,7 @@ class Worker:
         balancer.release(info.endpoint)
         self.upstream.release(info.space, info.source_port)
         self.connections -= 1
-        self.route_tunnels[_route_name(info.route)] -= 1
+        self.route_tunnels[info.route] -= 1
         duration = time.monotonic() - t.started
         self.tunnel_seconds.observe(duration)
         up, down = t.up, t.down
@@ -252,8 +289,9 @@ class Worker:
             f"draining: {len(tunnels)} tunnels get a Close 1001 over {lifecycle.close_spread:g}s",
             **{"event.action": "drain-start", "shardproxy.tunnels": len(tunnels)},
         )
-        waiting: deque[tuple[float, Tunnel]] = deque()  # close_wait deadlines, in order
-        await self._close_spread(tunnels, waiting)
+        deadlines = Deadlines()  # of close_wait
+        close = partial(self._close_going_away, deadlines=deadlines)
+        await deadlines.spread(tunnels, lifecycle.close_spread, close)
         # Tunnels from handshakes that were under way, and the last answers.
         seen = -1
         while len(self.engine) or self.frontend.handshakes:
@@ -261,18 +299,8 @@ class Worker:
                 seen = self.counts["tunnels"]
                 for t in self.engine.tunnels():
                     if not t.closing:
-                        self._close_going_away(t, waiting)
-            await self._drain_until(trio.current_time() + DRAIN_POLL, waiting)
-
-    async def _close_spread(
-        self, tunnels: list[Tunnel], waiting: deque[tuple[float, Tunnel]]
-    ) -> None:
-        """Close ``tunnels`` one after another, evenly over close_spread."""
-        spread = self.config.lifecycle.close_spread
-        start = trio.current_time()
-        for i, t in enumerate(tunnels):
-            await self._drain_until(start + spread * i / len(tunnels), waiting)
-            self._close_going_away(t, waiting)
+                        close(t)
+            await deadlines.sleep_until(trio.current_time() + DRAIN_POLL)
 
     # -- pings ----------------------------------------------------------------
 
@@ -281,28 +309,21 @@ class Worker:
         end the tunnel of a client that has not answered within
         ping_timeout (its Pong never reaches the backend: relay.py)."""
         keepalive = self.config.keepalive
-        waiting: deque[tuple[float, Tunnel, float]] = deque()  # (deadline, tunnel, sent)
-        while True:
-            tunnels = self.engine.tunnels()
-            start = trio.current_time()
-            for i, t in enumerate(tunnels):
-                await self._ping_until(start + keepalive.ping_interval * i / len(tunnels), waiting)
-                now = trio.current_time()
-                if self.engine.ping(t, now):
-                    waiting.append((now + keepalive.ping_timeout, t, now))
-            await self._ping_until(start + keepalive.ping_interval, waiting)
+        deadlines = Deadlines()  # of ping_timeout
 
-    async def _ping_until(self, when: float, waiting: deque[tuple[float, Tunnel, float]]) -> None:
-        while True:
-            wake = min(when, waiting[0][0]) if waiting else when
-            await trio.sleep_until(wake)
+        def ping(t: Tunnel) -> None:
             now = trio.current_time()
-            while waiting and waiting[0][0] <= now:
-                _, t, sent = waiting.popleft()
-                if self.engine.alive(t) and t.ping_sent == sent:
-                    self._ping_timed_out(t)
-            if now >= when:
-                return
+            if self.engine.ping(t, now):
+                deadlines.add(now + keepalive.ping_timeout, partial(self._ping_expired, t, now))
+
+        while True:
+            start = trio.current_time()
+            await deadlines.spread(self.engine.tunnels(), keepalive.ping_interval, ping)
+            await deadlines.sleep_until(start + keepalive.ping_interval)
+
+    def _ping_expired(self, t: Tunnel, sent: float) -> None:
+        if self.engine.alive(t) and t.ping_sent == sent:  # still that ping's to answer
+            self._ping_timed_out(t)
 
     def _ping_timed_out(self, t: Tunnel) -> None:
         info: TunnelInfo = t.info
@@ -346,26 +367,17 @@ class Worker:
             f"closing {len(tunnels)} tunnels of backends that went down",
             **{"event.action": "server-down-close", "shardproxy.tunnels": len(tunnels)},
         )
-        waiting: deque[tuple[float, Tunnel]] = deque()
-        await self._close_spread(tunnels, waiting)
-        if waiting:
-            await self._drain_until(waiting[-1][0], waiting)
+        deadlines = Deadlines()
+        close = partial(self._close_going_away, deadlines=deadlines)
+        await deadlines.spread(tunnels, self.config.lifecycle.close_spread, close)
+        await deadlines.run_out()
 
-    def _close_going_away(self, t: Tunnel, waiting: deque[tuple[float, Tunnel]]) -> None:
+    def _close_going_away(self, t: Tunnel, deadlines: Deadlines) -> None:
+        """Close 1001 both ways; the sockets close at the latest after close_wait."""
         self.engine.begin_close(t, GOING_AWAY, b"going away")
-        waiting.append((trio.current_time() + self.config.lifecycle.close_wait, t))
-
-    async def _drain_until(self, when: float, waiting: deque[tuple[float, Tunnel]]) -> None:
-        """Sleep until ``when``, meanwhile ending tunnels whose peers did not
-        answer our Close within close_wait."""
-        while True:
-            wake = min(when, waiting[0][0]) if waiting else when
-            await trio.sleep_until(wake)
-            now = trio.current_time()
-            while waiting and waiting[0][0] <= now:
-                self.engine.end(waiting.popleft()[1])
-            if now >= when:
-                return
+        deadlines.add(
+            trio.current_time() + self.config.lifecycle.close_wait, partial(self.engine.end, t)
+        )
 
     async def retire(self, sweep: list[int], drain_after: float | None) -> None:
         """A reload started a new generation: stop accepting, keep relaying
@@ -399,7 +411,7 @@ class Worker:
                 "handshake_seconds": self.handshake_seconds.to_dict(),
                 "tunnel_seconds": self.tunnel_seconds.to_dict(),
             },
-            "routes": {r: n for r, n in self.route_tunnels.items() if n},
+            "routes": {_route_name(r): n for r, n in self.route_tunnels.items() if n},
             "servers": {
                 f"{pool.name}/{server.name}": server.active
                 for pool in self.pools.values()
