@@ -109,6 +109,7 @@ class RouteConfig:
     host: str  # "*", "example.com" or "*.example.com"; lower-case, no port
     path_prefix: str
     pool: str
+    access_sample: float = 1.0  # share of this route's tunnels that get an access event
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +177,8 @@ class LogConfig:
     stats_interval: float  # seconds between "stats" events; 0 = none
     access: bool  # one tunnel-closed event per tunnel
     file: str = ""  # "" = stdout; else every process appends to this file
+    error_rate: int = 20  # per-connection error events per second per worker; 0 = no limit
+    error_burst: int = 100  # how many may come at once before error_rate applies
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,9 +250,17 @@ class Config:
                 "stats_interval": format_duration(self.log.stats_interval),
                 "access": self.log.access,
                 "file": self.log.file,
+                "error_rate": self.log.error_rate,
+                "error_burst": self.log.error_burst,
             },
             "routes": [
-                {"host": r.host, "path_prefix": r.path_prefix, "pool": r.pool} for r in self.routes
+                {
+                    "host": r.host,
+                    "path_prefix": r.path_prefix,
+                    "pool": r.pool,
+                    "access_sample": r.access_sample,
+                }
+                for r in self.routes
             ],
             "pools": {
                 pool.name: {
@@ -413,6 +424,13 @@ class _Parser:
         if not lo <= value <= hi:
             raise self.fail(key, f"must be between {lo} and {hi}, got {value}")
         return value
+
+    def fraction(self, value: Any, key: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.fail(key, f"must be a number from 0 to 1, got {_kind(value)}")
+        if not 0 <= value <= 1:
+            raise self.fail(key, f"must be from 0 to 1, got {value}")
+        return float(value)
 
     def duration(self, value: Any, key: str, *, positive: bool = True) -> float:
         seconds: float = self.check(key, parse_duration, self.string(value, key))
@@ -581,7 +599,11 @@ class _Parser:
         return AdminConfig(listen=listen, token=token)
 
     def log(self, value: Any) -> LogConfig:
-        raw = self.table(value, "log", {"level", "stats_interval", "access", "file"})
+        raw = self.table(
+            value,
+            "log",
+            {"level", "stats_interval", "access", "file", "error_rate", "error_burst"},
+        )
         level = self.string(raw.get("level", "info"), "log.level")
         if level not in LOG_LEVELS:
             raise self.fail("log.level", f"must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
@@ -596,7 +618,14 @@ class _Parser:
             raise self.fail(
                 "log.file", f"must be an absolute path (or empty for stdout), got {file!r}"
             )
-        return LogConfig(level=level, stats_interval=interval, access=access, file=file)
+        return LogConfig(
+            level=level,
+            stats_interval=interval,
+            access=access,
+            file=file,
+            error_rate=self.integer(raw.get("error_rate", 20), "log.error_rate", 0, 1_000_000),
+            error_burst=self.integer(raw.get("error_burst", 100), "log.error_burst", 1, 1_000_000),
+        )
 
     def routes(self, value: Any, pool_names: set[str]) -> tuple[RouteConfig, ...]:
         if value is None:
@@ -604,7 +633,7 @@ class _Parser:
         routes = []
         for i, item in enumerate(self.array(value, "routes")):
             key = f"routes[{i}]"
-            raw = self.table(item, key, {"host", "path_prefix", "pool"})
+            raw = self.table(item, key, {"host", "path_prefix", "pool", "access_sample"})
             host = self.string(raw.get("host", "*"), f"{key}.host").lower()
             if not re.fullmatch(r"\*|(\*\.)?[a-z0-9_.-]+", host) or ":" in host:
                 raise self.fail(
@@ -619,7 +648,8 @@ class _Parser:
             if pool not in pool_names:
                 known = ", ".join(sorted(pool_names)) or "none defined"
                 raise self.fail(f"{key}.pool", f"no pool named {pool!r} (pools: {known})")
-            routes.append(RouteConfig(host=host, path_prefix=prefix, pool=pool))
+            sample = self.fraction(raw.get("access_sample", 1.0), f"{key}.access_sample")
+            routes.append(RouteConfig(host, prefix, pool, sample))
         if not routes:
             raise self.fail("routes", "at least one [[routes]] entry is required")
         return tuple(routes)

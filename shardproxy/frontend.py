@@ -589,9 +589,11 @@ class Frontend:
     def _internal_error(self, fd: int) -> None:
         """A bug of ours must cost one connection, never the worker and the
         tunnels it holds: log it, answer 500 if we still can, close."""
-        self.worker.log.exception(
-            "internal error while handling a connection", **{"event.action": "internal-error"}
-        )
+        self.worker.counts["internal_error"] += 1
+        if self.worker.may_log("internal-error"):
+            self.worker.log.exception(
+                "internal error while handling a connection", **{"event.action": "internal-error"}
+            )
         h = self._by_fd.get(fd)
         if h is None or h.state == CLOSED:
             return

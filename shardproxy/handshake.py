@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Final
@@ -59,6 +60,7 @@ class Reject(Exception):
         self.reason = reason
         self.detail = detail
         self.headers = headers
+        self.request: UpgradeRequest | None = None  # the head, if it parsed: for the log
 
 
 class BackendError(Exception):
@@ -79,6 +81,23 @@ class UpgradeRequest:
             if n == name:
                 return v
         return None
+
+    def user_agent(self) -> str | None:
+        value = self.header(b"user-agent")
+        return None if value is None else value.decode("latin-1")
+
+    def forwarded_ip(self) -> str | None:
+        """The left-most X-Forwarded-For address: the client the chain says
+        the request came from (a claim: anyone can write this header), or
+        None when there is none or it is not an IP address."""
+        value = self.header(b"x-forwarded-for")
+        if value is None:
+            return None
+        first = value.split(b",", 1)[0].strip().decode("latin-1")
+        try:
+            return str(ipaddress.ip_address(first))
+        except ValueError:
+            return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,13 +146,27 @@ class RequestReader:
             method, target, version, fields = http1.parse_request(buffer[:end])
         except http1.HeadError as e:
             raise Reject(400, "bad_request", f"malformed request: {e}") from None
-        request = validate_upgrade(method, target, version, fields)
+        try:
+            request = validate_upgrade(method, target, version, fields)
+        except Reject as e:
+            e.request = _as_seen(method, target, fields)
+            raise
         self.trailing = buffer[end:]
         return request
 
 
 def _client_closed() -> Reject:
     return Reject(400, "client_closed", "connection closed before the head was complete")
+
+
+def _as_seen(method: bytes, target: bytes, fields: http1.Headers) -> UpgradeRequest | None:
+    """A head that parsed but is no upgrade, as far as the log needs it."""
+    try:
+        path = _path(target)
+    except ValueError:  # urlsplit refuses e.g. "http://[x"
+        return None
+    headers = tuple((n.lower(), v) for n, v in fields)
+    return UpgradeRequest(method, target, tuple(fields), headers, host="", path=path)
 
 
 def validate_upgrade(

@@ -4,9 +4,11 @@ Events are logged with ECS dotted field names (``client.ip``,
 ``event.action``…); :func:`ecs_json` nests them and adds ``@timestamp``,
 ``log.level``, ``message`` and ``ecs.version``, producing the same document
 as ``ecs-logging``'s ``StructlogFormatter`` (a test holds the two side by
-side). Fields of our own live under ``shardproxy.*``. Every process logs to
-its stdout, which workers inherit from the supervisor, so one stream carries
-the whole instance; or, with ``[log] file``, every process appends to that
+side), but stamped with the ECS version whose definitions our fields are
+tested against (``ecs-logging`` stamps 1.6.0 whatever the fields). Fields
+of our own live under ``shardproxy.*``. Every process logs to its stdout,
+which workers inherit from the supervisor, so one stream carries the whole
+instance; or, with ``[log] file``, every process appends to that
 file (:class:`LogFile`: one ``write`` per line on an ``O_APPEND``
 descriptor, so lines of different processes do not mix), and SIGUSR1 makes
 them reopen it after logrotate moved it away.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
 import time
 import traceback
@@ -31,7 +34,11 @@ from typing import Any, TextIO
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
-ECS_VERSION = "1.6.0"
+from . import __version__
+
+# The ECS release whose field definitions tests/test_ecs.py checks our events
+# against (the @elastic/ecs package of that version, tests/node).
+ECS_VERSION = "8.11.0"
 
 _paths: dict[str, tuple[str, ...]] = {}
 _second = -1
@@ -135,7 +142,15 @@ def configure(
 ) -> None:
     """Set up logging for this process; ``static`` fields go on every event
     (e.g. ``{"shardproxy.worker": 3}``)."""
-    fields = {"process.pid": os.getpid(), **(static or {})}
+    fields = {
+        "process.pid": os.getpid(),
+        # ECS: the observer is the intermediary device that saw the event.
+        "observer.type": "proxy",
+        "observer.product": "shardproxy",
+        "observer.version": __version__,
+        "observer.hostname": socket.gethostname(),
+        **(static or {}),
+    }
 
     def add_static(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
         for key, value in fields.items():

@@ -71,6 +71,12 @@ _COUNTERS: dict[str, tuple[str, str, str | None, str | None]] = {
         None,
         None,
     ),
+    "internal_error": (
+        "shardproxy_internal_errors_total",
+        "Connections ended by an error of the proxy's own (each is logged with its trace).",
+        None,
+        None,
+    ),
 }
 
 
@@ -190,12 +196,16 @@ def _counters(totals: Mapping[str, int]) -> list[Metric]:
         family(name, doc, label).add_metric([value] if value else [], totals.get(key, 0))
     rejected = family("shardproxy_rejected_total", "Requests refused, by reason.", "reason")
     closed = family("shardproxy_tunnels_closed_total", "Tunnels ended, by outcome.", "outcome")
+    suppressed = family(
+        "shardproxy_log_events_suppressed_total",
+        "Events [log] error_rate left out of the log, by event.action.",
+        "action",
+    )
+    by_kind = {"rejected": rejected, "closed": closed, "log_suppressed": suppressed}
     for key, n in sorted(totals.items()):
         kind, _, name = key.partition(".")
-        if kind == "rejected":
-            rejected.add_metric([name], n)
-        elif kind == "closed":
-            closed.add_metric([name], n)
+        if kind in by_kind:
+            by_kind[kind].add_metric([name], n)
     return list(found.values())
 
 

@@ -55,14 +55,23 @@ from .handshake import Reject
 from .limits import fd_capacity, raise_nofile_limit
 from .relay import CLOSED, DRAINED, PING_TIMEOUT, RelayEngine, Tunnel
 from .routing import Router
+from .sampling import AccessSampler, ErrorBudget
 from .stats import HANDSHAKE_BOUNDS, TUNNEL_BOUNDS, BucketCounts
 from .upstream import TupleSpace, Upstream
 
-_CATEGORY = ("network", "web")  # ECS categorisation of the access event
+# ECS categorisation (event.category, event.type): a tunnel is a network
+# connection; ECS expects "connection" and "end" with "network" but not with
+# "web" (tests/test_ecs.py holds us to the definitions).
+_NETWORK = ("network",)
+_CONNECTION = ("connection",)
+_DENIED = ("connection", "denied")
 GOING_AWAY = 1001  # RFC 6455 §7.4.1: "an endpoint is going away, such as a server going down"
 DRAIN_POLL = 0.05  # seconds between looks for tunnels that came up during a drain
 RETIRED_POLL = 0.5  # seconds between looks whether a retired worker is empty
 _TYPE_END = ("connection", "end")
+_EVENT = "event"
+_GET = {"request": {"method": "GET"}}  # every tunnel began with a GET (RFC 6455 §4.1)
+SUPPRESSED_REPORT_EVERY = 10.0  # seconds between log-suppressed events during a flood
 
 
 def _route_name(route: RouteConfig) -> str:
@@ -72,7 +81,17 @@ def _route_name(route: RouteConfig) -> str:
 class TunnelInfo:
     """What the access log and the accounting need once a tunnel ends."""
 
-    __slots__ = ("client_ip", "client_port", "endpoint", "path", "route", "source_port", "space")
+    __slots__ = (
+        "client_ip",
+        "client_port",
+        "endpoint",
+        "forwarded_ip",
+        "path",
+        "route",
+        "source_port",
+        "space",
+        "user_agent",
+    )
 
     def __init__(
         self,
@@ -83,6 +102,8 @@ class TunnelInfo:
         path: str,
         space: TupleSpace,
         source_port: int,
+        user_agent: str | None,
+        forwarded_ip: str | None,
     ) -> None:
         self.client_ip = client_ip
         self.client_port = client_port
@@ -91,6 +112,8 @@ class TunnelInfo:
         self.path = path
         self.space = space
         self.source_port = source_port
+        self.user_agent = user_agent
+        self.forwarded_ip = forwarded_ip
 
 
 class Deadlines:
@@ -160,6 +183,10 @@ class Worker:
         self.handshake_seconds = BucketCounts(HANDSHAKE_BOUNDS)  # accept → 101 passed on
         self.tunnel_seconds = BucketCounts(TUNNEL_BOUNDS)  # 101 → closed
         self.route_tunnels: Counter[RouteConfig] = Counter()  # route → tunnels open now
+        self.access_sampler = AccessSampler()
+        self.error_budget = ErrorBudget(cfg.log.error_rate, cfg.log.error_burst)
+        self._suppressed: Counter[str] = Counter()  # left out since the last log-suppressed
+        self._suppressed_report_at = 0.0
         self.draining = False
         self.generation = 1
         self.log = logs.get_logger()
@@ -171,6 +198,7 @@ class Worker:
         assert h.request is not None and h.endpoint is not None and h.space is not None
         self.handshake_seconds.observe(time.monotonic() - h.started)
         self.route_tunnels[h.route] += 1
+        agent = h.request.user_agent()
         return TunnelInfo(
             h.client_ip,
             h.client_port,
@@ -179,29 +207,74 @@ class Worker:
             h.request.path,
             h.space,
             h.source_port,
+            # Interned: tunnels from the same browser share one string.
+            None if agent is None else sys.intern(agent),
+            h.request.forwarded_ip(),
         )
+
+    def may_log(self, action: str) -> bool:
+        """Whether the error budget lets an event one connection caused be
+        written now (its counts are kept either way)."""
+        return self.error_budget.allow(action, time.monotonic())
+
+    def report_suppressed(self) -> None:
+        """Count what the error budget left out; every
+        SUPPRESSED_REPORT_EVERY seconds, say so in one event."""
+        taken = self.error_budget.take_suppressed()
+        for action, n in taken.items():
+            self.counts[f"log_suppressed.{action}"] += n
+        self._suppressed.update(taken)
+        now = time.monotonic()
+        if not self._suppressed or now < self._suppressed_report_at:
+            return
+        total = sum(self._suppressed.values())
+        self.log.warning(
+            f"{total} events left out of the log by [log] error_rate",
+            **{
+                "event.action": "log-suppressed",
+                "shardproxy.suppressed": dict(self._suppressed),
+            },
+        )
+        self._suppressed.clear()
+        self._suppressed_report_at = now + SUPPRESSED_REPORT_EVERY
 
     def rejected(self, h: Handshake, r: Reject) -> None:
         self.counts[f"rejected.{r.reason}"] += 1
+        if not self.may_log("request-rejected"):
+            return
+        fields: dict[str, Any] = {
+            "event.kind": _EVENT,
+            "event.category": _NETWORK,
+            "event.type": _DENIED,
+            "event.action": "request-rejected",
+            "event.outcome": "failure",
+            "event.duration": int((time.monotonic() - h.started) * 1e9),
+            "client.ip": h.client_ip,
+            "client.port": h.client_port,
+            "http.response.status_code": r.status,
+            "shardproxy.reason": r.reason,
+        }
+        request = h.request or r.request  # a head that parsed, upgrade or not
+        if request is not None:
+            fields["http.request.method"] = request.method.decode("latin-1")
+            fields["url.path"] = request.path
+            if (agent := request.user_agent()) is not None:
+                fields["user_agent.original"] = agent
+            if (forwarded := request.forwarded_ip()) is not None:
+                fields["network.forwarded_ip"] = forwarded
         log = self.log.warning if r.status >= 500 else self.log.info  # ours or the backend's
-        log(
-            r.detail,
-            **{
-                "event.action": "request-rejected",
-                "event.outcome": "failure",
-                "event.duration": int((time.monotonic() - h.started) * 1e9),
-                "client.ip": h.client_ip,
-                "client.port": h.client_port,
-                "http.response.status_code": r.status,
-                "shardproxy.reason": r.reason,
-            },
-        )
+        log(r.detail, **fields)
 
     def handshake_failed(self, h: Handshake, e: OSError) -> None:
         self.counts["handshake_failed"] += 1
+        if not self.may_log("handshake-failed"):
+            return
         self.log.info(
             "client connection failed during the handshake",
             **{
+                "event.kind": _EVENT,
+                "event.category": _NETWORK,
+                "event.type": _CONNECTION,
                 "event.action": "handshake-failed",
                 "event.outcome": "failure",
                 "client.ip": h.client_ip,
@@ -216,9 +289,14 @@ class Worker:
         ep = endpoint.endpoint
         self.counts["upstream.connect_failed"] += 1
         self.passive_failures[str(ep)] += 1  # the supervisor counts them as failed checks
+        if not self.may_log("upstream-connect-failed"):
+            return
         self.log.warning(
             "upstream connect failed",
             **{
+                "event.kind": _EVENT,
+                "event.category": _NETWORK,
+                "event.type": _CONNECTION,
                 "event.action": "upstream-connect-failed",
                 "event.outcome": "failure",
                 "destination.ip": ep.host,
@@ -246,28 +324,39 @@ class Worker:
         self.counts["messages.up"] += up.messages
         self.counts["messages.down"] += down.messages
         self.counts[f"closed.{outcome}"] += 1
-        if not self.config.log.access:
+        route = info.route
+        if not self.config.log.access or not self.access_sampler.keep(route, route.access_sample):
             return
         # Namespaces are passed nested: this event is logged once per tunnel,
         # and nesting here saves the renderer splitting twenty dotted keys.
+        ours: dict[str, Any] = {
+            "route": _route_name(route),
+            "pool": route.pool,
+            "server": info.endpoint.server.name,
+            "outcome": outcome,
+            "bytes": {"up": up.nbytes, "down": down.nbytes},
+            "messages": {"up": up.messages, "down": down.messages},
+            "close": {"client_code": up.close_code, "backend_code": down.close_code},
+        }
+        if route.access_sample < 1.0:  # one event stands for 1/access_sample tunnels
+            ours["access_sample"] = route.access_sample
+        claims: dict[str, Any] = {}
+        if info.user_agent is not None:
+            claims["user_agent"] = {"original": info.user_agent}
+        if info.forwarded_ip is not None:
+            claims["network"] = {"forwarded_ip": info.forwarded_ip}
         self.log.info(
             "tunnel closed",
             client={"ip": info.client_ip, "port": info.client_port},
             source={"ip": info.space.seen_address, "port": info.source_port},
             destination={"ip": ep.host, "port": ep.port},
             url={"path": info.path},
-            shardproxy={
-                "route": _route_name(info.route),
-                "pool": info.route.pool,
-                "server": info.endpoint.server.name,
-                "outcome": outcome,
-                "bytes": {"up": up.nbytes, "down": down.nbytes},
-                "messages": {"up": up.messages, "down": down.messages},
-                "close": {"client_code": up.close_code, "backend_code": down.close_code},
-            },
+            http=_GET,
+            shardproxy=ours,
+            **claims,
             **{
-                "event.kind": "event",
-                "event.category": _CATEGORY,
+                "event.kind": _EVENT,
+                "event.category": _NETWORK,
                 "event.type": _TYPE_END,
                 "event.action": "tunnel-closed",
                 "event.outcome": "success" if outcome in (CLOSED, DRAINED) else "failure",
@@ -328,6 +417,11 @@ class Worker:
     def _ping_timed_out(self, t: Tunnel) -> None:
         info: TunnelInfo = t.info
         self.counts["ping_timeout"] += 1
+        if self.may_log("ping-timeout"):
+            self._log_ping_timeout(info)
+        self.engine.end(t, PING_TIMEOUT)
+
+    def _log_ping_timeout(self, info: TunnelInfo) -> None:
         self.log.info(
             f"client did not answer a ping within {self.config.keepalive.ping_timeout:g}s; "
             "closing its tunnel",
@@ -337,7 +431,6 @@ class Worker:
                 "client.port": info.client_port,
             },
         )
-        self.engine.end(t, PING_TIMEOUT)
 
     # -- health (from the supervisor) ---------------------------------------
 
@@ -472,6 +565,7 @@ async def serve(slot: int, control_fd: int, listen_fds: list[int]) -> None:
 async def _report(channel: Channel, worker: Worker) -> None:
     while True:
         await trio.sleep(1)
+        worker.report_suppressed()
         snapshot = worker.snapshot()
         snapshot["passive_failures"] = dict(worker.passive_failures)
         worker.passive_failures.clear()

@@ -537,6 +537,22 @@ def test_log_level() -> None:
     error({**minimal(), "log": {"level": 1}}, "log.level", "must be a string")
 
 
+def test_log_error_budget_and_route_sampling() -> None:
+    c = from_mapping(minimal())
+    assert (c.log.error_rate, c.log.error_burst, c.routes[0].access_sample) == (20, 100, 1.0)
+    c = from_mapping({**minimal(), "log": {"error_rate": 0, "error_burst": 1}})
+    assert (c.log.error_rate, c.log.error_burst) == (0, 1)
+    error({**minimal(), "log": {"error_rate": -1}}, "log.error_rate", "between 0 and")
+    error({**minimal(), "log": {"error_burst": 0}}, "log.error_burst", "between 1 and")
+    route = minimal()["routes"][0]
+    for value, kept in ((0, 0.0), (0.25, 0.25), (1, 1.0)):
+        data = {**minimal(), "routes": [{**route, "access_sample": value}]}
+        assert from_mapping(data).routes[0].access_sample == kept
+    for bad, says in ((1.5, "from 0 to 1, got 1.5"), (True, "a number"), ("all", "a number")):
+        data = {**minimal(), "routes": [{**route, "access_sample": bad}]}
+        error(data, "routes[0].access_sample", says)
+
+
 # -- [[routes]] ----------------------------------------------------------------
 
 

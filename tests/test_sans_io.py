@@ -24,7 +24,7 @@ import pytest
 import shardproxy
 
 PACKAGE = Path(shardproxy.__file__).resolve().parent
-SANS_IO = ("frames", "http1", "handshake", "config", "balancer", "routing", "stats")
+SANS_IO = ("frames", "http1", "handshake", "config", "balancer", "routing", "stats", "sampling")
 FORBIDDEN = {"trio", "socket", "select", "selectors", "asyncio", "ssl"}
 
 
