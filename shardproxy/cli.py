@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import tomli_w
 import trio
 
-from . import __version__, addrplan, config, logs, status
+from . import __version__, addrplan, config, logs, runtime, status
 from .addrplan import Plan
 from .config import Config, ConfigError
 from .echo import serve_echo
@@ -134,7 +134,7 @@ async def _demo(port: int) -> int:
                 f"shardproxy demo: ws://127.0.0.1:{port}/ → echo backends "
                 f"{', '.join(f'{h}:{p}' for h, p in backends)} ({cfg.proxy.workers} workers). "
                 f"Connect with (send 'whoami' to see which backend answers; Ctrl-C stops):\n"
-                f"{sys.executable} -m websockets ws://127.0.0.1:{port}/",
+                + runtime.websocket_client_command(f"ws://127.0.0.1:{port}/"),
                 file=sys.stderr,
                 flush=True,
             )

@@ -51,7 +51,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -61,7 +60,7 @@ from urllib.parse import unquote
 import psutil
 import trio
 
-from . import addrplan, config, logs, metrics, stats
+from . import addrplan, config, logs, metrics, runtime, stats
 from .addrplan import Plan
 from .admin import serve_admin
 from .config import Config, ConfigError, Endpoint, format_duration
@@ -453,15 +452,12 @@ class Supervisor:
         ours, theirs = socket.socketpair()
         listen_fds = [s.fileno() for s in gen.slots[slot]]
         try:
+            command, env = runtime.module_command(
+                "shardproxy.worker", str(slot), str(theirs.fileno()), *map(str, listen_fds)
+            )
             proc = await trio.lowlevel.open_process(
-                [
-                    sys.executable,
-                    "-m",
-                    "shardproxy.worker",
-                    str(slot),
-                    str(theirs.fileno()),
-                    *map(str, listen_fds),
-                ],
+                command,
+                env=env,
                 pass_fds=[theirs.fileno(), *listen_fds],
                 stdin=subprocess.DEVNULL,
             )

@@ -39,6 +39,11 @@ def test_the_unit_waits_for_a_whole_drain_and_uses_our_signals() -> None:
     assert unit["ExecStart"].endswith("run -c /etc/shardproxy/shardproxy.toml")
     assert unit["ExecStartPre"].endswith("check -c /etc/shardproxy/shardproxy.toml")
     assert int(unit["LimitNOFILE"]) >= 65536
+    # It runs the single-file build (scripts/build-zipapp), which unpacks
+    # into SHIV_ROOT: a directory systemd creates for the service's user.
+    assert unit["ExecStart"].startswith("/usr/local/bin/shardproxy ")
+    assert unit["Environment"] == f"SHIV_ROOT=/var/cache/{unit['CacheDirectory']}"
+    assert "install -m 755 dist/shardproxy.pyz /usr/local/bin/shardproxy" in UNIT.read_text()
     assert "SIGUSR1" in (DEPLOY / "logrotate" / "shardproxy").read_text()
 
 
