@@ -43,7 +43,7 @@ _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 class EndpointHealth:
     """The rise/fall state of one endpoint."""
 
-    __slots__ = ("failures", "fall", "last_error", "rise", "state", "successes")
+    __slots__ = ("failed_checks", "failures", "fall", "last_error", "rise", "state", "successes")
 
     def __init__(self, rise: int, fall: int) -> None:
         self.rise = rise
@@ -52,6 +52,7 @@ class EndpointHealth:
         self.successes = 0
         self.failures = 0
         self.last_error = ""
+        self.failed_checks = 0  # since start, for shardproxy_health_check_failures_total
 
     def record(self, error: str | None) -> bool:
         """Count one check (``error`` None = success); True if the state changed."""
@@ -63,6 +64,7 @@ class EndpointHealth:
                 return True
             return False
         self.failures += 1
+        self.failed_checks += 1
         self.successes = 0
         self.last_error = error
         if self.state == UP and self.failures >= self.fall:

@@ -244,7 +244,15 @@ def _supervisor(s: Mapping[str, Any]) -> list[Metric]:
     )
     for endpoint, is_up in sorted(s.get("backends", {}).items()):
         up.add_metric([endpoint], 1 if is_up else 0)
-    out: list[Metric] = [restarts, reloads, up]
+    failed = CounterMetricFamily(
+        "shardproxy_health_check_failures",
+        "Failed health checks of checked backend endpoints, refused or timed-out "
+        "connects the workers saw included.",
+        labels=["endpoint"],
+    )
+    for endpoint, n in sorted(s.get("check_failures", {}).items()):
+        failed.add_metric([endpoint], n)
+    out: list[Metric] = [restarts, reloads, up, failed]
     per_process = [
         (key, kind(name, doc, labels=["process"])) for key, kind, name, doc in _PER_PROCESS
     ]

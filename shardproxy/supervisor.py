@@ -606,6 +606,9 @@ class Supervisor:
             "backends": {
                 str(ep): state.state == UP for ep, (state, _) in self.health.endpoints.items()
             },
+            "check_failures": {
+                str(ep): state.failed_checks for ep, (state, _) in self.health.endpoints.items()
+            },
             "processes": {k: v for k, v in processes.items() if v},
         }
 

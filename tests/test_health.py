@@ -51,6 +51,7 @@ def test_fall_failures_in_a_row_take_it_down_and_rise_successes_bring_it_back() 
         True,
     ]
     assert h.state == UP
+    assert h.failed_checks == 6  # every failure since start, for the metric
 
 
 # -- the checks, against real servers -------------------------------------------

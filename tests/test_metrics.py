@@ -46,7 +46,12 @@ def test_counters_add_the_retired_workers_and_never_go_back() -> None:
         metrics.families(
             {11: snap},
             {"tunnels": 7, "closed.closed": 7},
-            {"restarts": 1, "reloads": {"done": 2}, "backends": {"10.0.0.1:80": True}},
+            {
+                "restarts": 1,
+                "reloads": {"done": 2},
+                "backends": {"10.0.0.1:80": True},
+                "check_failures": {"10.0.0.1:80": 3},
+            },
         )
     ).decode()
     found = samples(text)
@@ -61,6 +66,8 @@ def test_counters_add_the_retired_workers_and_never_go_back() -> None:
     assert found[("shardproxy_worker_restarts_total", ())] == 1
     assert found[("shardproxy_reloads_total", (("result", "done"),))] == 2
     assert found[("shardproxy_backend_up", (("endpoint", "10.0.0.1:80"),))] == 1
+    key = (("endpoint", "10.0.0.1:80"),)
+    assert found[("shardproxy_health_check_failures_total", key)] == 3
 
 
 def get(port: int, path: str) -> tuple[int, str, bytes]:
