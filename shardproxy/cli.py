@@ -61,7 +61,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     try:
         if args.once:
-            print(status.screen(cfg))
+            print(status.once(cfg, args.interval))
         else:
             status.watch(cfg, args.interval)
     except status.StatusError as e:
@@ -175,8 +175,12 @@ def parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=cmd_plan)
     st = sub.add_parser("status", help="a live view of the running instance (needs [admin] listen)")
     st.add_argument("-c", "--config", required=True, help="the instance's TOML config file")
-    st.add_argument("--once", action="store_true", help="print once and exit")
-    st.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    st.add_argument(
+        "--once", action="store_true", help="print once (rates over --interval) and exit"
+    )
+    st.add_argument(
+        "--interval", type=float, default=2.0, help="seconds between refreshes (and of the rates)"
+    )
     st.set_defaults(func=cmd_status)
     demo = sub.add_parser(
         "demo", help="run on 127.0.0.1:8080 in front of two built-in echo backends"

@@ -88,6 +88,7 @@ def summary(
                 "tunnels": s["tunnels"],
                 "handshakes": s["handshakes"],
                 "capacity": s["capacity"],
+                "opened": s.get("counts", {}).get("tunnels", 0),
             }
             for key, s in snapshots.items()
         ),

@@ -135,7 +135,17 @@ def test_status_renders_a_running_instance(start_proxy: Callable[..., Proxy]) ->
         deadline = time.monotonic() + 20
         while True:  # the workers' next snapshots
             out = subprocess.run(
-                [sys.executable, "-m", "shardproxy", "status", "-c", str(config_path), "--once"],
+                [
+                    sys.executable,
+                    "-m",
+                    "shardproxy",
+                    "status",
+                    "-c",
+                    str(config_path),
+                    "--once",
+                    "--interval",
+                    "0.5",
+                ],
                 capture_output=True,
                 text=True,
                 timeout=30,
@@ -146,6 +156,7 @@ def test_status_renders_a_running_instance(start_proxy: Callable[..., Proxy]) ->
             time.sleep(0.3)
         lines = out.stdout.splitlines()
         assert lines[0].startswith("shardproxy: ok  tunnels 3 / capacity")
+        assert lines[1].startswith("per second: opened ")
         assert sum(1 for line in lines if re.match(r"^[01]\s+\d", line)) == 2  # two workers
         assert any(line.startswith("main/b0") and "ready" in line for line in lines)
         assert any(line.startswith("auto ") and f"127.0.0.1:{b0.port}" in line for line in lines)
