@@ -9,9 +9,13 @@ Endpoints (JSON answers)::
     POST /servers/POOL/SERVER/drain        no new tunnels for it; its tunnels stay
     POST /servers/POOL/SERVER/ready        back in rotation
 
-With ``[admin] token`` set, every request needs ``Authorization: Bearer
-TOKEN`` (else 401). One request per connection; h11 parses it, and a request
-head over 8 KiB, or not complete within 5 s, is answered 431 or closed.
+With ``[admin] token`` set, every request but ``GET /healthz`` needs
+``Authorization: Bearer TOKEN`` (else 401): load balancers' and keepalived's
+health checks mostly cannot send a header, and /healthz tells nothing but
+whether to send traffic here (HAProxy's ``monitor-uri`` is open the same way).
+
+One request per connection; h11 parses it, and a request head over 8 KiB,
+or not complete within 5 s, is answered 431 or closed.
 
 Resource handling: one trio task per admin connection, for its one request.
 Error handling: a bad request gets its 4xx; an error in a handler gets 500
@@ -76,12 +80,12 @@ async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.
 
 
 async def _answer(token: str, handler: Handler, log: Any, request: h11.Request) -> tuple[int, Any]:
-    if token:
+    path = request.target.decode("ascii", "replace").split("?", 1)[0]
+    if token and not (request.method == b"GET" and path == "/healthz"):
         headers = dict(request.headers)
         expected = b"Bearer " + token.encode()
         if not hmac.compare_digest(headers.get(b"authorization", b""), expected):
             return 401, {"error": "missing or wrong bearer token"}
-    path = request.target.decode("ascii", "replace").split("?", 1)[0]
     try:
         return await handler(request.method.decode("ascii", "replace"), path)
     except Exception:

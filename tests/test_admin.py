@@ -42,8 +42,12 @@ def test_draining_a_server_by_hand_keeps_its_tunnels_and_sends_new_ones_elsewher
     aport = free_port()
     with WsBackend() as b0, WsBackend() as b1:
         proxy = start_proxy([b0.port, b1.port], extra=admin_config(aport))
-        assert call(aport, "GET", "/healthz", token=None)[0] == 401
-        assert call(aport, "GET", "/healthz", token="wrong")[0] == 401
+        for path in ("/servers", "/stats", "/metrics"):
+            assert call(aport, "GET", path, token=None)[0] == 401
+            assert call(aport, "GET", path, token="wrong")[0] == 401
+        assert call(aport, "POST", "/servers/main/b0/drain", token=None)[0] == 401
+        # Health checks of load balancers cannot send a token.
+        assert call(aport, "GET", "/healthz", token=None) == (200, {"status": "ok"})
         assert call(aport, "GET", "/healthz") == (200, {"status": "ok"})
         status, servers = call(aport, "GET", "/servers")
         assert status == 200
