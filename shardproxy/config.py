@@ -23,6 +23,7 @@ from decimal import Decimal
 from typing import Any, Literal
 
 Balance = Literal["round_robin", "least_conn", "hash"]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 HashKind = Literal["header", "cookie", "query", "client_ip"]
 
 Allocator = Literal["auto", "kernel", "userspace"]
@@ -102,6 +103,7 @@ class PoolConfig:
     hash_key: HashKey | None
     servers: tuple[ServerConfig, ...]
     health: HealthConfig | None = None
+    send_proxy: str = ""  # "v2": a PROXY protocol v2 header to the backends, no X-Forwarded-*
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +124,8 @@ class ProxyConfig:
     response_timeout: float
     max_connections: int | None  # per worker; None = derived from RLIMIT_NOFILE
     max_handshakes: int  # per worker, in progress at once; the rest wait in the accept queue
+    accept_proxy: frozenset[Endpoint] = frozenset()  # listeners that read a PROXY header
+    trusted_proxies: tuple[IPNetwork, ...] = ()  # who may send one
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +216,11 @@ class Config:
         p, u = self.proxy, self.upstream
         return {
             "proxy": {
-                "listen": [str(e) for e in p.listen],
+                "listen": [
+                    {"address": str(e), "accept_proxy": True} if e in p.accept_proxy else str(e)
+                    for e in p.listen
+                ],
+                "trusted_proxies": [str(n) for n in p.trusted_proxies],
                 "workers": p.workers,
                 "header_timeout": format_duration(p.header_timeout),
                 "max_header_bytes": p.max_header_bytes,
@@ -267,6 +275,7 @@ class Config:
                     "balance": pool.balance,
                     **({"hash_key": str(pool.hash_key)} if pool.hash_key else {}),
                     **({"health": _health_dict(pool.health)} if pool.health else {}),
+                    **({"send_proxy": pool.send_proxy} if pool.send_proxy else {}),
                     "servers": [
                         {
                             "name": s.name,
@@ -359,6 +368,14 @@ def parse_port_range(text: str) -> PortRange:
     return PortRange(first, last)
 
 
+def _parse_network(text: str) -> IPNetwork:
+    """``"10.0.0.0/8"``, ``"192.0.2.7"`` (one address) or an IPv6 network."""
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"must be an address or a network (CIDR), got {text!r}") from None
+
+
 def _check_ip(text: str) -> str:
     try:
         return str(ipaddress.ip_address(text))
@@ -386,6 +403,7 @@ _PROXY_DEFAULTS: dict[str, Any] = {
     "response_timeout": "10s",
     "max_connections": "auto",
     "max_handshakes": 1024,
+    "trusted_proxies": [],
 }
 
 
@@ -423,6 +441,11 @@ class _Parser:
             raise self.fail(key, f"must be an integer, got {_kind(value)}")
         if not lo <= value <= hi:
             raise self.fail(key, f"must be between {lo} and {hi}, got {value}")
+        return value
+
+    def boolean(self, value: Any, key: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(key, f"must be true or false, got {_kind(value)}")
         return value
 
     def fraction(self, value: Any, key: str) -> float:
@@ -475,10 +498,20 @@ class _Parser:
         listen_raw = self.array(raw["listen"], "proxy.listen")
         if not listen_raw:
             raise self.fail("proxy.listen", "needs at least one address")
-        listen = tuple(
-            self.check(f"proxy.listen[{i}]", parse_host_port, self.string(v, f"proxy.listen[{i}]"))
-            for i, v in enumerate(listen_raw)
+        entries = [self.listen_entry(v, f"proxy.listen[{i}]") for i, v in enumerate(listen_raw)]
+        listen = tuple(ep for ep, _ in entries)
+        accept_proxy = frozenset(ep for ep, proxied in entries if proxied)
+        trusted_raw = self.array(raw["trusted_proxies"], "proxy.trusted_proxies")
+        trusted = tuple(
+            self.check(key, _parse_network, self.string(v, key))
+            for key, v in ((f"proxy.trusted_proxies[{i}]", v) for i, v in enumerate(trusted_raw))
         )
+        if accept_proxy and not trusted:
+            raise self.fail(
+                "proxy.trusted_proxies",
+                "is required with accept_proxy: the addresses of the load balancers "
+                'allowed to send PROXY headers, e.g. ["10.0.0.0/16"]',
+            )
         for i, ep in enumerate(listen):
             if ep in listen[:i]:
                 raise self.fail(f"proxy.listen[{i}]", f"{ep} is listed twice")
@@ -503,7 +536,22 @@ class _Parser:
             max_handshakes=self.integer(
                 raw["max_handshakes"], "proxy.max_handshakes", 1, 1_000_000
             ),
+            accept_proxy=accept_proxy,
+            trusted_proxies=trusted,
         )
+
+    def listen_entry(self, value: Any, key: str) -> tuple[Endpoint, bool]:
+        """``"ip:port"``, or ``{ address = "ip:port", accept_proxy = true }``."""
+        if isinstance(value, Mapping):
+            raw = self.table(value, key, {"address", "accept_proxy"})
+            if "address" not in raw:
+                raise self.fail(f"{key}.address", "is required")
+            address = self.string(raw["address"], f"{key}.address")
+            proxied = self.boolean(raw.get("accept_proxy", False), f"{key}.accept_proxy")
+            return self.check(f"{key}.address", parse_host_port, address), proxied
+        if not isinstance(value, str):
+            raise self.fail(key, f'must be "ip:port" or a table with address, got {_kind(value)}')
+        return self.check(key, parse_host_port, value), False
 
     def upstream(self, value: Any, proxy: ProxyConfig) -> UpstreamConfig:
         raw = self.table(value, "upstream", {"source_addresses", "port_range", "port_allocator"})
@@ -610,9 +658,7 @@ class _Parser:
         interval = self.duration(
             raw.get("stats_interval", "60s"), "log.stats_interval", positive=False
         )
-        access = raw.get("access", True)
-        if not isinstance(access, bool):
-            raise self.fail("log.access", f"must be true or false, got {_kind(access)}")
+        access = self.boolean(raw.get("access", True), "log.access")
         file = self.string(raw.get("file", ""), "log.file")
         if file and not os.path.isabs(file):
             raise self.fail(
@@ -663,7 +709,10 @@ class _Parser:
 
     def pool(self, name: str, value: Any) -> PoolConfig:
         key = f"pools.{name}"
-        raw = self.table(value, key, {"balance", "hash_key", "servers", "health"})
+        raw = self.table(value, key, {"balance", "hash_key", "servers", "health", "send_proxy"})
+        send_proxy = self.string(raw.get("send_proxy", ""), f"{key}.send_proxy")
+        if send_proxy not in ("", "v2"):
+            raise self.fail(f"{key}.send_proxy", f'must be "v2" or "" (none), got {send_proxy!r}')
         balance = self.string(raw.get("balance", "least_conn"), f"{key}.balance")
         if balance not in BALANCES:
             raise self.fail(
@@ -693,9 +742,7 @@ class _Parser:
                 raise self.fail(f"{key}.servers[{i}].name", f"{s.name!r} is used twice")
             seen.add(s.name)
         health = self.health(raw["health"], f"{key}.health") if "health" in raw else None
-        return PoolConfig(
-            name=name, balance=balance, hash_key=hash_key, servers=servers, health=health
-        )
+        return PoolConfig(name, balance, hash_key, servers, health, send_proxy)
 
     def health(self, value: Any, key: str) -> HealthConfig:
         raw = self.table(value, key, set(_HEALTH_DEFAULTS) | {"kind"})

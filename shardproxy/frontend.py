@@ -10,7 +10,7 @@ The protocol decisions stay in the sans-IO modules (``handshake``,
 
 States of a handshake (every transition is in :class:`Frontend`)::
 
-    READ_REQUEST ─head valid, routed─► CONNECTING ─connected─► READ_RESPONSE
+    READ_REQUEST ─(PROXY header,) head valid, routed─► CONNECTING ─connected─► READ_RESPONSE
       │                                  │ refused, timeout:         │
       │                                  │ next server               ├─101─► relay engine
       │                                  └─none left: 502/504 ─┐     └─other─► PASS_BODY ─┐
@@ -48,6 +48,7 @@ import trio
 
 from . import balancer
 from .balancer import EndpointState, ServerState
+from .config import Endpoint
 from .handshake import (
     NEED_DATA,
     BackendError,
@@ -58,8 +59,10 @@ from .handshake import (
     UpgradeRequest,
     error_response,
     forward_head,
+    request_head,
 )
-from .relay import shutdown_write
+from .proxyproto import HeaderReader, ProxyHeader, encode_v2, is_trusted
+from .relay import local_address, shutdown_write
 from .upstream import Exhausted, TupleSpace
 
 if TYPE_CHECKING:
@@ -77,6 +80,11 @@ _OVER_CAPACITY = Reject(
     503, "over_capacity", "this worker is at its connection limit", (("Retry-After", "1"),)
 )
 _SHUTTING_DOWN = Reject(503, "shutting_down", "the proxy is shutting down", (("Retry-After", "1"),))
+_UNTRUSTED = Reject(
+    403,
+    "untrusted_proxy",
+    "this listener takes connections from trusted_proxies only (PROXY protocol)",
+)
 
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
@@ -105,7 +113,9 @@ class Handshake:
         "endpoint",
         "exhausted",
         "first_up",
+        "header",
         "listen_port",
+        "local",
         "out",
         "out_fd",
         "reader",
@@ -130,6 +140,8 @@ class Handshake:
         self.state = READ_REQUEST
         self.deadline = deadline
         self.reader = None  # type: RequestReader | None
+        self.header: HeaderReader | None = None  # a PROXY header to read first
+        self.local: tuple[str, int] | None = None  # the address the client connected to
         self.request: UpgradeRequest | None = None
         self.first_up = b""  # tunnel bytes that came behind the request head
         self.route: Any = None
@@ -160,6 +172,10 @@ class Frontend:
         self._epoll = select.epoll()
         self._listeners = {s.fileno(): s for s in listeners}
         self._ports = {s.fileno(): s.getsockname()[1] for s in listeners}
+        accept_proxy = self.proxy.accept_proxy
+        self._proxied = {  # listeners whose connections start with a PROXY header
+            s.fileno(): Endpoint(*s.getsockname()[:2]) in accept_proxy for s in listeners
+        }
         self._by_fd: dict[int, Handshake] = {}
         self._masks: dict[int, int] = {}  # what each handshake descriptor waits for
         self._timers: list[tuple[float, int, Handshake]] = []
@@ -273,7 +289,7 @@ class Frontend:
                 raise
             if taken is None:
                 return
-            self._start(*taken, self._ports[fd])
+            self._start(*taken, self._ports[fd], proxied=self._proxied[fd])
 
     def stop_accepting(self, *, sweep: Collection[int] | None = None, refuse: bool = True) -> None:
         """Close this worker's listen sockets; handshakes under way go on.
@@ -327,7 +343,12 @@ class Frontend:
             self._accepting = accepting
 
     def _start(
-        self, client: int, addr: Any, listen_port: int, refuse: Reject | None = None
+        self,
+        client: int,
+        addr: Any,
+        listen_port: int,
+        refuse: Reject | None = None,
+        proxied: bool = False,
     ) -> None:
         worker = self.worker
         worker.connections += 1
@@ -336,6 +357,10 @@ class Frontend:
         self._by_fd[client] = h
         if worker.connections > worker.capacity:
             refuse = _OVER_CAPACITY
+        if proxied:
+            if not is_trusted(h.client_ip, self.proxy.trusted_proxies):
+                refuse = refuse or _UNTRUSTED
+            h.header = HeaderReader(self.proxy.max_header_bytes)
         if refuse is not None:
             self._reject(h, refuse)
             return
@@ -356,6 +381,16 @@ class Frontend:
             return
         assert h.reader is not None
         try:
+            if h.header is not None:
+                header = h.header.feed(data)
+                if header is NEED_DATA:
+                    self._want(h.client, _IN)
+                    return
+                assert isinstance(header, ProxyHeader)
+                data = self._proxied_by(h, header)
+                if not data:
+                    self._want(h.client, _IN)
+                    return
             result = h.reader.feed(data)
             if result is NEED_DATA:
                 self._want(h.client, _IN)
@@ -372,6 +407,17 @@ class Frontend:
         h.request, h.route, h.first_up, h.reader = result, route, h.reader.trailing, None
         self._want(h.client, 0)  # nothing more to read until the 101
         self._connect_next(h)
+
+    def _proxied_by(self, h: Handshake, header: ProxyHeader) -> bytes:
+        """The PROXY header says whom the connection is from: that is the
+        client from now on (logs, X-Forwarded-For, hashing). Returns the
+        bytes that came after it."""
+        assert h.header is not None
+        if header.source is not None:
+            h.client_ip, h.client_port = header.source
+            h.local = header.destination
+        rest, h.header = h.header.trailing, None
+        return rest
 
     # -- upstream -----------------------------------------------------------
 
@@ -435,7 +481,13 @@ class Frontend:
         assert h.space is not None
         if h.space.seen_address is None:
             h.space.seen_address = address
-        head = forward_head(h.request, h.client_ip, "http", h.listen_port)
+        if self.worker.pools[h.route.pool].config.send_proxy:
+            # The backend learns the client from the PROXY header: the head
+            # goes as the client sent it.
+            local = h.local or local_address(h.client)
+            head = encode_v2((h.client_ip, h.client_port), local) + request_head(h.request)
+        else:
+            head = forward_head(h.request, h.client_ip, "http", h.listen_port)
         h.response = ResponseReader(h.request, self.proxy.max_header_bytes)
         self._arm(h, self.proxy.response_timeout)
         self._send(h, sock.fileno(), head, self._await_response)  # still waits for OUT

@@ -274,6 +274,14 @@ def forward_head(request: UpgradeRequest, client_ip: str, proto: str, listen_por
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
+def request_head(request: UpgradeRequest) -> bytes:
+    """The request head as the client sent it (with ``send_proxy`` the
+    backend learns the client from the PROXY header instead)."""
+    lines = [request.method + b" " + request.target + b" HTTP/1.1"]
+    lines += [name + b": " + value for name, value in request.raw_headers]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
 _HOP_BY_HOP = (b"connection", b"keep-alive", b"transfer-encoding", b"content-length")
 
 

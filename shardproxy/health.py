@@ -33,6 +33,7 @@ import trio
 from .config import Config, Endpoint, HealthConfig, parse_host_port
 from .frames import close_frame
 from .http1 import HeadError, head_end, parse_response
+from .proxyproto import encode_v2_local
 
 UP = "up"
 DOWN = "down"
@@ -94,6 +95,7 @@ class HealthMonitor:
         endpoint that several pools share); an endpoint checked before
         keeps its state. Restart :meth:`run` to apply."""
         endpoints: dict[Endpoint, tuple[EndpointHealth, HealthConfig]] = {}
+        self.preambles: dict[Endpoint, bytes] = {}  # a PROXY LOCAL header for send_proxy pools
         for pool in cfg.pools:
             if pool.health is None:
                 continue
@@ -105,6 +107,7 @@ class HealthMonitor:
                     state = old[0] if old else EndpointHealth(pool.health.rise, pool.health.fall)
                     state.rise, state.fall = pool.health.rise, pool.health.fall
                     endpoints[ep] = (state, pool.health)
+                    self.preambles[ep] = encode_v2_local() if pool.send_proxy else b""
         self.endpoints = endpoints
 
     async def run(self) -> None:
@@ -116,7 +119,7 @@ class HealthMonitor:
         cfg = self.endpoints[endpoint][1]
         await trio.sleep(random.uniform(0, cfg.interval))  # endpoints not all at once
         while True:
-            await self.record(endpoint, await run_check(endpoint, cfg))
+            await self.record(endpoint, await run_check(endpoint, cfg, self.preambles[endpoint]))
             await trio.sleep(cfg.interval)
 
     async def passive_failures(self, text: str, n: int, worker: int) -> None:
@@ -161,8 +164,9 @@ class HealthMonitor:
 # -- the checks -------------------------------------------------------------
 
 
-async def run_check(endpoint: Endpoint, cfg: HealthConfig) -> str | None:
-    """One check of ``endpoint``: None if healthy, else why not."""
+async def run_check(endpoint: Endpoint, cfg: HealthConfig, preamble: bytes = b"") -> str | None:
+    """One check of ``endpoint``: None if healthy, else why not. ``preamble``
+    goes first (a PROXY header, for backends that want one)."""
     try:
         with trio.fail_after(cfg.timeout):
             family = trio.socket.AF_INET6 if ":" in endpoint.host else trio.socket.AF_INET
@@ -173,6 +177,8 @@ async def run_check(endpoint: Endpoint, cfg: HealthConfig) -> str | None:
                 sock.close()
                 raise
             async with trio.SocketStream(sock) as stream:
+                if preamble:
+                    await stream.send_all(preamble)
                 if cfg.kind == "tcp":
                     return None
                 if cfg.kind == "http":

@@ -525,6 +525,16 @@ def shutdown_write(fd: int) -> None:
         s.detach()
 
 
+def local_address(fd: int) -> tuple[str, int]:
+    """The (ip, port) ``fd`` is bound to; the family is the kernel's."""
+    s = socket.socket(fileno=fd)
+    try:
+        ip, port = s.getsockname()[:2]
+        return ip, port
+    finally:
+        s.detach()
+
+
 def _reset(fd: int) -> None:
     """Make the coming close() send RST instead of FIN (SO_LINGER {1, 0})."""
     s = _socket_of(fd)

@@ -181,13 +181,26 @@ def parse_json_lines(text: str) -> list[dict[str, Any]]:
 class WsClient:
     """A blocking WebSocket client on a plain socket, driven by wsproto."""
 
-    def __init__(self, port: int, path: str = "/echo", host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        port: int,
+        path: str = "/echo",
+        host: str = "127.0.0.1",
+        *,
+        address: str = "127.0.0.1",
+        source: str = "",
+        preamble: bytes = b"",
+    ) -> None:
+        """Connect to ``address:port`` (from ``source``, if given), send
+        ``preamble`` (a PROXY header), then upgrade."""
         from wsproto import ConnectionType, WSConnection
         from wsproto.events import AcceptConnection, Request
 
         self.ws = WSConnection(ConnectionType.CLIENT)
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.sock.sendall(self.ws.send(Request(host=host, target=path)))
+        self.sock = socket.create_connection(
+            (address, port), timeout=10, source_address=(source, 0) if source else None
+        )
+        self.sock.sendall(preamble + self.ws.send(Request(host=host, target=path)))
         events = self._events()
         assert isinstance(events[0], AcceptConnection), events
         self.pending = events[1:]
@@ -201,9 +214,15 @@ class WsClient:
                 return events
 
     def echo(self, text: str) -> str:
-        from wsproto.events import Message, TextMessage
+        from wsproto.events import Message
 
         self.sock.sendall(self.ws.send(Message(data=text)))
+        return self.receive()
+
+    def receive(self) -> str:
+        """The next text message."""
+        from wsproto.events import TextMessage
+
         parts = []
         while True:
             for event in self.pending or self._events():

@@ -493,10 +493,10 @@ def test_duplicate_listen_addresses(listen: list[str]) -> None:
     error(with_proxy(listen=listen), "proxy.listen[2]", "twice")
 
 
-def test_listen_needs_a_non_empty_array_of_strings() -> None:
+def test_listen_needs_a_non_empty_array_of_addresses() -> None:
     error(with_proxy(listen=[]), "proxy.listen", "at least one")
     error(with_proxy(listen="127.0.0.1:80"), "proxy.listen", "must be an array")
-    error(with_proxy(listen=[8080]), "proxy.listen[0]", "must be a string")
+    error(with_proxy(listen=[8080]), "proxy.listen[0]", 'must be "ip:port" or a table')
 
 
 @pytest.mark.parametrize("workers", [1, 1024, "auto"])
@@ -535,6 +535,38 @@ def test_log_level() -> None:
         assert from_mapping({**minimal(), "log": {"level": level}}).log.level == level
     error({**minimal(), "log": {"level": "verbose"}}, "log.level", "'verbose'")
     error({**minimal(), "log": {"level": 1}}, "log.level", "must be a string")
+
+
+def test_listeners_with_proxy_protocol_and_pools_that_send_it() -> None:
+    data = {
+        **minimal(),
+        "proxy": {
+            "listen": ["127.0.0.1:80", {"address": "[::1]:81", "accept_proxy": True}],
+            "trusted_proxies": ["10.0.0.0/8", "2001:db8::1"],
+        },
+    }
+    c = from_mapping(data)
+    assert c.proxy.listen == (Endpoint("127.0.0.1", 80), Endpoint("::1", 81))
+    assert c.proxy.accept_proxy == frozenset({Endpoint("::1", 81)})
+    assert [str(n) for n in c.proxy.trusted_proxies] == ["10.0.0.0/8", "2001:db8::1/128"]
+    assert from_mapping(c.to_dict()) == c  # what check prints reads back the same
+    proxy = data["proxy"]
+    for bad, key, says in (
+        ({**proxy, "trusted_proxies": []}, "proxy.trusted_proxies", "is required"),
+        ({**proxy, "trusted_proxies": ["10.0.0.0/33"]}, "proxy.trusted_proxies[0]", "CIDR"),
+        ({"listen": [{"accept_proxy": True}]}, "proxy.listen[0].address", "is required"),
+        ({"listen": [{"address": "1.2.3.4:1", "accept_proxy": 1}]},
+         "proxy.listen[0].accept_proxy", "true or false"),
+        ({"listen": [{"address": "1.2.3.4:1", "proxy": True}]}, "proxy.listen[0].proxy",
+         "unknown key"),
+        ({"listen": [80]}, "proxy.listen[0]", "ip:port"),
+    ):  # fmt: skip
+        error({**minimal(), "proxy": bad}, key, says)
+    pool = minimal()["pools"]["chat"]
+    sends = from_mapping({**minimal(), "pools": {"chat": {**pool, "send_proxy": "v2"}}})
+    assert sends.pools[0].send_proxy == "v2" and from_mapping(sends.to_dict()) == sends
+    error({**minimal(), "pools": {"chat": {**pool, "send_proxy": "v1"}}},
+          "pools.chat.send_proxy", 'must be "v2"')  # fmt: skip
 
 
 def test_log_error_budget_and_route_sampling() -> None:

@@ -24,7 +24,17 @@ import pytest
 import shardproxy
 
 PACKAGE = Path(shardproxy.__file__).resolve().parent
-SANS_IO = ("frames", "http1", "handshake", "config", "balancer", "routing", "stats", "sampling")
+SANS_IO = (
+    "frames",
+    "http1",
+    "handshake",
+    "config",
+    "balancer",
+    "routing",
+    "stats",
+    "sampling",
+    "proxyproto",
+)
 FORBIDDEN = {"trio", "socket", "select", "selectors", "asyncio", "ssl"}
 
 
