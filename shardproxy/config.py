@@ -158,6 +158,7 @@ class LifecycleConfig:
     close_spread: float  # tunnels get their Close 1001 evenly over this window
     close_wait: float  # how long each side has to answer our Close
     reload_drain_after: float | None  # old workers drain this long after a reload; None = never
+    drain_delay: float = 0.0  # /healthz says 503 this long before a drain starts
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +242,7 @@ class Config:
                 "reload_drain_after": "never"
                 if self.lifecycle.reload_drain_after is None
                 else format_duration(self.lifecycle.reload_drain_after),
+                "drain_delay": format_duration(self.lifecycle.drain_delay),
             },
             "keepalive": {
                 "tcp_idle": format_duration(self.keepalive.tcp_idle),
@@ -604,7 +606,7 @@ class _Parser:
         raw = self.table(
             value,
             "lifecycle",
-            {"drain_timeout", "close_spread", "close_wait", "reload_drain_after"},
+            {"drain_timeout", "close_spread", "close_wait", "reload_drain_after", "drain_delay"},
         )
         after = raw.get("reload_drain_after", "never")
         if after != "never":
@@ -616,6 +618,9 @@ class _Parser:
             ),
             close_wait=self.duration(raw.get("close_wait", "5s"), "lifecycle.close_wait"),
             reload_drain_after=None if after == "never" else after,
+            drain_delay=self.duration(
+                raw.get("drain_delay", "0s"), "lifecycle.drain_delay", positive=False
+            ),
         )
 
     def keepalive(self, value: Any) -> KeepaliveConfig:

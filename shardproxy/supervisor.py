@@ -288,10 +288,21 @@ class Supervisor:
     async def stop_workers(self, signals: AsyncIterator[int], *, at_once: bool) -> None:
         """Drain (SIGTERM to every worker) or stop at once (SIGQUIT); a
         further signal while draining turns the drain into a stop at once.
-        The listen sockets close first, so new connections are refused."""
+        /healthz answers 503 from now on; for ``drain_delay`` everything
+        else goes on (so that keepalived or a balancer moves traffic away
+        before a tunnel is closed), then the listen sockets close first, so
+        new connections are refused."""
         self._stopping = True
-        self.close_sockets()
         lifecycle = self.config.lifecycle
+        if not at_once and lifecycle.drain_delay > 0:
+            self.log.info(
+                f"drain in {lifecycle.drain_delay:g}s: /healthz answers 503 meanwhile",
+                **{"event.action": "drain-delay"},
+            )
+            with trio.move_on_after(lifecycle.drain_delay):
+                await anext(signals)
+                at_once = True  # a second signal: no drain
+        self.close_sockets()
         self.log.info(
             "stopping at once"
             if at_once

@@ -114,6 +114,41 @@ def test_healthz_turns_503_while_draining(start_proxy: Callable[..., Proxy]) -> 
         assert proxy.proc.wait(20) == 0
 
 
+def test_drain_delay_turns_healthz_503_before_anything_closes(
+    start_proxy: Callable[..., Proxy],
+) -> None:
+    aport = free_port()
+    with WsBackend() as b0:
+        proxy = start_proxy(
+            [b0.port],
+            extra=admin_config(aport) + '\n[lifecycle]\ndrain_delay = "3s"\nclose_spread = "0s"\n',
+        )
+
+        async def main() -> float:
+            held = await connect(proxy.url + "/echo", ping_interval=None)
+            proxy.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            await asyncio.to_thread(
+                proxy.wait_for, lambda evs: proxy.actions("drain-delay"), "the drain delay"
+            )
+            assert await asyncio.to_thread(call, aport, "GET", "/healthz") == (
+                503,
+                {"status": "draining"},
+            )
+            # Still serving meanwhile: the held tunnel and a new one.
+            async with connect(proxy.url + "/echo", ping_interval=None) as late:
+                await late.send("late")
+                assert await late.recv() == "late"
+            await held.send("held")
+            assert await held.recv() == "held"
+            await held.wait_closed()  # then the drain's Close 1001
+            assert held.close_code == 1001
+            return time.monotonic() - signalled
+
+        assert asyncio.run(asyncio.wait_for(main(), 60)) >= 3.0
+        assert proxy.proc.wait(20) == 0
+
+
 def test_a_broken_admin_request_gets_400_and_the_listener_goes_on(
     start_proxy: Callable[..., Proxy],
 ) -> None:

@@ -33,7 +33,8 @@ def test_the_unit_waits_for_a_whole_drain_and_uses_our_signals() -> None:
             "pools": {"p": {"servers": [{"address": "10.0.0.1", "ports": [80]}]}},
         }
     ).lifecycle
-    assert int(unit["TimeoutStopSec"]) > defaults.drain_timeout + STOP_GRACE
+    stop = defaults.drain_delay + defaults.drain_timeout + STOP_GRACE
+    assert int(unit["TimeoutStopSec"]) > stop
     assert unit["KillSignal"] == "SIGTERM"
     assert unit["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert unit["ExecStart"].endswith("run -c /etc/shardproxy/shardproxy.toml")
