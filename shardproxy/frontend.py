@@ -318,7 +318,7 @@ class Frontend:
                 return  # out of descriptors: what is left gets the kernel's reset
             if taken is None:
                 return
-            self._start(*taken, self._ports[fd], refuse=refuse)
+            self._start(*taken, self._ports[fd], refuse=refuse, proxied=self._proxied[fd])
 
     def _pause_accepting(self, e: OSError) -> None:
         self.worker.log.error(
