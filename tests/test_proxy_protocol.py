@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -169,3 +171,39 @@ def test_accept_proxy_needs_trusted_proxies(tmp_path: Path) -> None:
         text=True,
     )
     assert out.returncode == 1 and "proxy.trusted_proxies: is required" in out.stderr
+
+
+def test_a_reload_that_drops_a_proxied_listener_serves_its_queue(
+    start_proxy: Callable[..., Proxy],
+) -> None:
+    """Connections queued on an accept_proxy listener that a reload removes
+    are served by the retiring worker, PROXY header and all. (Whether its
+    accept loop or the retirement's sweep takes them depends on which event
+    the resumed worker handles first; both paths read the header.)"""
+    port, new_port = free_port(), free_port()
+    with WsBackend() as backend:
+        proxy = start_proxy([backend.port], workers=1, port=port, proxy=proxied_listener(port))
+        (old_worker,) = proxy.worker_pids().values()
+        os.kill(old_worker, signal.SIGSTOP)  # connections now wait in its accept queue
+        header = b"PROXY TCP4 203.0.113.9 127.0.0.1 5555 80\r\n"
+        queued = [socket.create_connection(("127.0.0.1", port), 10) for _ in range(5)]
+        for s in queued:
+            s.sendall(header + upgrade_head("/headers"))
+        config = proxy.log_path.with_suffix(".toml")
+        config.write_text(
+            config.read_text().replace(
+                f'address = "127.0.0.1:{port}"', f'address = "127.0.0.1:{new_port}"'
+            )
+        )
+        proxy.proc.send_signal(signal.SIGHUP)
+        proxy.wait_for(lambda _: proxy.actions("reload-done"), what="the reload")
+        os.kill(old_worker, signal.SIGCONT)  # it retires: sweeps the dropped socket first
+        for s in queued:
+            s.settimeout(10)
+            data = b""
+            while b"203.0.113.9" not in data:
+                chunk = s.recv(65536)
+                assert chunk, data
+                data += chunk
+            assert data.startswith(b"HTTP/1.1 101")
+            s.close()
