@@ -445,6 +445,10 @@ class _Parser:
             raise self.fail(key, f"must be between {lo} and {hi}, got {value}")
         return value
 
+    def network(self, value: Any, key: str) -> IPNetwork:
+        network: IPNetwork = self.check(key, _parse_network, self.string(value, key))
+        return network
+
     def boolean(self, value: Any, key: str) -> bool:
         if not isinstance(value, bool):
             raise self.fail(key, f"must be true or false, got {_kind(value)}")
@@ -505,8 +509,7 @@ class _Parser:
         accept_proxy = frozenset(ep for ep, proxied in entries if proxied)
         trusted_raw = self.array(raw["trusted_proxies"], "proxy.trusted_proxies")
         trusted = tuple(
-            self.check(key, _parse_network, self.string(v, key))
-            for key, v in ((f"proxy.trusted_proxies[{i}]", v) for i, v in enumerate(trusted_raw))
+            self.network(v, f"proxy.trusted_proxies[{i}]") for i, v in enumerate(trusted_raw)
         )
         if accept_proxy and not trusted:
             raise self.fail(

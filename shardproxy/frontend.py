@@ -357,10 +357,11 @@ class Frontend:
         self._by_fd[client] = h
         if worker.connections > worker.capacity:
             refuse = _OVER_CAPACITY
-        if proxied:
-            if not is_trusted(h.client_ip, self.proxy.trusted_proxies):
-                refuse = refuse or _UNTRUSTED
-            h.header = HeaderReader(self.proxy.max_header_bytes)
+        if proxied and refuse is None:
+            if is_trusted(h.client_ip, self.proxy.trusted_proxies):
+                h.header = HeaderReader(self.proxy.max_header_bytes)
+            else:
+                refuse = _UNTRUSTED
         if refuse is not None:
             self._reject(h, refuse)
             return

@@ -263,23 +263,24 @@ def forward_head(request: UpgradeRequest, client_ip: str, proto: str, listen_por
     listener and replace whatever the client claimed.
     """
     prior_xff = [v for n, v in request.headers if n == b"x-forwarded-for"]
-    lines = [request.method + b" " + request.target + b" HTTP/1.1"]
-    for name, value in request.raw_headers:
-        if name.lower() not in _FORWARDED:
-            lines.append(name + b": " + value)
+    fields = [n + b": " + v for n, v in request.raw_headers if n.lower() not in _FORWARDED]
     xff = b", ".join([*prior_xff, client_ip.encode()])
-    lines.append(b"X-Forwarded-For: " + xff)
-    lines.append(b"X-Forwarded-Proto: " + proto.encode())
-    lines.append(b"X-Forwarded-Port: " + str(listen_port).encode())
-    return b"\r\n".join(lines) + b"\r\n\r\n"
+    fields.append(b"X-Forwarded-For: " + xff)
+    fields.append(b"X-Forwarded-Proto: " + proto.encode())
+    fields.append(b"X-Forwarded-Port: " + str(listen_port).encode())
+    return _head(request, fields)
 
 
 def request_head(request: UpgradeRequest) -> bytes:
     """The request head as the client sent it (with ``send_proxy`` the
     backend learns the client from the PROXY header instead)."""
-    lines = [request.method + b" " + request.target + b" HTTP/1.1"]
-    lines += [name + b": " + value for name, value in request.raw_headers]
-    return b"\r\n".join(lines) + b"\r\n\r\n"
+    return _head(request, [n + b": " + v for n, v in request.raw_headers])
+
+
+def _head(request: UpgradeRequest, fields: list[bytes]) -> bytes:
+    """The request line and ``fields`` ("Name: value" lines) as a head."""
+    start = request.method + b" " + request.target + b" HTTP/1.1"
+    return b"\r\n".join([start, *fields]) + b"\r\n\r\n"
 
 
 _HOP_BY_HOP = (b"connection", b"keep-alive", b"transfer-encoding", b"content-length")

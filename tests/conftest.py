@@ -159,6 +159,23 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
         proxy.stop()
 
 
+def _why_no_namespaces() -> str | None:
+    """Why this machine cannot build network namespaces, or None."""
+    if os.geteuid() != 0:
+        return "needs root to create network namespaces"
+    probe = subprocess.run(["ip", "netns", "add", "splab-probe"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"cannot create a network namespace: {probe.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", "splab-probe"], capture_output=True)
+    return None
+
+
+_NO_NAMESPACES = _why_no_namespaces()
+# The lab tests (test_ha.py, test_anycast.py) are skipped with the reason,
+# never passed, where namespaces cannot be made.
+needs_namespaces = pytest.mark.skipif(_NO_NAMESPACES is not None, reason=_NO_NAMESPACES or "")
+
+
 @pytest.fixture(autouse=True)
 def _no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
     # The websockets client honours HTTP(S)_PROXY; the tests talk to loopback only.

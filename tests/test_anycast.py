@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
-from test_ha import pytestmark as needs_namespaces
+from conftest import needs_namespaces
 
 ROOT = Path(__file__).resolve().parent.parent
 ANYCAST = ROOT / "deploy" / "anycast"

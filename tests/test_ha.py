@@ -8,25 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 
 import pytest
+from conftest import needs_namespaces
 
 from bench import ha
 
-
-def _namespaces_work() -> str | None:
-    """Why this machine cannot run the lab, or None."""
-    if os.geteuid() != 0:
-        return "needs root to create network namespaces"
-    probe = subprocess.run(["ip", "netns", "add", "splab-probe"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"cannot create a network namespace: {probe.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", "splab-probe"], capture_output=True)
-    return None
-
-
-pytestmark = pytest.mark.skipif((reason := _namespaces_work()) is not None, reason=reason or "")
+pytestmark = needs_namespaces
 
 
 @pytest.fixture(autouse=True)
