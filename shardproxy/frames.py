@@ -275,6 +275,7 @@ class FrameTracker:
             if avail < header:
                 return 0
             self.close_code = _NO_STATUS_RECEIVED
+            self._close_seen()
             return header
         if length == 1:
             return self._fail("close payload of 1 byte")
@@ -288,7 +289,12 @@ class FrameTracker:
             hi ^= data[pos + 2]
             lo ^= data[pos + 3]
         self.close_code = hi << 8 | lo
+        self._close_seen()
         return header + length
+
+    def _close_seen(self) -> None:
+        """Called once, when :attr:`close_code` is set: a hook for a
+        subclass (the relay orders the Closes of a tunnel's two directions)."""
 
     def _fail(self, reason: str) -> int:
         self.error = reason

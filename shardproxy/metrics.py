@@ -201,12 +201,31 @@ def _counters(totals: Mapping[str, int]) -> list[Metric]:
         "Events [log] error_rate left out of the log, by event.action.",
         "action",
     )
-    by_kind = {"rejected": rejected, "closed": closed, "log_suppressed": suppressed}
+    frame_errors = family(
+        "shardproxy_frame_errors_total",
+        "Tunnels whose framing the proxy lost (a frame header against RFC 6455 §5), "
+        "by direction: it could put no Ping or Close of its own into them.",
+        "direction",
+    )
+    bad = CounterMetricFamily(
+        "shardproxy_bad_stream_closes_total",
+        "Tunnels a side closed with 1002 (protocol error) or 1007 (invalid data): "
+        "streams that went bad, by the side that said so and the code.",
+        labels=["side", "code"],
+    )
+    by_kind = {
+        "rejected": rejected,
+        "closed": closed,
+        "log_suppressed": suppressed,
+        "frame_error": frame_errors,
+    }
     for key, n in sorted(totals.items()):
         kind, _, name = key.partition(".")
         if kind in by_kind:
             by_kind[kind].add_metric([name], n)
-    return list(found.values())
+        elif kind == "bad_stream":
+            bad.add_metric(name.split(".", 1), n)
+    return [*found.values(), bad]
 
 
 def _upstream(snapshots: Iterable[Mapping[str, Any]]) -> list[Metric]:

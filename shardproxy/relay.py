@@ -43,8 +43,12 @@ fragments of a message, RFC 6455 §5.4): a Close when a tunnel is closed the
 WebSocket way (:meth:`RelayEngine.begin_close`, for drains and backends that
 went down) and a Ping to the client (:meth:`RelayEngine.ping`), whose Pong is
 then looked for frame by frame in the client's stream and taken out of it.
-The common path (no frame of ours pending) is one read, one tracker feed and
-one write per event, as before.
+A Ping waits until *both* directions are between frames: a client that
+answers a Ping at once may not answer inside a frame of its own that it is
+still sending, but some do (Autobahn's client wrote its Pong into its
+unfinished frame, which corrupted the stream to the backend), and only the
+proxy's Ping would have provoked it. The common path (no frame of ours
+pending) is one read, one tracker feed and one write per event, as before.
 
 Resource handling: the engine owns the descriptors of every tunnel added to it
 and closes both when the tunnel ends or the engine is closed. Error handling:
@@ -55,6 +59,7 @@ them.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import select
 import socket
@@ -83,6 +88,10 @@ CLOSING = 2  # our Close went to dst; bytes from src are tracked, not passed on
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
+# Numbers the first Close of every direction in the order the worker saw
+# them, so that a tunnel's two Closes can be told apart: who closed first.
+_CLOSE_ORDER = itertools.count(1)
+
 
 class Flow(FrameTracker):
     """One direction of a tunnel: bytes from ``src`` are written to ``dst``.
@@ -91,7 +100,9 @@ class Flow(FrameTracker):
     first Close code), so that a direction costs one object.
     """
 
-    __slots__ = ("dst", "inject", "mask", "nbytes", "parked", "src", "state")
+    # (One more slot would not grow it: 14 slots and the GC header fill the
+    # same 144-byte pymalloc block as 13 did.)
+    __slots__ = ("close_order", "dst", "inject", "mask", "nbytes", "parked", "src", "state")
 
     def __init__(self, src: int, dst: int) -> None:
         super().__init__()
@@ -102,10 +113,19 @@ class Flow(FrameTracker):
         self.state = OPEN
         self.mask = 0  # epoll interest currently registered for ``src``
         self.inject: bytes | None = None  # our Close for dst, at the next frame boundary
+        self.close_order = 0  # see _CLOSE_ORDER; 0 until a Close went by
+
+    def _close_seen(self) -> None:
+        self.close_order = next(_CLOSE_ORDER)
 
     @property
     def reading(self) -> bool:
         return self.state != SHUT and self.parked is None
+
+
+# Tunnel.ping_sent while our Ping waits for both directions to be between
+# frames (not written yet, so no ping_timeout runs).
+PING_DUE = -1.0
 
 
 class Tunnel:
@@ -119,7 +139,9 @@ class Tunnel:
         self.started = time.monotonic()
         self.info = info  # the worker's record for the access log and accounting
         self.closing = False  # the proxy is closing it (begin_close)
-        self.ping_sent = 0.0  # when our unanswered Ping went out; 0: none
+        # When our unanswered Ping was written (time.monotonic()); PING_DUE:
+        # waiting for a frame boundary both ways; 0: none.
+        self.ping_sent = 0.0
         self.held = b""  # client bytes kept back while looking for our Pong
 
     @property
@@ -140,22 +162,31 @@ DRAINED = "drained"  # closed by the proxy after a WebSocket close handshake (be
 PING_TIMEOUT = "ping_timeout"  # the client did not answer the proxy's Ping in time
 
 OnClose = Callable[[Tunnel, str], None]
+OnPingWritten = Callable[[Tunnel], None]
 
 
 class RelayEngine:
     """Moves bytes for every tunnel of one worker from a single trio task.
 
     ``on_close(tunnel, outcome)`` is called once per tunnel after its sockets
-    are closed; it must not raise or block.
+    are closed; ``on_ping_written(tunnel)`` once per Ping of ours when it
+    goes out (``tunnel.ping_sent`` is then its time), which is when its
+    ``ping_timeout`` starts. Neither may raise or block.
     """
 
-    def __init__(self, on_close: OnClose, buffer_size: int = BUFFER_SIZE) -> None:
+    def __init__(
+        self,
+        on_close: OnClose,
+        on_ping_written: OnPingWritten | None = None,
+        buffer_size: int = BUFFER_SIZE,
+    ) -> None:
         self._epoll = select.epoll()
         self._tunnels: dict[int, Tunnel] = {}  # both descriptors of each tunnel
         self._buffer = bytearray(buffer_size)
         self._view = memoryview(self._buffer)
         self._buffers = [self._buffer]  # os.readv's argument, built once
         self._on_close = on_close
+        self._on_ping_written = on_ping_written
         # Our Pings carry this payload; a client's Pong with it is ours to
         # take (RFC 6455 §5.5.3: a Pong echoes its Ping's payload), any
         # other Pong is the backend's business and passes.
@@ -222,6 +253,8 @@ class RelayEngine:
         if t.closing or not self.alive(t):
             return
         t.closing = True
+        if t.ping_sent == PING_DUE:  # replaced by our Close below
+            t.ping_sent = 0.0
         frames = (
             (t.down, close_frame(code, reason)),
             (t.up, close_frame(code, reason, os.urandom(4))),
@@ -236,18 +269,17 @@ class RelayEngine:
                     return
         self._check_closed(t)
 
-    def ping(self, t: Tunnel, now: float) -> bool:
-        """Send the client a Ping at the next frame boundary towards it; its
-        Pong is taken out of the stream to the backend. False (nothing
-        sent) while the last one is unanswered or the tunnel is closing."""
+    def ping(self, t: Tunnel) -> bool:
+        """Send the client a Ping as soon as both directions are between
+        frames (at once, usually); its Pong is taken out of the stream to
+        the backend. False (nothing done) while the last one is waiting or
+        unanswered, or the tunnel is closing."""
         if t.ping_sent or t.closing or t.down.state != OPEN or not self.alive(t):
             return False
-        t.ping_sent = now
-        down = t.down
-        if down.inject is None:
-            down.inject = self._ping
-            if down.parked is None and down.at_boundary:
-                self._inject(t, down)
+        t.ping_sent = PING_DUE
+        t.down.inject = self._ping  # free: only begin_close sets it otherwise
+        if t.down.parked is None and self._may_inject(t, t.down):
+            self._inject(t, t.down)
         return True
 
     def alive(self, t: Tunnel) -> bool:
@@ -303,14 +335,22 @@ class RelayEngine:
         elif flow.inject is not None:
             self._pump_ping(t, flow, chunk)
         elif t.ping_sent and flow is t.up:
-            self._pump_pong(t, flow, chunk)
+            if t.ping_sent == PING_DUE:
+                self._pump_before_ping(t, flow, chunk)
+            else:
+                self._pump_pong(t, flow, chunk)
         else:
             flow.feed(chunk)
             self._write(t, flow, chunk)
 
     def _pump_ping(self, t: Tunnel, flow: Flow, chunk: memoryview) -> None:
         """Towards the client with our Ping waiting: the frame in progress
-        first, then the Ping, then the rest."""
+        first, then the Ping, then the rest. While the client is inside a
+        frame of its own, the Ping waits for its end (:meth:`_pump_before_ping`)."""
+        if not self._client_between_frames(t):
+            flow.feed(chunk)
+            self._write(t, flow, chunk)
+            return
         k = self._write_to_boundary(t, flow, chunk)
         if k < 0:
             return
@@ -322,6 +362,28 @@ class RelayEngine:
         if rest:
             flow.feed(rest)
             self._send_more(t, flow, rest)
+
+    def _pump_before_ping(self, t: Tunnel, flow: Flow, chunk: memoryview) -> None:
+        """From the client while our Ping waits: if this read ends the
+        client's frame, the Ping can go."""
+        flow.feed(chunk)
+        self._write(t, flow, chunk)
+        down = t.down
+        if self.alive(t) and down.parked is None and self._may_inject(t, down):
+            self._inject(t, down)
+
+    def _client_between_frames(self, t: Tunnel) -> bool:
+        # t.held is the start of a client frame kept back while looking for
+        # our Pong: the client is inside that frame.
+        return t.up.at_boundary and not t.held
+
+    def _may_inject(self, t: Tunnel, flow: Flow) -> bool:
+        """Whether the frame waiting on ``flow`` may go now (nothing parked
+        assumed): at a boundary of that direction, and a Ping only when the
+        client is between frames too."""
+        if not flow.at_boundary:
+            return False
+        return flow.inject is not self._ping or self._client_between_frames(t)
 
     def _pump_pong(self, t: Tunnel, flow: Flow, chunk: memoryview) -> None:
         """From the client while our Ping is unanswered: frame by frame,
@@ -412,8 +474,13 @@ class RelayEngine:
         frame = flow.inject
         assert frame is not None
         flow.inject = None
-        if frame[0] & 0x0F == 0x8:  # a Close: nothing is passed on after it
-            flow.state = CLOSING
+        if frame is self._ping:
+            t.ping_sent = time.monotonic()
+            self._write(t, flow, frame)
+            if self._on_ping_written is not None and self.alive(t):
+                self._on_ping_written(t)
+            return
+        flow.state = CLOSING  # a Close: nothing is passed on after it
         self._write(t, flow, frame)
 
     def _check_closed(self, t: Tunnel) -> None:
@@ -445,7 +512,7 @@ class RelayEngine:
         self._write(t, flow, parked)
         if flow.parked is not None or not self.alive(t):
             return
-        if flow.inject is not None and (flow.state == CLOSING or flow.at_boundary):
+        if flow.inject is not None and (flow.state == CLOSING or self._may_inject(t, flow)):
             self._inject(t, flow)
             if not self.alive(t):
                 return
@@ -458,7 +525,9 @@ class RelayEngine:
     def _shut(self, t: Tunnel, flow: Flow) -> None:
         """Pass the source's FIN on to the destination."""
         flow.state = SHUT
-        flow.inject = None  # its destination is being closed: no Close to write
+        flow.inject = None  # its destination is being closed: no frame of ours to write
+        if flow is t.down and t.ping_sent == PING_DUE:
+            t.ping_sent = 0.0
         if t.held and flow is t.up:  # an unfinished frame: the client's last bytes
             held, t.held = t.held, b""
             self._send_more(t, flow, held)

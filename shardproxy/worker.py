@@ -72,6 +72,10 @@ _TYPE_END = ("connection", "end")
 _EVENT = "event"
 _GET = {"request": {"method": "GET"}}  # every tunnel began with a GET (RFC 6455 §4.1)
 SUPPRESSED_REPORT_EVERY = 10.0  # seconds between log-suppressed events during a flood
+# Close codes that say the stream received was bad (RFC 6455 §7.4.1): 1002
+# protocol error, 1007 data inconsistent with the message type (invalid
+# UTF-8 in a text message). A tunnel closed with one went bad on the way.
+BAD_STREAM_CODES = frozenset({1002, 1007})
 
 
 def _route_name(route: RouteConfig) -> str:
@@ -136,7 +140,7 @@ class Deadlines:
                 return
 
     async def spread(
-        self, items: Sequence[Tunnel], span: float, action: Callable[[Tunnel], None]
+        self, items: Sequence[Tunnel], span: float, action: Callable[[Tunnel], object]
     ) -> None:
         """``action`` on each item in turn, evenly over ``span`` seconds
         (the first at once), running what falls due meanwhile."""
@@ -174,7 +178,8 @@ class Worker:
         )
         self.router = Router(cfg.routes)
         self.pools = {p.name: PoolState(p) for p in cfg.pools}
-        self.engine = RelayEngine(self._tunnel_closed)
+        self.engine = RelayEngine(self._tunnel_closed, self._ping_written)
+        self._ping_deadlines = Deadlines()  # of ping_timeout, run by keep_pinging
         by_fds = fd_capacity(nofile)
         self.capacity = min(cfg.proxy.max_connections or by_fds, by_fds)
         self.connections = 0  # handshakes in flight + tunnels
@@ -324,6 +329,11 @@ class Worker:
         self.counts["messages.up"] += up.messages
         self.counts["messages.down"] += down.messages
         self.counts[f"closed.{outcome}"] += 1
+        error_by = None
+        if up.close_code in BAD_STREAM_CODES or down.close_code in BAD_STREAM_CODES:
+            error_by = self._count_bad_stream(t)
+        if up.error is not None or down.error is not None:
+            self._count_frame_errors(t)
         route = info.route
         if not self.config.log.access or not self.access_sampler.keep(route, route.access_sample):
             return
@@ -338,6 +348,12 @@ class Worker:
             "messages": {"up": up.messages, "down": down.messages},
             "close": {"client_code": up.close_code, "backend_code": down.close_code},
         }
+        if error_by is not None:
+            ours["close"]["error_by"] = error_by
+        if up.error is not None or down.error is not None:
+            ours["frame_error"] = {
+                name: flow.error for name, flow in (("up", up), ("down", down)) if flow.error
+            }
         if route.access_sample < 1.0:  # one event stands for 1/access_sample tunnels
             ours["access_sample"] = route.access_sample
         claims: dict[str, Any] = {}
@@ -359,10 +375,32 @@ class Worker:
                 "event.category": _NETWORK,
                 "event.type": _TYPE_END,
                 "event.action": "tunnel-closed",
-                "event.outcome": "success" if outcome in (CLOSED, DRAINED) else "failure",
+                "event.outcome": (
+                    "success" if outcome in (CLOSED, DRAINED) and error_by is None else "failure"
+                ),
                 "event.duration": int(duration * 1e9),
             },
         )
+
+    def _count_bad_stream(self, t: Tunnel) -> str | None:
+        """The side (``client`` or ``backend``) whose Close said the stream
+        it received was bad (a code of BAD_STREAM_CODES), counted; None if
+        neither did. When both did, the first: the other typically echoed
+        its code (RFC 6455 §5.5.1)."""
+        closes = [(t.up.close_order, "client", t.up), (t.down.close_order, "backend", t.down)]
+        for order, side, flow in sorted(closes):
+            if order and flow.close_code in BAD_STREAM_CODES:
+                self.counts[f"bad_stream.{side}.{flow.close_code}"] += 1
+                return side
+        return None
+
+    def _count_frame_errors(self, t: Tunnel) -> None:
+        """The frame tracker lost a direction's framing (a header that
+        breaks RFC 6455 §5): from then on the proxy could put no frame of
+        its own into that direction."""
+        for name, flow in (("up", t.up), ("down", t.down)):
+            if flow.error is not None:
+                self.counts[f"frame_error.{name}"] += 1
 
     # -- drain --------------------------------------------------------------
 
@@ -394,25 +432,40 @@ class Worker:
     # -- pings ----------------------------------------------------------------
 
     async def keep_pinging(self) -> None:
-        """Ping every client once per ping_interval, spread evenly over it;
-        end the tunnel of a client that has not answered within
-        ping_timeout (its Pong never reaches the backend: relay.py)."""
-        keepalive = self.config.keepalive
-        deadlines = Deadlines()  # of ping_timeout
-
-        def ping(t: Tunnel) -> None:
-            now = trio.current_time()
-            if self.engine.ping(t, now):
-                deadlines.add(now + keepalive.ping_timeout, partial(self._ping_expired, t, now))
-
+        """Ping every client once per ping_interval, spread evenly over it
+        (the relay writes each Ping when both directions are between
+        frames, and its Pong never reaches the backend: relay.py); end the
+        tunnel of a client that sent nothing at all for a whole ping_timeout
+        after an unanswered Ping was written (:meth:`_ping_written`)."""
+        interval = self.config.keepalive.ping_interval
+        deadlines = self._ping_deadlines
         while True:
             start = trio.current_time()
-            await deadlines.spread(self.engine.tunnels(), keepalive.ping_interval, ping)
-            await deadlines.sleep_until(start + keepalive.ping_interval)
+            await deadlines.spread(self.engine.tunnels(), interval, self.engine.ping)
+            await deadlines.sleep_until(start + interval)
 
-    def _ping_expired(self, t: Tunnel, sent: float) -> None:
-        if self.engine.alive(t) and t.ping_sent == sent:  # still that ping's to answer
-            self._ping_timed_out(t)
+    def _ping_written(self, t: Tunnel) -> None:
+        """The relay wrote a Ping to ``t``'s client: its ping_timeout starts now."""
+        self._watch_ping(t, t.ping_sent, t.up.nbytes)
+
+    def _watch_ping(self, t: Tunnel, sent: float, seen: int) -> None:
+        timeout = self.config.keepalive.ping_timeout
+        check = partial(self._ping_check, t, sent, seen)
+        # Every deadline here is now + ping_timeout: they come in time order.
+        self._ping_deadlines.add(trio.current_time() + timeout, check)
+
+    def _ping_check(self, t: Tunnel, sent: float, seen: int) -> None:
+        """ping_timeout after the Ping ``sent`` (or after the last look):
+        answered, or the client sent bytes since (``seen``: its byte count
+        then), which prove it alive although its Pong may not come yet (a
+        client inside a long frame of its own may not answer in it, RFC 6455
+        §5.4): look again one ping_timeout later. Silent all along: end it."""
+        if not self.engine.alive(t) or t.ping_sent != sent:
+            return
+        if t.up.nbytes != seen:
+            self._watch_ping(t, sent, t.up.nbytes)
+            return
+        self._ping_timed_out(t)
 
     def _ping_timed_out(self, t: Tunnel) -> None:
         info: TunnelInfo = t.info

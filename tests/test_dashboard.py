@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import Proxy, free_port
-from peers import WsBackend, read_head
+from peers import WsBackend, WsClient, read_head, read_until_closed
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
@@ -204,6 +204,12 @@ def test_every_metric_the_dashboard_queries_is_exported(
             return opened[4:]
 
         held = asyncio.run(tunnels())
+        # A stream that goes bad: a reserved opcode, which the backend
+        # answers with a Close 1002 (and the proxy's tracker cannot follow).
+        bad = WsClient(proxy.port)
+        bad.sock.sendall(bytes([0x83, 0x80]) + b"abcd")
+        assert read_until_closed(bad.sock)
+        bad.close()
         rejected = 10
         for _ in range(rejected):  # plain HTTP, no upgrade: 426
             with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
@@ -223,8 +229,10 @@ def test_every_metric_the_dashboard_queries_is_exported(
             found = values(text)
             ready = (
                 total(found, "shardproxy_tunnels") == 6
-                and total(found, "shardproxy_tunnels_opened_total") == 10
-                and total(found, "shardproxy_tunnel_duration_seconds_count") == 4
+                and total(found, "shardproxy_tunnels_opened_total") == 11
+                and total(found, "shardproxy_tunnel_duration_seconds_count") == 5
+                and total(found, "shardproxy_bad_stream_closes_total") == 1
+                and total(found, "shardproxy_frame_errors_total") == 1
                 and total(found, "shardproxy_rejected_total") == rejected
                 and total(found, "shardproxy_log_events_suppressed_total") > 0
                 and total(found, "shardproxy_reloads_total") == 1

@@ -5,6 +5,7 @@ peers, which show every Ping and Pong)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import socket
 import subprocess
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 from conftest import Proxy
-from peers import RawServer, WsBackend
+from peers import RawServer, WsBackend, read_head, read_until_closed, websocket_accept
 from websockets.asyncio.client import connect
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
@@ -194,4 +195,134 @@ def test_a_client_that_stops_answering_is_closed_after_ping_timeout(
         assert event["client"]["port"] == sock.getsockname()[1]
         closed = proxy.wait_for(lambda evs: proxy.actions("tunnel-closed"), what="access event")
         assert closed[0]["shardproxy"]["outcome"] == "ping_timeout"
+        sock.close()
+
+
+# -- long frames and ping_timeout (ping_timeout runs from the Ping's write,
+#    and any byte from the client proves it alive) ------------------------------
+
+LONG_PINGS = '\n[keepalive]\nping_interval = "1s"\nping_timeout = "3s"\n'
+LONG_FRAME = 200_000  # bytes, streamed over LONG_SECONDS in LONG_PIECES writes
+LONG_SECONDS = 10.0
+LONG_PIECES = 100
+
+
+def frame(opcode: int, payload: bytes, key: bytes | None = None) -> bytes:
+    """One whole frame (RFC 6455 §5.2), masked with ``key`` if given."""
+    n = len(payload)
+    mask_bit = 0 if key is None else 0x80
+    if n < 126:
+        head = bytes([0x80 | opcode, mask_bit | n])
+    elif n < 1 << 16:
+        head = bytes([0x80 | opcode, mask_bit | 126]) + n.to_bytes(2, "big")
+    else:
+        head = bytes([0x80 | opcode, mask_bit | 127]) + n.to_bytes(8, "big")
+    if key is None:
+        return head + payload
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def stream_slowly(sock: socket.socket, data: bytes) -> None:
+    """Write ``data`` in LONG_PIECES pieces spread over LONG_SECONDS."""
+    piece = -(-len(data) // LONG_PIECES)
+    start = time.monotonic()
+    for i in range(LONG_PIECES):
+        sock.sendall(data[i * piece : (i + 1) * piece])
+        # Pacing is the scenario here (a slow sender), not a wait for an event.
+        time.sleep(max(0.0, start + (i + 1) * LONG_SECONDS / LONG_PIECES - time.monotonic()))
+
+
+def answer_next_ping(sock: socket.socket, ws: WSConnection, events: list[Any]) -> None:
+    """Wait for the proxy's next Ping (``events`` first, then what comes)
+    and answer it. After the first one, the next is an interval away, so a
+    frame begun at once is seen by the proxy before that Ping is due."""
+    while not any(isinstance(e, Ping) for e in events):
+        events = _events(sock, ws)
+    for e in events:
+        if isinstance(e, Ping):
+            sock.sendall(ws.send(e.response()))
+
+
+def receive_message(sock: socket.socket, ws: WSConnection) -> tuple[bytes, list[Any]]:
+    """The next data message, answering the Pings that come meanwhile; and
+    the events that came after it."""
+    data = b""
+    while True:
+        events = _events(sock, ws)
+        for i, e in enumerate(events):
+            if isinstance(e, Ping):
+                sock.sendall(ws.send(e.response()))
+            elif isinstance(e, Message):
+                data += bytes(e.data) if isinstance(e.data, bytes) else e.data.encode()
+                if e.message_finished:
+                    return data, events[i + 1 :]
+
+
+def test_a_client_sending_one_long_frame_slowly_keeps_its_tunnel(
+    backend: WsBackend, start_proxy: Callable[..., Proxy]
+) -> None:
+    """10 s inside one frame, with a Ping due every second and 3 s to answer:
+    the proxy writes no Ping into the client's frame (the client could only
+    answer inside it), and the client's bytes prove it alive. A client that
+    is silent all along is still ended within interval + timeout."""
+    proxy = start_proxy([backend.port], workers=1, extra=LONG_PINGS)
+    sock, ws, events = upgraded_client(proxy.port)
+    silent, _, _ = upgraded_client(proxy.port)  # never reads, never answers
+    answer_next_ping(sock, ws, events)
+    payload = os.urandom(LONG_FRAME)
+    whole = frame(0x2, payload, os.urandom(4))
+    stream_slowly(sock, whole[:-1])
+    # Nothing came from the proxy while the client was inside its frame
+    # (the backend answers only whole messages: it could only be a Ping).
+    sock.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        sock.recv(65536)
+    sock.settimeout(10)
+    sock.sendall(whole[-1:])
+    echoed, rest = receive_message(sock, ws)
+    assert echoed == payload
+    answer_next_ping(sock, ws, rest)  # pinged again once its frame ended, and answered
+    timeouts = proxy.actions("ping-timeout")
+    assert [e["client"]["port"] for e in timeouts] == [silent.getsockname()[1]]
+    (closed,) = proxy.actions("tunnel-closed")
+    assert closed["shardproxy"]["outcome"] == "ping_timeout"
+    assert closed["event"]["duration"] / 1e9 < 1 + 3 + 1  # interval + timeout, with room
+    sock.close()
+    silent.close()
+
+
+def test_a_backend_sending_one_long_frame_slowly_keeps_the_tunnel(
+    start_proxy: Callable[..., Proxy],
+) -> None:
+    """The Ping waits for the end of the backend's frame towards the client,
+    and its timeout starts only when it is written."""
+    payload = os.urandom(LONG_FRAME)
+    done = threading.Event()
+
+    def slow_backend(conn: socket.socket) -> None:
+        head = read_head(conn)
+        key = re.search(rb"(?i)sec-websocket-key: *(\S+)", head)
+        assert key is not None
+        conn.sendall(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
+            + websocket_accept(key.group(1))
+            + b"\r\n\r\n"
+        )
+        assert conn.recv(100)  # the client's "go"
+        stream_slowly(conn, frame(0x2, payload))
+        done.set()
+        read_until_closed(conn, 30)
+
+    with RawServer(slow_backend) as server:
+        proxy = start_proxy([server.port], workers=1, extra=LONG_PINGS)
+        sock, ws, events = upgraded_client(proxy.port)
+        answer_next_ping(sock, ws, events)
+        sock.sendall(ws.send(Message(data="go")))
+        received, rest = receive_message(sock, ws)
+        assert received == payload
+        assert done.wait(10)
+        answer_next_ping(sock, ws, rest)
+        assert not proxy.actions("ping-timeout")
+        assert not proxy.actions("tunnel-closed")
         sock.close()

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from conftest import Proxy, free_port
-from peers import WsBackend, read_head
+from peers import WsBackend, WsClient, read_head, read_until_closed
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
@@ -134,3 +134,61 @@ def test_metrics_follow_the_traffic(start_proxy: Callable[..., Proxy]) -> None:
         assert stats["totals"]["tunnels"] == 100
         assert set(stats["processes"]) == {"supervisor", "worker-0", "worker-1"}
         del held  # the proxy's stop ends them
+
+
+def test_streams_that_went_bad_are_in_the_access_event_and_counted(
+    start_proxy: Callable[..., Proxy],
+) -> None:
+    """A Close 1002 (protocol error) or 1007 (invalid data) says the stream
+    went bad on the way: the access event names the side that said it first,
+    and /metrics counts it; a frame header the proxy's tracker could not
+    follow is named and counted too."""
+    aport = free_port()
+    with WsBackend() as backend:
+        proxy = start_proxy(
+            [backend.port], workers=1, extra=f'\n[admin]\nlisten = "127.0.0.1:{aport}"\n'
+        )
+
+        async def main() -> None:
+            async with connect(proxy.url + "/close/1007", ping_interval=None) as ws:
+                await ws.send("the backend finds this invalid")
+                await ws.wait_closed()
+            async with connect(proxy.url + "/echo", ping_interval=None) as ws:
+                await ws.send("fine")
+                assert await ws.recv() == "fine"
+                await ws.close(1002, "the client finds the stream bad")
+            async with connect(proxy.url + "/echo", ping_interval=None) as ws:
+                await ws.send("fine")
+                assert await ws.recv() == "fine"
+
+        asyncio.run(main())
+        raw = WsClient(proxy.port)
+        raw.sock.sendall(bytes([0x83, 0x80]) + b"abcd")  # reserved opcode 3
+        assert read_until_closed(raw.sock) != b""  # the backend's Close 1002
+        raw.close()
+
+        closed = proxy.wait_for(
+            lambda evs: len(found := proxy.actions("tunnel-closed")) == 4 and found,
+            what="four access events",
+        )
+        by_path = {e["url"]["path"]: e for e in closed}
+        assert by_path["/close/1007"]["shardproxy"]["close"]["error_by"] == "backend"
+        assert by_path["/close/1007"]["event"]["outcome"] == "failure"
+        client_bad, fine, garbage = (e for e in closed if e["url"]["path"] == "/echo")
+        assert client_bad["shardproxy"]["close"]["error_by"] == "client"
+        assert client_bad["shardproxy"]["close"]["client_code"] == 1002
+        assert "error_by" not in fine["shardproxy"]["close"]
+        assert fine["event"]["outcome"] == "success" and "frame_error" not in fine["shardproxy"]
+        assert garbage["shardproxy"]["close"]["error_by"] == "backend"
+        assert garbage["shardproxy"]["frame_error"] == {"up": "reserved opcode 0x3"}
+
+        def counted() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+            found = samples(get(aport, "/metrics")[2].decode())
+            return found if total(found, "shardproxy_bad_stream_closes_total") == 3 else None
+
+        found = proxy.wait_for(lambda _: counted(), what="the counts in /metrics")
+        bad = "shardproxy_bad_stream_closes_total"
+        assert found[(bad, (("code", "1007"), ("side", "backend")))] == 1
+        assert found[(bad, (("code", "1002"), ("side", "backend")))] == 1
+        assert found[(bad, (("code", "1002"), ("side", "client")))] == 1
+        assert found[("shardproxy_frame_errors_total", (("direction", "up"),))] == 1

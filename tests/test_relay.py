@@ -23,6 +23,7 @@ from shardproxy.relay import (
     CLIENT_RESET,
     CLOSED,
     DRAINED,
+    PING_DUE,
     STOPPED,
     RelayEngine,
     Tunnel,
@@ -41,7 +42,10 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
 class Harness:
     def __init__(self) -> None:
         self.closed: list[tuple[Tunnel, str]] = []
-        self.engine = RelayEngine(lambda t, outcome: self.closed.append((t, outcome)))
+        self.pings_written: list[Tunnel] = []
+        self.engine = RelayEngine(
+            lambda t, outcome: self.closed.append((t, outcome)), self.pings_written.append
+        )
         self.ended = trio.Event()
 
     def tunnel(
@@ -331,8 +335,8 @@ def masked(opcode: int, payload: bytes, key: bytes = b"\x11\x22\x33\x44") -> byt
 def test_our_pong_is_taken_out_of_the_stream_and_nothing_else(bytewise: bool) -> None:
     async def test(h: Harness) -> None:
         client, backend, t = h.tunnel()
-        assert h.engine.ping(t, 1.0)
-        assert not h.engine.ping(t, 2.0)  # one at a time
+        assert h.engine.ping(t)
+        assert not h.engine.ping(t)  # one at a time
         ping = bytes([0x89, len(h.engine.ping_payload)]) + h.engine.ping_payload
         assert await trio.to_thread.run_sync(recv_exactly, client, len(ping)) == ping
         before = masked(0x1, b"before")
@@ -362,11 +366,82 @@ def test_a_ping_waits_for_the_frame_in_progress() -> None:
         client, backend, t = h.tunnel()
         await trio.to_thread.run_sync(backend.sendall, big[:100])
         await trio.to_thread.run_sync(recv_exactly, client, 100)
-        assert h.engine.ping(t, 1.0)
+        assert h.engine.ping(t)
         await trio.to_thread.run_sync(backend.sendall, big[100:] + bytes([0x81, 2]) + b"ok")
         ping = bytes([0x89, len(h.engine.ping_payload)]) + h.engine.ping_payload
         expected = big[100:] + ping + bytes([0x81, 2]) + b"ok"
         assert await trio.to_thread.run_sync(recv_exactly, client, len(expected)) == expected
+        client.close()
+        backend.close()
+
+    run(test)
+
+
+def test_a_ping_waits_for_the_client_to_finish_its_frame() -> None:
+    """RFC 6455 §5.4 lets control frames come between frames, never inside
+    one; a client that answers our Ping at once must not be asked while it
+    is inside a frame of its own (Autobahn's client then writes its Pong
+    into that frame, and the backend gets a corrupt stream)."""
+    theirs = masked(0x1, b"z" * 100)
+    echo = bytes([0x81, 4]) + b"echo"
+
+    async def test(h: Harness) -> None:
+        client, backend, t = h.tunnel()
+        await trio.to_thread.run_sync(client.sendall, theirs[:30])
+        await trio.to_thread.run_sync(recv_exactly, backend, 30)
+        assert h.engine.ping(t)
+        assert t.ping_sent == PING_DUE and not h.pings_written
+        assert not h.engine.ping(t)  # one at a time, even before it is written
+        # The stream towards the client is between frames, yet no Ping: the
+        # backend's message arrives alone.
+        await trio.to_thread.run_sync(backend.sendall, echo)
+        assert await trio.to_thread.run_sync(recv_exactly, client, len(echo)) == echo
+        assert t.ping_sent == PING_DUE and not h.pings_written
+        # The client's frame ends: now the Ping goes, and its timeout starts.
+        await trio.to_thread.run_sync(client.sendall, theirs[30:])
+        ping = bytes([0x89, len(h.engine.ping_payload)]) + h.engine.ping_payload
+        assert await trio.to_thread.run_sync(recv_exactly, client, len(ping)) == ping
+        assert await trio.to_thread.run_sync(recv_exactly, backend, len(theirs) - 30)
+        assert h.pings_written == [t] and t.ping_sent > 0
+        await trio.to_thread.run_sync(client.sendall, masked(0xA, h.engine.ping_payload))
+        await trio.to_thread.run_sync(backend.sendall, echo)  # a round trip: Pong read
+        await trio.to_thread.run_sync(recv_exactly, client, len(echo))
+        await trio.to_thread.run_sync(client.sendall, theirs)
+        assert await trio.to_thread.run_sync(recv_exactly, backend, len(theirs)) == theirs
+        assert t.ping_sent == 0.0
+        client.close()
+        backend.close()
+
+    run(test)
+
+
+def test_a_ping_waits_for_both_directions_and_is_dropped_by_a_close() -> None:
+    big = bytes([0x82, 126]) + (3000).to_bytes(2, "big") + b"y" * 3000
+    theirs = masked(0x2, b"q" * 50)
+
+    async def test(h: Harness) -> None:
+        client, backend, t = h.tunnel()
+        await trio.to_thread.run_sync(client.sendall, theirs[:10])
+        await trio.to_thread.run_sync(recv_exactly, backend, 10)
+        await trio.to_thread.run_sync(backend.sendall, big[:100])
+        await trio.to_thread.run_sync(recv_exactly, client, 100)
+        assert h.engine.ping(t)
+        # The backend's frame ends while the client is still inside its own:
+        # no Ping yet.
+        await trio.to_thread.run_sync(backend.sendall, big[100:] + big[:100])
+        assert await trio.to_thread.run_sync(recv_exactly, client, len(big)) == (
+            big[100:] + big[:100]
+        )
+        # The client's frame ends while the backend is inside its next one.
+        await trio.to_thread.run_sync(client.sendall, theirs[10:])
+        await trio.to_thread.run_sync(recv_exactly, backend, len(theirs) - 10)
+        assert t.ping_sent == PING_DUE and not h.pings_written
+        # A drain now: our Close takes the Ping's place, after the frame.
+        h.engine.begin_close(t, 1001, b"going away")
+        await trio.to_thread.run_sync(backend.sendall, big[100:])
+        expected = big[100:] + GOING_AWAY
+        assert await trio.to_thread.run_sync(recv_exactly, client, len(expected)) == expected
+        assert t.ping_sent == 0.0 and not h.pings_written
         client.close()
         backend.close()
 
