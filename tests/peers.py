@@ -14,6 +14,8 @@
   ``close_codes``.
 - :class:`RawServer`: a TCP server that runs a plain function per connection,
   for backends that misbehave on purpose.
+- :class:`WsprotoBackend`: a backend on wsproto (on a :class:`RawServer`)
+  that echoes text, answers Pings and records every Pong it receives.
 """
 
 from __future__ import annotations
@@ -30,6 +32,16 @@ from typing import Any
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    CloseConnection,
+    Message,
+    Ping,
+    Pong,
+    TextMessage,
+)
+from wsproto.events import Request as WsRequest
 
 FLOOD_MESSAGES = 64
 FLOOD_SIZE = 1 << 20
@@ -137,6 +149,53 @@ class RawServer:
     def _one(self, conn: socket.socket) -> None:
         with conn, contextlib.suppress(OSError):
             self.behaviour(conn)
+
+
+class WsprotoBackend:
+    """A backend on wsproto that echoes text, answers Pings, counts the Pongs
+    it receives, and can ping the client itself (``ping_first``)."""
+
+    def __init__(self, ping_first: bool = False) -> None:
+        self.ping_first = ping_first
+        self.pongs: list[bytes] = []
+        self.ended = threading.Event()
+        self.server = RawServer(self._serve)
+
+    def __enter__(self) -> WsprotoBackend:
+        self.server.__enter__()
+        self.port = self.server.port
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.__exit__(*exc)
+
+    def _serve(self, conn: socket.socket) -> None:
+        ws = WSConnection(ConnectionType.SERVER)
+        conn.settimeout(30)
+        try:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                ws.receive_data(data)
+                for event in ws.events():
+                    if isinstance(event, WsRequest):
+                        conn.sendall(ws.send(AcceptConnection()))
+                        if self.ping_first:
+                            conn.sendall(ws.send(Ping(b"backend ping")))
+                    elif isinstance(event, TextMessage):
+                        conn.sendall(ws.send(Message(data=event.data)))
+                    elif isinstance(event, Ping):
+                        conn.sendall(ws.send(event.response()))
+                    elif isinstance(event, Pong):
+                        self.pongs.append(bytes(event.payload))
+                    elif isinstance(event, CloseConnection):
+                        conn.sendall(ws.send(event.response()))
+                        return
+        except OSError:
+            pass
+        finally:
+            self.ended.set()
 
 
 def read_head(conn: socket.socket, limit: float = 10.0) -> bytes:

@@ -16,15 +16,20 @@ from typing import Any
 
 import pytest
 from conftest import Proxy
-from peers import RawServer, WsBackend, read_head, read_until_closed, websocket_accept
+from peers import (
+    RawServer,
+    WsBackend,
+    WsprotoBackend,
+    read_head,
+    read_until_closed,
+    websocket_accept,
+)
 from websockets.asyncio.client import connect
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
-    CloseConnection,
     Message,
     Ping,
-    Pong,
     Request,
     TextMessage,
 )
@@ -82,53 +87,6 @@ def test_tcp_keepalive_on_both_sides_of_a_tunnel(
 # -- the proxy's WebSocket pings ---------------------------------------------------
 
 PINGS = '\n[keepalive]\nping_interval = "200ms"\nping_timeout = "500ms"\n'
-
-
-class WsprotoBackend:
-    """A backend on wsproto that echoes text, answers Pings, counts the Pongs
-    it receives, and can ping the client itself (``ping_first``)."""
-
-    def __init__(self, ping_first: bool = False) -> None:
-        self.ping_first = ping_first
-        self.pongs: list[bytes] = []
-        self.ended = threading.Event()
-        self.server = RawServer(self._serve)
-
-    def __enter__(self) -> WsprotoBackend:
-        self.server.__enter__()
-        self.port = self.server.port
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.__exit__(*exc)
-
-    def _serve(self, conn: socket.socket) -> None:
-        ws = WSConnection(ConnectionType.SERVER)
-        conn.settimeout(30)
-        try:
-            while True:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                ws.receive_data(data)
-                for event in ws.events():
-                    if isinstance(event, Request):
-                        conn.sendall(ws.send(AcceptConnection()))
-                        if self.ping_first:
-                            conn.sendall(ws.send(Ping(b"backend ping")))
-                    elif isinstance(event, TextMessage):
-                        conn.sendall(ws.send(Message(data=event.data)))
-                    elif isinstance(event, Ping):
-                        conn.sendall(ws.send(event.response()))
-                    elif isinstance(event, Pong):
-                        self.pongs.append(bytes(event.payload))
-                    elif isinstance(event, CloseConnection):
-                        conn.sendall(ws.send(event.response()))
-                        return
-        except OSError:
-            pass
-        finally:
-            self.ended.set()
 
 
 def upgraded_client(port: int) -> tuple[socket.socket, WSConnection, list[Any]]:
