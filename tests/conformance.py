@@ -134,7 +134,7 @@ def fuzz(agents: list[Agent], cases: list[str], out: Path) -> dict[str, dict[str
                 }
             )
         )
-        log = open(out / f"{agent.name}.log", "wb")
+        log = open(out / f"{agent.name}.wstest.log", "wb")
         proc = subprocess.Popen(
             [str(WSTEST), "-m", "fuzzingclient", "-s", str(spec)],
             cwd=out,

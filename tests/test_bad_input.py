@@ -138,6 +138,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             f'header_timeout = "{int(HEADER_TIMEOUT * 1000)}ms"\n'
             f'response_timeout = "{int(RESPONSE_TIMEOUT * 1000)}ms"\n'
             f"max_header_bytes = {MAX_HEADER_BYTES}\n"
+            # Every event these tests cause is logged (they look for them).
+            "\n[log]\nerror_rate = 0\n"
         )
         for i, (prefix, ports) in enumerate(routes.items()):
             servers = ", ".join(
@@ -279,10 +281,21 @@ def test_every_server_refusing_is_502_after_trying_each(lab: Lab) -> None:
 
 
 def test_refused_server_is_retried_on_another(lab: Lab) -> None:
-    for _ in range(6):  # round robin: half of these first pick the refusing server
+    def refused() -> list[dict[str, Any]]:
+        return [
+            e
+            for e in lab.proxy.actions("upstream-connect-failed")
+            if e["shardproxy"]["pool"] == "p1" and e["shardproxy"]["server"] == "s0"
+        ]
+
+    before = len(refused())
+    # Round robin in each worker: whatever the split of 6 connections over
+    # the 2 workers, at least 2 of them pick the refusing server first.
+    for _ in range(6):
         client = WsClient(lab.proxy.port, "/mixed")
         assert client.echo("retried") == "retried"
         client.close()
+    lab.proxy.wait_for(lambda _: len(refused()) - before >= 2, "the refused server tried")
 
 
 def test_backend_silent_is_504(lab: Lab) -> None:

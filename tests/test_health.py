@@ -151,6 +151,10 @@ def test_on_server_down_close_sends_its_tunnels_a_close_1001(
 
         async def main() -> None:
             clients = await open_clients(proxy, 20)
+            # A backend's handler (which records the peer) may run just
+            # after its 101 reached the client: wait until both recorded all
+            # 20 (the http health checks record none).
+            proxy.wait_for(lambda _: len(b1.peers) + len(b2.peers) == 20, "every peer recorded")
             on_b2 = len(b2.peers)
             assert 0 < on_b2 < 20
             b2.healthy = False
