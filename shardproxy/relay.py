@@ -53,11 +53,15 @@ pending) is one read, one tracker feed and one write per event, as before.
 Resource handling: the engine owns the descriptors of every tunnel added to it
 and closes both when the tunnel ends or the engine is closed. Error handling:
 socket errors end only the tunnel they happen on; the engine never raises
-them.
+them. An exception of ours while handling a tunnel's event (a bug) is
+contained the same way: ``on_error`` reports it (inside the ``except``, so the
+trace can be logged) and that tunnel is reset both ways, outcome
+INTERNAL_ERROR, while every other tunnel goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
@@ -160,9 +164,11 @@ BACKEND_RESET = "backend_reset"
 STOPPED = "stopped"  # closed by the proxy without a WebSocket close handshake
 DRAINED = "drained"  # closed by the proxy after a WebSocket close handshake (begin_close)
 PING_TIMEOUT = "ping_timeout"  # the client did not answer the proxy's Ping in time
+INTERNAL_ERROR = "internal_error"  # a bug of ours while relaying; both sides reset
 
 OnClose = Callable[[Tunnel, str], None]
 OnPingWritten = Callable[[Tunnel], None]
+OnError = Callable[[], None]
 
 
 class RelayEngine:
@@ -171,13 +177,15 @@ class RelayEngine:
     ``on_close(tunnel, outcome)`` is called once per tunnel after its sockets
     are closed; ``on_ping_written(tunnel)`` once per Ping of ours when it
     goes out (``tunnel.ping_sent`` is then its time), which is when its
-    ``ping_timeout`` starts. Neither may raise or block.
+    ``ping_timeout`` starts; ``on_error()`` inside the ``except`` of an
+    exception of ours, before that tunnel is reset. None may raise or block.
     """
 
     def __init__(
         self,
         on_close: OnClose,
         on_ping_written: OnPingWritten | None = None,
+        on_error: OnError | None = None,
         buffer_size: int = BUFFER_SIZE,
     ) -> None:
         self._epoll = select.epoll()
@@ -187,6 +195,7 @@ class RelayEngine:
         self._buffers = [self._buffer]  # os.readv's argument, built once
         self._on_close = on_close
         self._on_ping_written = on_ping_written
+        self._on_error = on_error
         # Our Pings carry this payload; a client's Pong with it is ours to
         # take (RFC 6455 §5.5.3: a Pong echoes its Ping's payload), any
         # other Pong is the backend's business and passes.
@@ -236,7 +245,10 @@ class RelayEngine:
             while True:
                 events = poll(0, MAX_EVENTS)
                 for fd, ev in events:
-                    dispatch(fd, ev)
+                    try:
+                        dispatch(fd, ev)
+                    except Exception:
+                        self._contain(fd)
                 if len(events) < BUSY_ROUND:
                     break
                 await trio.lowlevel.checkpoint()
@@ -295,6 +307,24 @@ class RelayEngine:
         for t in self.tunnels():
             self._finish(t, STOPPED)
         self._epoll.close()
+
+    def _contain(self, fd: int) -> None:
+        """A bug of ours while handling ``fd`` costs its tunnel, never the
+        worker's other tunnels: report it, then reset both sides (what was
+        relayed may be cut anywhere)."""
+        if self._on_error is not None:
+            self._on_error()
+        t = self._tunnels.get(fd)
+        if t is None:
+            return
+        try:
+            self._finish(t, INTERNAL_ERROR)
+        except Exception:  # the tunnel's state is broken: drop it by hand
+            for flow in (t.up, t.down):
+                if self._tunnels.get(flow.src) is t:
+                    del self._tunnels[flow.src]
+                    with contextlib.suppress(OSError):
+                        os.close(flow.src)
 
     # -- the per-event path -------------------------------------------------
 
@@ -572,6 +602,9 @@ class RelayEngine:
             _reset(t.backend_fd)
         elif outcome == BACKEND_RESET:
             _reset(t.client_fd)
+        elif outcome == INTERNAL_ERROR:
+            _reset(t.client_fd)
+            _reset(t.backend_fd)
         os.close(t.client_fd)
         os.close(t.backend_fd)
         self._on_close(t, outcome)

@@ -178,7 +178,7 @@ class Worker:
         )
         self.router = Router(cfg.routes)
         self.pools = {p.name: PoolState(p) for p in cfg.pools}
-        self.engine = RelayEngine(self._tunnel_closed, self._ping_written)
+        self.engine = RelayEngine(self._tunnel_closed, self._ping_written, self._relay_error)
         self._ping_deadlines = Deadlines()  # of ping_timeout, run by keep_pinging
         by_fds = fd_capacity(nofile)
         self.capacity = min(cfg.proxy.max_connections or by_fds, by_fds)
@@ -311,6 +311,15 @@ class Worker:
                 "error.message": reason,
             },
         )
+
+    def _relay_error(self) -> None:
+        """A bug in the relay, contained to one tunnel (called inside the
+        ``except``, so the trace is logged); its access event follows."""
+        self.counts["internal_error"] += 1
+        if self.may_log("internal-error"):
+            self.log.exception(
+                "internal error while relaying a tunnel", **{"event.action": "internal-error"}
+            )
 
     # -- the end of a tunnel ------------------------------------------------
 

@@ -446,3 +446,30 @@ def test_a_ping_waits_for_both_directions_and_is_dropped_by_a_close() -> None:
         backend.close()
 
     run(test)
+
+
+def test_a_bug_while_relaying_costs_one_tunnel_not_the_others() -> None:
+    """Like the handshake engine, the relay contains an exception of its own
+    to the tunnel it happened on: that one is reset both ways, the rest go on."""
+    errors: list[BaseException | None] = []
+
+    async def test(h: Harness) -> None:
+        import sys
+
+        h.engine._on_error = lambda: errors.append(sys.exc_info()[1])
+        client, backend, t = h.tunnel()
+        other_client, other_backend, _ = h.tunnel()
+        t.down.parked = 12345  # type: ignore[assignment]  # a state no code of ours makes
+        h.engine._update(t)  # now waits for the client to be writable: _flush fails
+        assert await h.wait_closed() == ["internal_error"]
+        assert len(errors) == 1 and isinstance(errors[0], TypeError)
+        with pytest.raises(ConnectionResetError):
+            await trio.to_thread.run_sync(client.recv, 100)
+        with pytest.raises(ConnectionResetError):
+            await trio.to_thread.run_sync(backend.recv, 100)
+        await trio.to_thread.run_sync(other_client.sendall, b"still relayed")
+        assert await trio.to_thread.run_sync(recv_exactly, other_backend, 13) == b"still relayed"
+        for s in (client, backend, other_client, other_backend):
+            s.close()
+
+    run(test)
