@@ -25,8 +25,17 @@ listening socket (Linux copies the TCP options on accept), but not O_NONBLOCK,
 which is set per descriptor; a non-blocking connect() reports completion as
 EPOLLOUT with the outcome in SO_ERROR (connect(2)).
 
+Collaborators (explicit, never the worker): the proxy's configuration, the
+worker's :class:`~shardproxy.admission.Admission` (every connection holds a
+lease from accept on, which carries its route, endpoint and upstream tuple
+and goes with the tunnel to its end), the :class:`~shardproxy.upstream.Upstream`
+to connect through, the :class:`~shardproxy.decisions.Decisions` of policy
+(route, next server), and a sink of :class:`HandshakeEvents`, which takes the
+finished tunnels and hears of every refusal and failure.
+
 Resource handling: the engine owns every descriptor of a handshake until it
-hands both to the relay engine or closes them. Error handling: socket errors
+hands both over (:meth:`HandshakeEvents.established`) or closes them; a
+handshake it closes gives its lease back. Error handling: socket errors
 and protocol errors end only their own handshake, with an HTTP answer where
 one can still be sent; accept errors from descriptor exhaustion (EMFILE,
 ENFILE, ENOBUFS, ENOMEM) stop accepting for ACCEPT_BACKOFF instead of spinning.
@@ -42,13 +51,14 @@ import select
 import socket
 import time
 from collections.abc import Callable, Collection
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
-from . import balancer
+from .admission import Admission, AdmissionLease
 from .balancer import EndpointState, ServerState
-from .config import Endpoint
+from .config import Endpoint, ProxyConfig
+from .decisions import Decisions
 from .handshake import (
     NEED_DATA,
     BackendError,
@@ -63,10 +73,7 @@ from .handshake import (
 )
 from .proxyproto import HeaderReader, ProxyHeader, encode_v2, is_trusted
 from .relay import local_address, shutdown_write
-from .upstream import Exhausted, TupleSpace
-
-if TYPE_CHECKING:
-    from .worker import Worker
+from .upstream import Exhausted, TupleSpace, Upstream
 
 RECV_SIZE = 65536
 MAX_EVENTS = 1024
@@ -107,13 +114,12 @@ class Handshake:
         "after_write",
         "backend",
         "client",
-        "client_ip",
         "client_port",
         "deadline",
-        "endpoint",
         "exhausted",
         "first_up",
         "header",
+        "lease",
         "listen_port",
         "local",
         "out",
@@ -122,18 +128,17 @@ class Handshake:
         "reject",
         "request",
         "response",
-        "route",
-        "source_port",
-        "space",
         "started",
         "state",
         "timeouts",
         "tried",
     )
 
-    def __init__(self, client: int, addr: Any, listen_port: int, deadline: float) -> None:
+    def __init__(
+        self, client: int, addr: Any, listen_port: int, deadline: float, lease: AdmissionLease
+    ) -> None:
         self.client = client
-        self.client_ip: str = addr[0]
+        self.lease = lease  # its slot, route, endpoint and upstream tuple (client_ip too)
         self.client_port: int = addr[1]
         self.listen_port = listen_port
         self.started = time.monotonic()
@@ -144,13 +149,9 @@ class Handshake:
         self.local: tuple[str, int] | None = None  # the address the client connected to
         self.request: UpgradeRequest | None = None
         self.first_up = b""  # tunnel bytes that came behind the request head
-        self.route: Any = None
         self.tried: list[ServerState] = []
         self.timeouts = 0
-        self.endpoint: EndpointState | None = None
         self.backend: socket.socket | None = None
-        self.space: TupleSpace | None = None  # the (source, endpoint) tuple space it holds
-        self.source_port = 0
         self.exhausted = False  # some server was skipped for lack of tuple space
         self.response: ResponseReader | None = None
         self.out = b""
@@ -158,17 +159,58 @@ class Handshake:
         self.after_write: Callable[[Handshake], None] | None = None
         self.reject: Reject | None = None
 
+    @property
+    def client_ip(self) -> str:
+        return self.lease.client_ip
+
+
+class HandshakeEvents(Protocol):
+    """What the handshake engine tells its owner. None of these may raise
+    or block; the engine has closed nothing of its own when they are called
+    but for :meth:`established`, which takes both descriptors."""
+
+    def established(self, h: Handshake, backend_fd: int) -> None:
+        """The 101 went to the client: ``h.client`` and ``backend_fd`` are
+        the tunnel's now, with ``h.lease`` (to release when it ends),
+        ``h.first_up`` and ``h.response.trailing`` its first bytes."""
+
+    def rejected(self, h: Handshake, r: Reject) -> None:
+        """``h`` was answered ``r`` (counted and logged by the owner)."""
+
+    def handshake_failed(self, h: Handshake, e: OSError) -> None:
+        """The client's socket failed before its tunnel was up."""
+
+    def connect_failed(
+        self, pool: str, server: ServerState, endpoint: EndpointState, reason: str
+    ) -> None:
+        """An upstream connect was refused or timed out (the next server is tried)."""
+
+    def accept_error(self, e: OSError) -> None:
+        """accept() failed for lack of descriptors or memory: backing off."""
+
+    def internal_error(self) -> None:
+        """A bug of ours, called inside the ``except`` (the trace can be
+        logged); the connection is answered 500 or closed after."""
+
 
 class Frontend:
-    """Accepts on a worker's listen sockets and upgrades connections.
+    """Accepts on a worker's listen sockets and upgrades connections (see
+    the module docstring for its collaborators)."""
 
-    ``worker`` provides the configuration, the router and pools, the relay
-    engine that takes finished tunnels, the counts and the log.
-    """
-
-    def __init__(self, worker: Worker, listeners: list[socket.socket]) -> None:
-        self.worker = worker
-        self.proxy = worker.config.proxy
+    def __init__(
+        self,
+        proxy: ProxyConfig,
+        listeners: list[socket.socket],
+        admission: Admission,
+        upstream: Upstream,
+        decisions: Decisions,
+        events: HandshakeEvents,
+    ) -> None:
+        self.proxy = proxy
+        self.admission = admission
+        self.upstream = upstream
+        self.decisions = decisions
+        self.events = events
         self._epoll = select.epoll()
         self._listeners = {s.fileno(): s for s in listeners}
         self._ports = {s.fileno(): s.getsockname()[1] for s in listeners}
@@ -311,7 +353,7 @@ class Frontend:
         self._accepting = False
 
     def _accept_all(self, fd: int, listener: socket.socket, refuse: Reject | None) -> None:
-        while self.worker.connections < self.worker.capacity:
+        while self.admission.has_room:
             try:
                 taken = _take(listener)
             except OSError:
@@ -321,10 +363,7 @@ class Frontend:
             self._start(*taken, self._ports[fd], refuse=refuse, proxied=self._proxied[fd])
 
     def _pause_accepting(self, e: OSError) -> None:
-        self.worker.log.error(
-            "accept failed: out of descriptors or memory; backing off",
-            **{"event.action": "accept-error", "error.message": os.strerror(e.errno or 0)},
-        )
+        self.events.accept_error(e)
         self._backoff_until = time.monotonic() + ACCEPT_BACKOFF
         self._sync_listeners()
 
@@ -350,12 +389,11 @@ class Frontend:
         refuse: Reject | None = None,
         proxied: bool = False,
     ) -> None:
-        worker = self.worker
-        worker.connections += 1
+        lease = self.admission.lease(addr[0])
         self.handshakes += 1
-        h = Handshake(client, addr, listen_port, 0.0)
+        h = Handshake(client, addr, listen_port, 0.0, lease)
         self._by_fd[client] = h
-        if worker.connections > worker.capacity:
+        if self.admission.over_capacity:
             refuse = _OVER_CAPACITY
         if proxied and refuse is None:
             if is_trusted(h.client_ip, self.proxy.trusted_proxies):
@@ -397,7 +435,7 @@ class Frontend:
                 self._want(h.client, _IN)
                 return
             assert isinstance(result, UpgradeRequest)
-            route = self.worker.router.match(result.host, result.path)
+            route = self.decisions.route(result)
             if route is None:
                 raise Reject(
                     404, "no_route", f"no route for host {result.host!r} path {result.path!r}"
@@ -405,7 +443,7 @@ class Frontend:
         except Reject as r:
             self._reject(h, r)
             return
-        h.request, h.route, h.first_up, h.reader = result, route, h.reader.trailing, None
+        h.request, h.lease.route, h.first_up, h.reader = result, route, h.reader.trailing, None
         self._want(h.client, 0)  # nothing more to read until the 101
         self._connect_next(h)
 
@@ -415,7 +453,7 @@ class Frontend:
         bytes that came after it."""
         assert h.header is not None
         if header.source is not None:
-            h.client_ip, h.client_port = header.source
+            h.lease.client_ip, h.client_port = header.source
             h.local = header.destination
         rest, h.header = h.header.trailing, None
         return rest
@@ -425,13 +463,11 @@ class Frontend:
     def _connect_next(self, h: Handshake) -> None:
         """Connect to the next server of the pool not tried yet (every server
         once), through the first of its endpoints with tuple space left."""
-        request = h.request
+        request, route = h.request, h.lease.route
         assert request is not None
-        pool = self.worker.pools[h.route.pool]
-        key = balancer.extract_hash_key(
-            pool.config.hash_key, request.headers, request.target, h.client_ip
-        )
-        while (server := pool.choose(key, h.tried)) is not None:
+        while (
+            server := self.decisions.next_server(route, request, h.client_ip, h.tried)
+        ) is not None:
             h.tried.append(server)
             if self._connect_server(h, server):
                 return
@@ -451,15 +487,15 @@ class Frontend:
     def _connect_server(self, h: Handshake, server: ServerState) -> bool:
         for endpoint in server.endpoints_by_use():
             try:
-                sock, space, port = self.worker.upstream.connect(endpoint.endpoint)
+                sock, space, port = self.upstream.connect(endpoint.endpoint)
             except Exhausted:
                 h.exhausted = True
                 continue
             except OSError as e:
                 self._connect_failed(h, server, endpoint, e.strerror or str(e))
                 return False
-            balancer.acquire(endpoint)
-            h.endpoint, h.backend, h.space, h.source_port = endpoint, sock, space, port
+            h.lease.hold_upstream(endpoint, space, port)
+            h.backend = sock
             h.state = CONNECTING
             self._by_fd[sock.fileno()] = h
             self._want(sock.fileno(), _OUT)
@@ -472,17 +508,18 @@ class Frontend:
         assert sock is not None and h.request is not None
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            endpoint = h.endpoint
+            endpoint = h.lease.endpoint
             assert endpoint is not None
             self._drop_backend(h)
             self._connect_failed(h, endpoint.server, endpoint, os.strerror(err))
             self._connect_next(h)
             return
-        address, h.source_port = sock.getsockname()[:2]
-        assert h.space is not None
-        if h.space.seen_address is None:
-            h.space.seen_address = address
-        if self.worker.pools[h.route.pool].config.send_proxy:
+        address, h.lease.source_port = sock.getsockname()[:2]
+        space = h.lease.space
+        assert isinstance(space, TupleSpace)
+        if space.seen_address is None:
+            space.seen_address = address
+        if self.decisions.sends_proxy_header(h.lease.route):
             # The backend learns the client from the PROXY header: the head
             # goes as the client sent it.
             local = h.local or local_address(h.client)
@@ -554,15 +591,12 @@ class Frontend:
 
     def _hand_over(self, h: Handshake) -> None:
         """The 101 is out: both sockets go to the relay engine."""
-        assert h.backend is not None and h.endpoint is not None and h.response is not None
-        worker = self.worker
+        assert h.backend is not None and h.lease.endpoint is not None
         backend = h.backend.fileno()
         self._want(h.client, 0)
         self._want(backend, 0)
         del self._by_fd[h.client], self._by_fd[backend]
-        info = worker.tunnel_info(h)
-        worker.engine.add(h.client, h.backend.detach(), info, h.first_up, h.response.trailing)
-        worker.counts["tunnels"] += 1
+        self.events.established(h, h.backend.detach())
         self._retire(h)
 
     def _reject(self, h: Handshake, r: Reject) -> None:
@@ -581,7 +615,7 @@ class Frontend:
         and read and drop what the client still sends until it closes."""
         r = h.reject
         assert r is not None
-        self.worker.rejected(h, r)
+        self.events.rejected(h, r)
         h.state = LINGER
         self._arm(h, LINGER_TIMEOUT)
         try:
@@ -623,8 +657,8 @@ class Frontend:
                 self._connected(h)
                 return
             h.timeouts += 1
-            assert h.endpoint is not None
-            endpoint = h.endpoint
+            endpoint = h.lease.endpoint
+            assert endpoint is not None
             self._drop_backend(h)
             self._connect_failed(h, endpoint.server, endpoint, "timed out")
             self._connect_next(h)
@@ -636,17 +670,13 @@ class Frontend:
             self._reject(h, Reject(504, "upstream_timeout", "backend did not read the request"))
         else:  # WRITE, PASS_BODY, LINGER: give up on this client
             if h.reject is not None and state != LINGER:
-                self.worker.rejected(h, h.reject)
+                self.events.rejected(h, h.reject)
             self._close(h)
 
     def _internal_error(self, fd: int) -> None:
         """A bug of ours must cost one connection, never the worker and the
-        tunnels it holds: log it, answer 500 if we still can, close."""
-        self.worker.counts["internal_error"] += 1
-        if self.worker.may_log("internal-error"):
-            self.worker.log.exception(
-                "internal error while handling a connection", **{"event.action": "internal-error"}
-            )
+        tunnels it holds: report it, answer 500 if we still can, close."""
+        self.events.internal_error()
         h = self._by_fd.get(fd)
         if h is None or h.state == CLOSED:
             return
@@ -660,13 +690,13 @@ class Frontend:
 
     def _failed(self, h: Handshake, e: OSError) -> None:
         """The client's socket failed (reset, gone) before its tunnel was up."""
-        self.worker.handshake_failed(h, e)
+        self.events.handshake_failed(h, e)
         self._close(h)
 
     def _connect_failed(
         self, h: Handshake, server: ServerState, endpoint: EndpointState, reason: str
     ) -> None:
-        self.worker.connect_failed(h.route.pool, server, endpoint, reason)
+        self.events.connect_failed(h.lease.route.pool, server, endpoint, reason)
 
     # -- descriptors --------------------------------------------------------
 
@@ -722,12 +752,7 @@ class Frontend:
         self._by_fd.pop(fd, None)
         sock.close()
         h.backend = None
-        if h.endpoint is not None:
-            balancer.release(h.endpoint)
-            h.endpoint = None
-        if h.space is not None:
-            self.worker.upstream.release(h.space, h.source_port)
-            h.space = None
+        h.lease.drop_upstream()
 
     def _close(self, h: Handshake) -> None:
         if h.state == CLOSED:
@@ -737,7 +762,7 @@ class Frontend:
         self._by_fd.pop(h.client, None)
         os.close(h.client)
         self._retire(h)
-        self.worker.connections -= 1
+        h.lease.release()
 
 
 def _take(listener: socket.socket) -> tuple[int, Any] | None:

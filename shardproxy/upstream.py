@@ -60,13 +60,19 @@ class TupleSpace:
         "endpoint",
         "excluded",
         "ports",
+        "returns_ports",
         "seen_address",
         "source",
         "used",
     )
 
     def __init__(
-        self, source: str, endpoint: Endpoint, ports: PortRange, excluded: frozenset[int]
+        self,
+        source: str,
+        endpoint: Endpoint,
+        ports: PortRange,
+        excluded: frozenset[int],
+        returns_ports: bool = False,
     ) -> None:
         self.source = source  # a configured address, or AUTO_SOURCE
         # The address bound: None lets the kernel choose (the socket's route).
@@ -81,6 +87,7 @@ class TupleSpace:
         self.used = 0
         self._next = ports.first  # ports from here to ports.last were never handed out
         self._free: deque[int] = deque()
+        self.returns_ports = returns_ports  # userspace: a released port goes back on the list
 
     @property
     def full(self) -> bool:
@@ -100,6 +107,13 @@ class TupleSpace:
 
     def give_port(self, port: int) -> None:
         self._free.append(port)
+
+    def release(self, port: int) -> None:
+        """A connection from this space ended (``port``: what
+        :meth:`Upstream.connect` returned with it)."""
+        self.used -= 1
+        if port and self.returns_ports:
+            self.give_port(port)
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -135,7 +149,7 @@ class Upstream:
         for endpoint in endpoints:
             family = _family(endpoint.host)
             self._spaces[endpoint] = [
-                TupleSpace(s, endpoint, ports, skip)
+                TupleSpace(s, endpoint, ports, skip, returns_ports=allocator == "userspace")
                 for s in sources
                 if s == AUTO_SOURCE or _family(s) == family
             ]
@@ -144,7 +158,7 @@ class Upstream:
     def connect(self, endpoint: Endpoint) -> tuple[socket.socket, TupleSpace, int]:
         """Start a non-blocking connect to ``endpoint`` from the next source
         address with room: (socket, its tuple space, the port to give back
-        with :meth:`release`, 0 when the kernel chose it). Raises
+        with :meth:`TupleSpace.release`, 0 when the kernel chose it). Raises
         :class:`Exhausted` when no source address has room and ``OSError``
         when the connect fails otherwise (refused at once, say)."""
         spaces = self._spaces[endpoint]
@@ -160,11 +174,6 @@ class Upstream:
                 space.used += 1
                 return attempt
         raise Exhausted
-
-    def release(self, space: TupleSpace, port: int) -> None:
-        space.used -= 1
-        if port and self.allocator == "userspace":
-            space.give_port(port)
 
     def snapshot(self) -> list[dict[str, Any]]:
         return [space.snapshot() for spaces in self._spaces.values() for space in spaces]

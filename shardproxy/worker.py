@@ -46,10 +46,12 @@ from typing import Any
 
 import trio
 
-from . import balancer, config, logs
+from . import config, logs
+from .admission import Admission, AdmissionLease
 from .balancer import EndpointState, PoolState, ServerState
 from .config import Config, Endpoint, PortRange, RouteConfig
 from .control import Channel
+from .decisions import Decisions
 from .frontend import Frontend, Handshake
 from .handshake import Reject
 from .limits import fd_capacity, raise_nofile_limit
@@ -66,7 +68,7 @@ _NETWORK = ("network",)
 _CONNECTION = ("connection",)
 _DENIED = ("connection", "denied")
 GOING_AWAY = 1001  # RFC 6455 §7.4.1: "an endpoint is going away, such as a server going down"
-DRAIN_POLL = 0.05  # seconds between looks for tunnels that came up during a drain
+DRAIN_POLL = 0.05  # seconds between looks whether a draining worker is empty
 RETIRED_POLL = 0.5  # seconds between looks whether a retired worker is empty
 _TYPE_END = ("connection", "end")
 _EVENT = "event"
@@ -82,42 +84,19 @@ def _route_name(route: RouteConfig) -> str:
     return f"{route.host}{route.path_prefix}"
 
 
-class TunnelInfo:
-    """What the access log and the accounting need once a tunnel ends."""
+class TunnelRecord(AdmissionLease):
+    """A connection's admission lease (slot, client address, route, endpoint,
+    upstream tuple), and what its access event needs besides once it is a
+    tunnel: one record per tunnel, released when it ends."""
 
-    __slots__ = (
-        "client_ip",
-        "client_port",
-        "endpoint",
-        "forwarded_ip",
-        "path",
-        "route",
-        "source_port",
-        "space",
-        "user_agent",
-    )
+    __slots__ = ("client_port", "forwarded_ip", "path", "user_agent")
 
-    def __init__(
-        self,
-        client_ip: str,
-        client_port: int,
-        route: RouteConfig,
-        endpoint: EndpointState,
-        path: str,
-        space: TupleSpace,
-        source_port: int,
-        user_agent: str | None,
-        forwarded_ip: str | None,
-    ) -> None:
-        self.client_ip = client_ip
-        self.client_port = client_port
-        self.route = route
-        self.endpoint = endpoint
-        self.path = path
-        self.space = space
-        self.source_port = source_port
-        self.user_agent = user_agent
-        self.forwarded_ip = forwarded_ip
+    def __init__(self, admission: Admission, client_ip: str) -> None:
+        super().__init__(admission, client_ip)
+        self.client_port = 0
+        self.path = ""
+        self.user_agent: str | None = None
+        self.forwarded_ip: str | None = None
 
 
 class Deadlines:
@@ -181,8 +160,9 @@ class Worker:
         self.engine = RelayEngine(self._tunnel_closed, self._ping_written, self._relay_error)
         self._ping_deadlines = Deadlines()  # of ping_timeout, run by keep_pinging
         by_fds = fd_capacity(nofile)
-        self.capacity = min(cfg.proxy.max_connections or by_fds, by_fds)
-        self.connections = 0  # handshakes in flight + tunnels
+        self.admission = Admission(
+            min(cfg.proxy.max_connections or by_fds, by_fds), lease_type=TunnelRecord
+        )
         self.counts: Counter[str] = Counter()  # totals for the stats snapshot
         self.passive_failures: Counter[str] = Counter()  # endpoint → since the last report
         self.handshake_seconds = BucketCounts(HANDSHAKE_BOUNDS)  # accept → 101 passed on
@@ -193,29 +173,54 @@ class Worker:
         self._suppressed: Counter[str] = Counter()  # left out since the last log-suppressed
         self._suppressed_report_at = 0.0
         self.draining = False
+        self._drain_deadlines: Deadlines | None = None  # of close_wait, once draining
         self.generation = 1
         self.log = logs.get_logger()
-        self.frontend = Frontend(self, listeners)
-
-    # -- events of the handshake engine (frontend.py) ----------------------
-
-    def tunnel_info(self, h: Handshake) -> TunnelInfo:
-        assert h.request is not None and h.endpoint is not None and h.space is not None
-        self.handshake_seconds.observe(time.monotonic() - h.started)
-        self.route_tunnels[h.route] += 1
-        agent = h.request.user_agent()
-        return TunnelInfo(
-            h.client_ip,
-            h.client_port,
-            h.route,
-            h.endpoint,
-            h.request.path,
-            h.space,
-            h.source_port,
-            # Interned: tunnels from the same browser share one string.
-            None if agent is None else sys.intern(agent),
-            h.request.forwarded_ip(),
+        self.frontend = Frontend(
+            cfg.proxy,
+            listeners,
+            self.admission,
+            self.upstream,
+            Decisions(self.router, self.pools),
+            self,
         )
+
+    @property
+    def capacity(self) -> int:
+        return self.admission.capacity
+
+    # -- events of the handshake engine (frontend.HandshakeEvents) ---------
+
+    def established(self, h: Handshake, backend_fd: int) -> None:
+        """A handshake became a tunnel: its record goes to the relay with it."""
+        assert h.request is not None and h.response is not None
+        record = h.lease
+        assert isinstance(record, TunnelRecord)
+        record.client_port = h.client_port
+        record.path = h.request.path
+        agent = h.request.user_agent()
+        # Interned: tunnels from the same browser share one string.
+        record.user_agent = None if agent is None else sys.intern(agent)
+        record.forwarded_ip = h.request.forwarded_ip()
+        self.handshake_seconds.observe(time.monotonic() - h.started)
+        self.route_tunnels[record.route] += 1
+        self.counts["tunnels"] += 1
+        t = self.engine.add(h.client, backend_fd, record, h.first_up, h.response.trailing)
+        if self.draining and self._drain_deadlines is not None and self.engine.alive(t):
+            self._close_going_away(t, self._drain_deadlines)  # came up during a drain
+
+    def accept_error(self, e: OSError) -> None:
+        self.log.error(
+            "accept failed: out of descriptors or memory; backing off",
+            **{"event.action": "accept-error", "error.message": os.strerror(e.errno or 0)},
+        )
+
+    def internal_error(self) -> None:
+        self.counts["internal_error"] += 1
+        if self.may_log("internal-error"):
+            self.log.exception(
+                "internal error while handling a connection", **{"event.action": "internal-error"}
+            )
 
     def may_log(self, action: str) -> bool:
         """Whether the error budget lets an event one connection caused be
@@ -324,14 +329,13 @@ class Worker:
     # -- the end of a tunnel ------------------------------------------------
 
     def _tunnel_closed(self, t: Tunnel, outcome: str) -> None:
-        info: TunnelInfo = t.info
-        balancer.release(info.endpoint)
-        self.upstream.release(info.space, info.source_port)
-        self.connections -= 1
+        info: TunnelRecord = t.info
+        info.release()
         self.route_tunnels[info.route] -= 1
         duration = time.monotonic() - t.started
         self.tunnel_seconds.observe(duration)
         up, down = t.up, t.down
+        assert info.endpoint is not None and isinstance(info.space, TupleSpace)
         ep = info.endpoint.endpoint
         self.counts["bytes.up"] += up.nbytes
         self.counts["bytes.down"] += down.nbytes
@@ -425,17 +429,12 @@ class Worker:
             f"draining: {len(tunnels)} tunnels get a Close 1001 over {lifecycle.close_spread:g}s",
             **{"event.action": "drain-start", "shardproxy.tunnels": len(tunnels)},
         )
-        deadlines = Deadlines()  # of close_wait
+        # Of close_wait; tunnels from handshakes still under way are closed
+        # as they come up (established).
+        deadlines = self._drain_deadlines = Deadlines()
         close = partial(self._close_going_away, deadlines=deadlines)
         await deadlines.spread(tunnels, lifecycle.close_spread, close)
-        # Tunnels from handshakes that were under way, and the last answers.
-        seen = -1
-        while len(self.engine) or self.frontend.handshakes:
-            if seen != self.counts["tunnels"]:  # a handshake became a tunnel
-                seen = self.counts["tunnels"]
-                for t in self.engine.tunnels():
-                    if not t.closing:
-                        close(t)
+        while len(self.engine) or self.frontend.handshakes:  # the last answers
             await deadlines.sleep_until(trio.current_time() + DRAIN_POLL)
 
     # -- pings ----------------------------------------------------------------
@@ -477,13 +476,13 @@ class Worker:
         self._ping_timed_out(t)
 
     def _ping_timed_out(self, t: Tunnel) -> None:
-        info: TunnelInfo = t.info
+        info: TunnelRecord = t.info
         self.counts["ping_timeout"] += 1
         if self.may_log("ping-timeout"):
             self._log_ping_timeout(info)
         self.engine.end(t, PING_TIMEOUT)
 
-    def _log_ping_timeout(self, info: TunnelInfo) -> None:
+    def _log_ping_timeout(self, info: TunnelRecord) -> None:
         self.log.info(
             f"client did not answer a ping within {self.config.keepalive.ping_timeout:g}s; "
             "closing its tunnel",

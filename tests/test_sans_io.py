@@ -34,6 +34,8 @@ SANS_IO = (
     "stats",
     "sampling",
     "proxyproto",
+    "admission",
+    "decisions",
 )
 FORBIDDEN = {"trio", "socket", "select", "selectors", "asyncio", "ssl"}
 

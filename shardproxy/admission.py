@@ -1,0 +1,109 @@
+"""What one connection holds, taken in one place and given back once.
+
+Every connection a worker accepts holds an :class:`AdmissionLease` from
+accept to the end of its tunnel (or of its refusal): a connection slot of the
+worker (counted against its capacity), then the route it was sent to and,
+while it has an upstream connection, the backend endpoint (its counts are
+what least-connections balances on) and the upstream 4-tuple it uses.
+:meth:`AdmissionLease.release` gives back whatever is held, and only once,
+however many paths reach it: an upstream connect that failed gives back its
+endpoint and tuple with :meth:`AdmissionLease.drop_upstream` and the lease
+takes the next server's. Per-client limits and per-server caps hook in here.
+
+Pure accounting: no I/O, no clock. The tuple is anything with a
+``release(port)`` (the engine's tuple spaces), so this module does not
+depend on the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from . import balancer
+from .balancer import EndpointState
+
+
+class UpstreamTuple(Protocol):
+    """The (source address, endpoint) space an upstream connection came from."""
+
+    def release(self, port: int) -> None: ...
+
+
+class Admission:
+    """A worker's connection slots: handshakes in flight plus tunnels, at
+    most ``capacity`` (beyond it a connection is answered 503).
+
+    ``lease_type`` is the class of the leases it hands out: the worker's
+    subclass carries what its access log needs too, so that a tunnel costs
+    one record, not two."""
+
+    def __init__(self, capacity: int, lease_type: type[AdmissionLease] | None = None) -> None:
+        self.capacity = capacity
+        self.in_use = 0
+        self._lease_type = lease_type or AdmissionLease
+
+    @property
+    def has_room(self) -> bool:
+        return self.in_use < self.capacity
+
+    @property
+    def over_capacity(self) -> bool:
+        return self.in_use > self.capacity
+
+    def lease(self, client_ip: str) -> AdmissionLease:
+        """A lease for a new connection. It is granted even over capacity,
+        so that the connection holds its slot while it is answered 503
+        (check :attr:`over_capacity` right after)."""
+        self.in_use += 1
+        return self._lease_type(self, client_ip)
+
+
+class AdmissionLease:
+    """One connection's share of the worker: see the module docstring."""
+
+    __slots__ = ("_admission", "client_ip", "endpoint", "route", "source_port", "space")
+
+    def __init__(self, admission: Admission, client_ip: str) -> None:
+        self._admission: Admission | None = admission  # None once released
+        self.client_ip = client_ip
+        self.route: Any = None  # the RouteConfig, once routed
+        self.endpoint: EndpointState | None = None
+        self.space: UpstreamTuple | None = None
+        self.source_port = 0  # 0: the kernel chose it (nothing to give back by number)
+
+    @property
+    def released(self) -> bool:
+        return self._admission is None
+
+    def hold_upstream(self, endpoint: EndpointState, space: UpstreamTuple, port: int) -> None:
+        """The connection now has an upstream connection to ``endpoint``
+        from ``space``, source port ``port``."""
+        assert self._admission is not None, "a released lease holds nothing"
+        self.drop_upstream()
+        balancer.acquire(endpoint)
+        self.endpoint, self.space, self.source_port = endpoint, space, port
+
+    def drop_upstream(self) -> None:
+        """Give back the endpoint and the tuple (a connect failed, or the
+        backend refused the upgrade); the slot stays."""
+        if self._admission is None:  # released: nothing is held any more
+            return
+        if self.endpoint is not None:
+            balancer.release(self.endpoint)
+            self.endpoint = None
+        if self.space is not None:
+            self.space.release(self.source_port)
+            self.space = None
+
+    def release(self) -> None:
+        """Give back everything; later calls do nothing. What it held stays
+        readable (the access log reads it after): only the counts go back."""
+        admission = self._admission
+        if admission is None:
+            return
+        self._admission = None
+        if self.endpoint is not None:
+            balancer.release(self.endpoint)
+        if self.space is not None:
+            self.space.release(self.source_port)
+        admission.in_use -= 1

@@ -1,0 +1,40 @@
+"""The handshake engine's questions, answered by policy: which route a
+request takes, which server of its pool to try next, and whether that pool
+wants a PROXY header instead of X-Forwarded-*. Pure: no I/O, no clock."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from . import balancer
+from .balancer import PoolState, ServerState
+from .config import RouteConfig
+from .handshake import UpgradeRequest
+from .routing import Router
+
+
+class Decisions:
+    def __init__(self, router: Router, pools: Mapping[str, PoolState]) -> None:
+        self.router = router
+        self.pools = pools
+
+    def route(self, request: UpgradeRequest) -> RouteConfig | None:
+        return self.router.match(request.host, request.path)
+
+    def next_server(
+        self,
+        route: RouteConfig,
+        request: UpgradeRequest,
+        client_ip: str,
+        tried: Sequence[ServerState],
+    ) -> ServerState | None:
+        """The next server of the route's pool to connect to, none of
+        ``tried`` (every server once); None when none is left."""
+        pool = self.pools[route.pool]
+        key = balancer.extract_hash_key(
+            pool.config.hash_key, request.headers, request.target, client_ip
+        )
+        return pool.choose(key, tried)
+
+    def sends_proxy_header(self, route: RouteConfig) -> bool:
+        return bool(self.pools[route.pool].config.send_proxy)
