@@ -44,16 +44,12 @@ ENFILE, ENOBUFS, ENOMEM) stop accepting for ACCEPT_BACKOFF instead of spinning.
 from __future__ import annotations
 
 import errno
-import heapq
-import itertools
 import os
 import select
 import socket
 import time
 from collections.abc import Callable, Collection
 from typing import Any, Protocol
-
-import trio
 
 from .admission import Admission, AdmissionLease
 from .balancer import EndpointState, ServerState
@@ -71,13 +67,12 @@ from .handshake import (
     forward_head,
     request_head,
 )
+from .loop import Timers, run_epoll
 from .proxyproto import HeaderReader, ProxyHeader, encode_v2, is_trusted
 from .relay import local_address, shutdown_write
 from .upstream import Exhausted, TupleSpace, Upstream
 
 RECV_SIZE = 65536
-MAX_EVENTS = 1024
-BUSY_ROUND = 8  # events in a round that make the next one a poll, not a sleep
 ACCEPTS_PER_EVENT = 64  # fairness: accepting must not starve the handshakes in flight
 ACCEPT_BACKOFF = 0.1
 LINGER_TIMEOUT = 2.0  # to send an error answer and see the client close
@@ -104,7 +99,7 @@ READ_RESPONSE = "read_response"
 PASS_BODY = "pass_body"
 WRITE = "write"
 LINGER = "linger"
-CLOSED = "closed"
+FINISHED = "finished"  # closed, or handed over to the relay
 
 
 class Handshake:
@@ -220,8 +215,7 @@ class Frontend:
         }
         self._by_fd: dict[int, Handshake] = {}
         self._masks: dict[int, int] = {}  # what each handshake descriptor waits for
-        self._timers: list[tuple[float, int, Handshake]] = []
-        self._seq = itertools.count()
+        self._timers: Timers[Handshake] = Timers()
         self._backoff_until = 0.0  # accept failed for lack of descriptors: wait
         self._full = False  # max_handshakes in flight: leave the rest queued
         self._accepting = False
@@ -231,31 +225,17 @@ class Frontend:
     # -- the loop -----------------------------------------------------------
 
     async def run(self) -> None:
-        """Serve until cancelled: sleep in trio until the epoll descriptor is
-        readable or the next timer is due; poll through busy rounds (as the
-        relay engine does)."""
-        poll = self._epoll.poll
-        epoll_fd = self._epoll.fileno()
-        while True:
-            now = time.monotonic()
-            wake = self._timers[0][0] if self._timers else now + 3600
-            if self._backoff_until:
-                wake = min(wake, self._backoff_until)
-            with trio.move_on_at(trio.current_time() + max(0.0, wake - now)):
-                await trio.lowlevel.wait_readable(epoll_fd)
-            while True:
-                # Ready events before timers: a worker that is behind must not
-                # time out a connect or a read whose event is already waiting.
-                events = poll(0, MAX_EVENTS)
-                for fd, ev in events:
-                    try:
-                        self._dispatch(fd, ev)
-                    except Exception:
-                        self._internal_error(fd)
-                self._fire_timers(time.monotonic())
-                if len(events) < BUSY_ROUND:
-                    break
-                await trio.lowlevel.checkpoint()
+        """Serve until cancelled (loop.run_epoll, as the relay engine does):
+        events, then the timers that fell due."""
+        await run_epoll(
+            self._epoll, self._dispatch, self._internal_error, self._fire_timers, self._next_wake
+        )
+
+    def _next_wake(self, now: float) -> float | None:
+        wake = self._timers.next_due()
+        if self._backoff_until:
+            wake = self._backoff_until if wake is None else min(wake, self._backoff_until)
+        return wake
 
     def close(self) -> None:
         for h in list(self._by_fd.values()):
@@ -266,22 +246,20 @@ class Frontend:
         if self._backoff_until and now >= self._backoff_until:
             self._backoff_until = 0.0
             self._sync_listeners()
-        timers = self._timers
-        while timers and timers[0][0] <= now:
-            deadline, _, h = heapq.heappop(timers)
-            if h.state != CLOSED and h.deadline == deadline:
+        for deadline, h in self._timers.pop_due(now):
+            if h.state != FINISHED and h.deadline == deadline:
                 self._timed_out(h)
 
     def _arm(self, h: Handshake, seconds: float) -> None:
         h.deadline = time.monotonic() + seconds
-        heapq.heappush(self._timers, (h.deadline, next(self._seq), h))
+        self._timers.add(h.deadline, h)
 
     def _retire(self, h: Handshake) -> None:
         """``h`` is over (closed or handed over). Its timers stay in the heap
         until due, so drop what it holds now, and rebuild the heap when dead
         entries outnumber live ones (at thousands of handshakes a second and
         10 s timers they would otherwise pile up)."""
-        h.state = CLOSED
+        h.state = FINISHED
         h.request = h.response = h.reader = h.backend = h.reject = None
         h.first_up = h.out = b""
         self.handshakes -= 1
@@ -290,8 +268,7 @@ class Frontend:
             self._sync_listeners()
         timers = self._timers
         if len(timers) > 1024 and len(timers) > 4 * self.handshakes:
-            self._timers = [t for t in timers if t[2].state != CLOSED and t[2].deadline == t[0]]
-            heapq.heapify(self._timers)
+            timers.compact(lambda deadline, h: h.state != FINISHED and h.deadline == deadline)
 
     def _dispatch(self, fd: int, ev: int) -> None:
         h = self._by_fd.get(fd)
@@ -678,7 +655,7 @@ class Frontend:
         tunnels it holds: report it, answer 500 if we still can, close."""
         self.events.internal_error()
         h = self._by_fd.get(fd)
-        if h is None or h.state == CLOSED:
+        if h is None or h.state == FINISHED:
             return
         try:
             if h.state in (READ_REQUEST, CONNECTING, READ_RESPONSE):
@@ -755,7 +732,7 @@ class Frontend:
         h.lease.drop_upstream()
 
     def _close(self, h: Handshake) -> None:
-        if h.state == CLOSED:
+        if h.state == FINISHED:
             return
         self._drop_backend(h)
         self._want(h.client, 0)

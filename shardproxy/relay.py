@@ -54,7 +54,7 @@ Resource handling: the engine owns the descriptors of every tunnel added to it
 and closes both when the tunnel ends or the engine is closed. Error handling:
 socket errors end only the tunnel they happen on; the engine never raises
 them. An exception of ours while handling a tunnel's event (a bug) is
-contained the same way: ``on_error`` reports it (inside the ``except``, so the
+contained the same way: ``events.relay_error()`` reports it (inside the ``except``, so the
 trace can be logged) and that tunnel is reset both ways, outcome
 INTERNAL_ERROR, while every other tunnel goes on.
 """
@@ -64,21 +64,45 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import math
 import os
 import select
 import socket
 import struct
 import time
-from collections.abc import Callable
 from typing import Any
 
-import trio
-
+from .engine_api import (
+    BACKEND_RESET,
+    CLIENT_RESET,
+    CLOSED,
+    DRAINED,
+    INTERNAL_ERROR,
+    PING_TIMEOUT,
+    STOPPED,
+    FlowStats,
+    Keepalive,
+    TunnelEvents,
+    TunnelStats,
+)
 from .frames import PONG, FrameTracker, close_frame, peek_frame, ping_frame, unmasked_payload
+from .loop import Timers, run_epoll
+
+__all__ = [
+    "BACKEND_RESET",
+    "CLIENT_RESET",
+    "CLOSED",
+    "DRAINED",
+    "INTERNAL_ERROR",
+    "PING_TIMEOUT",
+    "STOPPED",
+    "RelayEngine",
+]
 
 BUFFER_SIZE = 65536
-MAX_EVENTS = 1024
-BUSY_ROUND = 8  # events in a round that make the next one a poll, not a sleep
+PING_BATCH = 0.01  # seconds: the pings of a round go out in batches at most this often
+_FD_BITS = 32  # a tunnel id is (a sequence number << _FD_BITS) | its client descriptor
+_FD_MASK = (1 << _FD_BITS) - 1
 
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
@@ -135,13 +159,14 @@ PING_DUE = -1.0
 class Tunnel:
     """An established client⇄backend connection pair."""
 
-    __slots__ = ("closing", "down", "held", "info", "ping_sent", "started", "up")
+    __slots__ = ("closing", "down", "held", "id", "ping_sent", "started", "token", "up")
 
-    def __init__(self, client_fd: int, backend_fd: int, info: Any) -> None:
+    def __init__(self, tunnel_id: int, client_fd: int, backend_fd: int, token: Any) -> None:
+        self.id = tunnel_id
         self.up = Flow(client_fd, backend_fd)  # client → backend
         self.down = Flow(backend_fd, client_fd)  # backend → client
         self.started = time.monotonic()
-        self.info = info  # the worker's record for the access log and accounting
+        self.token = token  # the worker's, handed back with the tunnel's end
         self.closing = False  # the proxy is closing it (begin_close)
         # When our unanswered Ping was written (time.monotonic()); PING_DUE:
         # waiting for a frame boundary both ways; 0: none.
@@ -157,35 +182,24 @@ class Tunnel:
         return self.down.src
 
 
-# The ways a tunnel ends, for the access log and metrics.
-CLOSED = "closed"  # both directions finished with FIN
-CLIENT_RESET = "client_reset"
-BACKEND_RESET = "backend_reset"
-STOPPED = "stopped"  # closed by the proxy without a WebSocket close handshake
-DRAINED = "drained"  # closed by the proxy after a WebSocket close handshake (begin_close)
-PING_TIMEOUT = "ping_timeout"  # the client did not answer the proxy's Ping in time
-INTERNAL_ERROR = "internal_error"  # a bug of ours while relaying; both sides reset
-
-OnClose = Callable[[Tunnel, str], None]
-OnPingWritten = Callable[[Tunnel], None]
-OnError = Callable[[], None]
+def _flow_stats(flow: Flow) -> FlowStats:
+    return FlowStats(flow.nbytes, flow.messages, flow.close_code, flow.close_order, flow.error)
 
 
 class RelayEngine:
-    """Moves bytes for every tunnel of one worker from a single trio task.
+    """Moves bytes for every tunnel of one worker from a single trio task:
+    the Python implementation of :class:`~shardproxy.engine_api.TunnelEngine`.
 
-    ``on_close(tunnel, outcome)`` is called once per tunnel after its sockets
-    are closed; ``on_ping_written(tunnel)`` once per Ping of ours when it
-    goes out (``tunnel.ping_sent`` is then its time), which is when its
-    ``ping_timeout`` starts; ``on_error()`` inside the ``except`` of an
-    exception of ours, before that tunnel is reset. None may raise or block.
+    ``events`` hears of every tunnel that ended and of every bug contained;
+    with ``keepalive.interval`` set, the engine pings every client once per
+    interval, the pings of a round spread evenly over it, and ends a client
+    silent for a whole ``keepalive.timeout`` after a Ping was written to it.
     """
 
     def __init__(
         self,
-        on_close: OnClose,
-        on_ping_written: OnPingWritten | None = None,
-        on_error: OnError | None = None,
+        events: TunnelEvents,
+        keepalive: Keepalive | None = None,
         buffer_size: int = BUFFER_SIZE,
     ) -> None:
         self._epoll = select.epoll()
@@ -193,9 +207,16 @@ class RelayEngine:
         self._buffer = bytearray(buffer_size)
         self._view = memoryview(self._buffer)
         self._buffers = [self._buffer]  # os.readv's argument, built once
-        self._on_close = on_close
-        self._on_ping_written = on_ping_written
-        self._on_error = on_error
+        self._events = events
+        self._ids = itertools.count(1)
+        self._keepalive = keepalive or Keepalive()
+        # The ping round: the tunnels to ping in this interval, in order,
+        # the i-th at round_start + interval * i / len(round).
+        self._round: list[int] = []
+        self._round_start = -math.inf
+        self._round_next = 0
+        # Written Pings to check: (tunnel id, when written, client bytes then).
+        self._ping_checks: Timers[tuple[int, float, int]] = Timers()
         # Our Pings carry this payload; a client's Pong with it is ours to
         # take (RFC 6455 §5.5.3: a Pong echoes its Ping's payload), any
         # other Pong is the backend's business and passes.
@@ -205,18 +226,23 @@ class RelayEngine:
     def __len__(self) -> int:
         return len(self._tunnels) // 2
 
-    def tunnels(self) -> list[Tunnel]:
-        return [t for fd, t in self._tunnels.items() if fd == t.client_fd]
+    def tunnels(self) -> list[tuple[int, Any]]:
+        """(id, token) of every open tunnel."""
+        return [(t.id, t.token) for fd, t in self._tunnels.items() if fd == t.client_fd]
+
+    def _tunnel(self, tunnel: int) -> Tunnel | None:
+        t = self._tunnels.get(tunnel & _FD_MASK)
+        return t if t is not None and t.id == tunnel else None
 
     def add(
-        self, client_fd: int, backend_fd: int, info: Any, to_backend: bytes, to_client: bytes
-    ) -> Tunnel:
-        """Take over two connected non-blocking sockets.
+        self, client_fd: int, backend_fd: int, token: Any, to_backend: bytes, to_client: bytes
+    ) -> int:
+        """Take over two connected non-blocking sockets; the tunnel's id.
 
         ``to_backend``/``to_client`` are the tunnel's first bytes, which
         arrived together with the handshake heads; they are sent first.
         """
-        t = Tunnel(client_fd, backend_fd, info)
+        t = Tunnel(next(self._ids) << _FD_BITS | client_fd, client_fd, backend_fd, token)
         self._tunnels[client_fd] = t
         self._tunnels[backend_fd] = t
         for flow, first in ((t.up, to_backend), (t.down, to_client)):
@@ -226,35 +252,58 @@ class RelayEngine:
                 self._write(t, flow, first)
         if client_fd in self._tunnels:
             self._update(t)
-        return t
+        return t.id
 
     async def run(self) -> None:
-        """Relay until cancelled.
+        """Relay until cancelled (loop.run_epoll: one wakeup per quiet event)."""
+        await run_epoll(self._epoll, self._dispatch, self._contain, self.process, self._next_wake)
 
-        The engine sleeps in trio until its epoll descriptor is readable, then
-        takes what is ready. While rounds stay busy it keeps polling with a
-        plain checkpoint between them (no re-arming of trio's wait, one
-        syscall fewer per round); after a quiet round it goes back to
-        sleeping, so a single tunnel's message costs one wakeup, not two.
-        """
-        poll = self._epoll.poll
-        dispatch = self._dispatch
-        epoll_fd = self._epoll.fileno()
-        while True:
-            await trio.lowlevel.wait_readable(epoll_fd)
-            while True:
-                events = poll(0, MAX_EVENTS)
-                for fd, ev in events:
-                    try:
-                        dispatch(fd, ev)
-                    except Exception:
-                        self._contain(fd)
-                if len(events) < BUSY_ROUND:
-                    break
-                await trio.lowlevel.checkpoint()
+    # -- keepalive -------------------------------------------------------------
 
-    def begin_close(self, t: Tunnel, code: int, reason: bytes) -> None:
-        """Close ``t`` the WebSocket way (RFC 6455 §7): a Close frame with
+    def process(self, now: float) -> None:
+        """Timers: the pings of the round that fell due, and the checks of
+        written Pings."""
+        if self._keepalive.interval:
+            self._ping_round(now)
+        timeout = self._keepalive.timeout
+        for _, (tunnel, sent, seen) in self._ping_checks.pop_due(now):
+            t = self._tunnel(tunnel)
+            if t is None or t.ping_sent != sent:  # ended, or answered
+                continue
+            if t.up.nbytes != seen:
+                # The client sent bytes since: alive, though its Pong may not
+                # come yet (inside a long frame of its own it may not answer,
+                # RFC 6455 §5.4). Look again one timeout later.
+                self._ping_checks.add(now + timeout, (tunnel, sent, t.up.nbytes))
+                continue
+            self._finish(t, PING_TIMEOUT)
+
+    def _ping_round(self, now: float) -> None:
+        interval = self._keepalive.interval
+        if now >= self._round_start + interval:
+            self._round = [t.id for fd, t in self._tunnels.items() if fd == t.client_fd]
+            self._round_start, self._round_next = now, 0
+        n = len(self._round)
+        while self._round_next < n and (self._round_start + interval * self._round_next / n <= now):
+            self.ping(self._round[self._round_next])
+            self._round_next += 1
+
+    def _next_wake(self, now: float) -> float | None:
+        wake = self._ping_checks.next_due()
+        interval = self._keepalive.interval
+        if interval:
+            n = len(self._round)
+            due = self._round_start + (
+                interval * self._round_next / n if self._round_next < n else interval
+            )
+            due = max(due, now + PING_BATCH)  # pings in batches, not a wakeup each
+            wake = due if wake is None else min(wake, due)
+        return wake
+
+    # -- by tunnel id ------------------------------------------------------------
+
+    def begin_close(self, tunnel: int, code: int, reason: bytes) -> None:
+        """Close the tunnel the WebSocket way (RFC 6455 §7): a Close frame with
         ``code`` to the client and one to the backend, each written at the
         next frame boundary of its direction (a frame in progress is finished
         first); from then on what either side sends is read and dropped,
@@ -262,7 +311,8 @@ class RelayEngine:
         a FIN, outcome DRAINED. A direction that already carries a Close, or
         whose destination was shut, gets none. Bound the wait with
         :meth:`end`: a peer may never answer."""
-        if t.closing or not self.alive(t):
+        t = self._tunnel(tunnel)
+        if t is None or t.closing:
             return
         t.closing = True
         if t.ping_sent == PING_DUE:  # replaced by our Close below
@@ -277,16 +327,17 @@ class RelayEngine:
             flow.inject = frame
             if flow.parked is None and flow.at_boundary:
                 self._inject(t, flow)
-                if not self.alive(t):
+                if not self._alive(t):
                     return
         self._check_closed(t)
 
-    def ping(self, t: Tunnel) -> bool:
+    def ping(self, tunnel: int) -> bool:
         """Send the client a Ping as soon as both directions are between
         frames (at once, usually); its Pong is taken out of the stream to
         the backend. False (nothing done) while the last one is waiting or
         unanswered, or the tunnel is closing."""
-        if t.ping_sent or t.closing or t.down.state != OPEN or not self.alive(t):
+        t = self._tunnel(tunnel)
+        if t is None or t.ping_sent or t.closing or t.down.state != OPEN:
             return False
         t.ping_sent = PING_DUE
         t.down.inject = self._ping  # free: only begin_close sets it otherwise
@@ -294,26 +345,29 @@ class RelayEngine:
             self._inject(t, t.down)
         return True
 
-    def alive(self, t: Tunnel) -> bool:
-        return self._tunnels.get(t.up.src) is t
+    def alive(self, tunnel: int) -> bool:
+        return self._tunnel(tunnel) is not None
 
-    def end(self, t: Tunnel, outcome: str = STOPPED) -> None:
-        """Close ``t`` now, if it is still open."""
-        if self.alive(t):
+    def end(self, tunnel: int, outcome: str = STOPPED) -> None:
+        """Close the tunnel now, if it is still open."""
+        t = self._tunnel(tunnel)
+        if t is not None:
             self._finish(t, outcome)
 
     def close(self) -> None:
         """Close every tunnel's sockets and release the epoll set."""
-        for t in self.tunnels():
+        for t in [t for fd, t in self._tunnels.items() if fd == t.client_fd]:
             self._finish(t, STOPPED)
         self._epoll.close()
+
+    def _alive(self, t: Tunnel) -> bool:
+        return self._tunnels.get(t.up.src) is t
 
     def _contain(self, fd: int) -> None:
         """A bug of ours while handling ``fd`` costs its tunnel, never the
         worker's other tunnels: report it, then reset both sides (what was
         relayed may be cut anywhere)."""
-        if self._on_error is not None:
-            self._on_error()
+        self._events.relay_error()
         t = self._tunnels.get(fd)
         if t is None:
             return
@@ -386,7 +440,7 @@ class RelayEngine:
             return
         if flow.parked is None:
             self._inject(t, flow)
-            if not self.alive(t):
+            if not self._alive(t):
                 return
         rest = chunk[k:]
         if rest:
@@ -399,7 +453,7 @@ class RelayEngine:
         flow.feed(chunk)
         self._write(t, flow, chunk)
         down = t.down
-        if self.alive(t) and down.parked is None and self._may_inject(t, down):
+        if self._alive(t) and down.parked is None and self._may_inject(t, down):
             self._inject(t, down)
 
     def _client_between_frames(self, t: Tunnel) -> bool:
@@ -451,7 +505,7 @@ class RelayEngine:
                     break
             flow.feed(data[pos : min(end, n)])
             pos = min(end, n)
-        if self.alive(t) and n > start:
+        if self._alive(t) and n > start:
             self._send_more(t, flow, data[start:n])
 
     def _send_more(self, t: Tunnel, flow: Flow, data: bytes | memoryview) -> None:
@@ -480,7 +534,7 @@ class RelayEngine:
             flow.feed(chunk[k:])  # the dropped rest
             if flow.parked is None:
                 self._inject(t, flow)
-                if not self.alive(t):
+                if not self._alive(t):
                     return
             else:
                 flow.state = CLOSING  # _flush writes our Close after the parked bytes
@@ -496,7 +550,7 @@ class RelayEngine:
             return -1
         if k:
             self._write(t, flow, chunk[:k])
-            if not self.alive(t):
+            if not self._alive(t):
                 return -1
         return k
 
@@ -505,10 +559,10 @@ class RelayEngine:
         assert frame is not None
         flow.inject = None
         if frame is self._ping:
-            t.ping_sent = time.monotonic()
+            # ping_timeout counts from now, not from when the Ping was due.
+            now = t.ping_sent = time.monotonic()
+            self._ping_checks.add(now + self._keepalive.timeout, (t.id, now, t.up.nbytes))
             self._write(t, flow, frame)
-            if self._on_ping_written is not None and self.alive(t):
-                self._on_ping_written(t)
             return
         flow.state = CLOSING  # a Close: nothing is passed on after it
         self._write(t, flow, frame)
@@ -540,15 +594,15 @@ class RelayEngine:
         assert parked is not None
         flow.parked = None
         self._write(t, flow, parked)
-        if flow.parked is not None or not self.alive(t):
+        if flow.parked is not None or not self._alive(t):
             return
         if flow.inject is not None and (flow.state == CLOSING or self._may_inject(t, flow)):
             self._inject(t, flow)
-            if not self.alive(t):
+            if not self._alive(t):
                 return
         if t.closing:
             self._check_closed(t)
-            if not self.alive(t):
+            if not self._alive(t):
                 return
         self._update(t)
 
@@ -569,7 +623,7 @@ class RelayEngine:
             self._finish(t, DRAINED if t.closing else CLOSED)
         elif t.closing:
             self._check_closed(t)
-            if self.alive(t):
+            if self._alive(t):
                 self._update(t)
         else:
             self._update(t)
@@ -607,7 +661,8 @@ class RelayEngine:
             _reset(t.backend_fd)
         os.close(t.client_fd)
         os.close(t.backend_fd)
-        self._on_close(t, outcome)
+        stats = TunnelStats(_flow_stats(t.up), _flow_stats(t.down), time.monotonic() - t.started)
+        self._events.tunnel_closed(t.token, outcome, stats)
 
 
 def _socket_of(fd: int) -> socket.socket:

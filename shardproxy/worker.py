@@ -52,10 +52,11 @@ from .balancer import EndpointState, PoolState, ServerState
 from .config import Config, Endpoint, PortRange, RouteConfig
 from .control import Channel
 from .decisions import Decisions
+from .engine_api import CLOSED, DRAINED, PING_TIMEOUT, FlowStats, Keepalive, TunnelStats
 from .frontend import Frontend, Handshake
 from .handshake import Reject
 from .limits import fd_capacity, raise_nofile_limit
-from .relay import CLOSED, DRAINED, PING_TIMEOUT, RelayEngine, Tunnel
+from .relay import RelayEngine
 from .routing import Router
 from .sampling import AccessSampler, ErrorBudget
 from .stats import HANDSHAKE_BOUNDS, TUNNEL_BOUNDS, BucketCounts
@@ -119,7 +120,7 @@ class Deadlines:
                 return
 
     async def spread(
-        self, items: Sequence[Tunnel], span: float, action: Callable[[Tunnel], object]
+        self, items: Sequence[int], span: float, action: Callable[[int], object]
     ) -> None:
         """``action`` on each item in turn, evenly over ``span`` seconds
         (the first at once), running what falls due meanwhile."""
@@ -157,8 +158,8 @@ class Worker:
         )
         self.router = Router(cfg.routes)
         self.pools = {p.name: PoolState(p) for p in cfg.pools}
-        self.engine = RelayEngine(self._tunnel_closed, self._ping_written, self._relay_error)
-        self._ping_deadlines = Deadlines()  # of ping_timeout, run by keep_pinging
+        keepalive = cfg.keepalive
+        self.engine = RelayEngine(self, Keepalive(keepalive.ping_interval, keepalive.ping_timeout))
         by_fds = fd_capacity(nofile)
         self.admission = Admission(
             min(cfg.proxy.max_connections or by_fds, by_fds), lease_type=TunnelRecord
@@ -205,9 +206,9 @@ class Worker:
         self.handshake_seconds.observe(time.monotonic() - h.started)
         self.route_tunnels[record.route] += 1
         self.counts["tunnels"] += 1
-        t = self.engine.add(h.client, backend_fd, record, h.first_up, h.response.trailing)
-        if self.draining and self._drain_deadlines is not None and self.engine.alive(t):
-            self._close_going_away(t, self._drain_deadlines)  # came up during a drain
+        tunnel = self.engine.add(h.client, backend_fd, record, h.first_up, h.response.trailing)
+        if self.draining and self._drain_deadlines is not None:
+            self._close_going_away(tunnel, self._drain_deadlines)  # came up during a drain
 
     def accept_error(self, e: OSError) -> None:
         self.log.error(
@@ -317,7 +318,9 @@ class Worker:
             },
         )
 
-    def _relay_error(self) -> None:
+    # -- events of the relay engine (engine_api.TunnelEvents) ---------------
+
+    def relay_error(self) -> None:
         """A bug in the relay, contained to one tunnel (called inside the
         ``except``, so the trace is logged); its access event follows."""
         self.counts["internal_error"] += 1
@@ -326,27 +329,27 @@ class Worker:
                 "internal error while relaying a tunnel", **{"event.action": "internal-error"}
             )
 
-    # -- the end of a tunnel ------------------------------------------------
-
-    def _tunnel_closed(self, t: Tunnel, outcome: str) -> None:
-        info: TunnelRecord = t.info
+    def tunnel_closed(self, token: Any, outcome: str, stats: TunnelStats) -> None:
+        info: TunnelRecord = token
         info.release()
         self.route_tunnels[info.route] -= 1
-        duration = time.monotonic() - t.started
+        duration = stats.duration
         self.tunnel_seconds.observe(duration)
-        up, down = t.up, t.down
+        up, down = stats.up, stats.down
         assert info.endpoint is not None and isinstance(info.space, TupleSpace)
         ep = info.endpoint.endpoint
-        self.counts["bytes.up"] += up.nbytes
-        self.counts["bytes.down"] += down.nbytes
+        self.counts["bytes.up"] += up.bytes
+        self.counts["bytes.down"] += down.bytes
         self.counts["messages.up"] += up.messages
         self.counts["messages.down"] += down.messages
         self.counts[f"closed.{outcome}"] += 1
+        if outcome == PING_TIMEOUT:
+            self._ping_timed_out(info)
         error_by = None
         if up.close_code in BAD_STREAM_CODES or down.close_code in BAD_STREAM_CODES:
-            error_by = self._count_bad_stream(t)
-        if up.error is not None or down.error is not None:
-            self._count_frame_errors(t)
+            error_by = self._count_bad_stream(up, down)
+        if up.frame_error is not None or down.frame_error is not None:
+            self._count_frame_errors(up, down)
         route = info.route
         if not self.config.log.access or not self.access_sampler.keep(route, route.access_sample):
             return
@@ -357,15 +360,17 @@ class Worker:
             "pool": route.pool,
             "server": info.endpoint.server.name,
             "outcome": outcome,
-            "bytes": {"up": up.nbytes, "down": down.nbytes},
+            "bytes": {"up": up.bytes, "down": down.bytes},
             "messages": {"up": up.messages, "down": down.messages},
             "close": {"client_code": up.close_code, "backend_code": down.close_code},
         }
         if error_by is not None:
             ours["close"]["error_by"] = error_by
-        if up.error is not None or down.error is not None:
+        if up.frame_error is not None or down.frame_error is not None:
             ours["frame_error"] = {
-                name: flow.error for name, flow in (("up", up), ("down", down)) if flow.error
+                name: flow.frame_error
+                for name, flow in (("up", up), ("down", down))
+                if flow.frame_error
             }
         if route.access_sample < 1.0:  # one event stands for 1/access_sample tunnels
             ours["access_sample"] = route.access_sample
@@ -395,24 +400,24 @@ class Worker:
             },
         )
 
-    def _count_bad_stream(self, t: Tunnel) -> str | None:
+    def _count_bad_stream(self, up: FlowStats, down: FlowStats) -> str | None:
         """The side (``client`` or ``backend``) whose Close said the stream
         it received was bad (a code of BAD_STREAM_CODES), counted; None if
         neither did. When both did, the first: the other typically echoed
         its code (RFC 6455 §5.5.1)."""
-        closes = [(t.up.close_order, "client", t.up), (t.down.close_order, "backend", t.down)]
+        closes = [(up.close_order, "client", up), (down.close_order, "backend", down)]
         for order, side, flow in sorted(closes):
             if order and flow.close_code in BAD_STREAM_CODES:
                 self.counts[f"bad_stream.{side}.{flow.close_code}"] += 1
                 return side
         return None
 
-    def _count_frame_errors(self, t: Tunnel) -> None:
+    def _count_frame_errors(self, up: FlowStats, down: FlowStats) -> None:
         """The frame tracker lost a direction's framing (a header that
         breaks RFC 6455 §5): from then on the proxy could put no frame of
         its own into that direction."""
-        for name, flow in (("up", t.up), ("down", t.down)):
-            if flow.error is not None:
+        for name, flow in (("up", up), ("down", down)):
+            if flow.frame_error is not None:
                 self.counts[f"frame_error.{name}"] += 1
 
     # -- drain --------------------------------------------------------------
@@ -424,7 +429,7 @@ class Worker:
         lifecycle = self.config.lifecycle
         self.draining = True
         self.frontend.stop_accepting()
-        tunnels = self.engine.tunnels()
+        tunnels = [tunnel for tunnel, _ in self.engine.tunnels()]
         self.log.info(
             f"draining: {len(tunnels)} tunnels get a Close 1001 over {lifecycle.close_spread:g}s",
             **{"event.action": "drain-start", "shardproxy.tunnels": len(tunnels)},
@@ -437,55 +442,15 @@ class Worker:
         while len(self.engine) or self.frontend.handshakes:  # the last answers
             await deadlines.sleep_until(trio.current_time() + DRAIN_POLL)
 
-    # -- pings ----------------------------------------------------------------
+    # -- pings (the engine sends them and ends silent clients) ---------------
 
-    async def keep_pinging(self) -> None:
-        """Ping every client once per ping_interval, spread evenly over it
-        (the relay writes each Ping when both directions are between
-        frames, and its Pong never reaches the backend: relay.py); end the
-        tunnel of a client that sent nothing at all for a whole ping_timeout
-        after an unanswered Ping was written (:meth:`_ping_written`)."""
-        interval = self.config.keepalive.ping_interval
-        deadlines = self._ping_deadlines
-        while True:
-            start = trio.current_time()
-            await deadlines.spread(self.engine.tunnels(), interval, self.engine.ping)
-            await deadlines.sleep_until(start + interval)
-
-    def _ping_written(self, t: Tunnel) -> None:
-        """The relay wrote a Ping to ``t``'s client: its ping_timeout starts now."""
-        self._watch_ping(t, t.ping_sent, t.up.nbytes)
-
-    def _watch_ping(self, t: Tunnel, sent: float, seen: int) -> None:
-        timeout = self.config.keepalive.ping_timeout
-        check = partial(self._ping_check, t, sent, seen)
-        # Every deadline here is now + ping_timeout: they come in time order.
-        self._ping_deadlines.add(trio.current_time() + timeout, check)
-
-    def _ping_check(self, t: Tunnel, sent: float, seen: int) -> None:
-        """ping_timeout after the Ping ``sent`` (or after the last look):
-        answered, or the client sent bytes since (``seen``: its byte count
-        then), which prove it alive although its Pong may not come yet (a
-        client inside a long frame of its own may not answer in it, RFC 6455
-        §5.4): look again one ping_timeout later. Silent all along: end it."""
-        if not self.engine.alive(t) or t.ping_sent != sent:
-            return
-        if t.up.nbytes != seen:
-            self._watch_ping(t, sent, t.up.nbytes)
-            return
-        self._ping_timed_out(t)
-
-    def _ping_timed_out(self, t: Tunnel) -> None:
-        info: TunnelRecord = t.info
+    def _ping_timed_out(self, info: TunnelRecord) -> None:
         self.counts["ping_timeout"] += 1
-        if self.may_log("ping-timeout"):
-            self._log_ping_timeout(info)
-        self.engine.end(t, PING_TIMEOUT)
-
-    def _log_ping_timeout(self, info: TunnelRecord) -> None:
+        if not self.may_log("ping-timeout"):
+            return
         self.log.info(
-            f"client did not answer a ping within {self.config.keepalive.ping_timeout:g}s; "
-            "closing its tunnel",
+            f"client sent nothing for {self.config.keepalive.ping_timeout:g}s after a ping; "
+            "closed its tunnel",
             **{
                 "event.action": "ping-timeout",
                 "client.ip": info.client_ip,
@@ -507,7 +472,9 @@ class Worker:
                 if went_down and health is not None and health.on_server_down == "close":
                     closing.update(went_down)
         if closing:
-            tunnels = [t for t in self.engine.tunnels() if t.info.endpoint in closing]
+            tunnels = [
+                tunnel for tunnel, record in self.engine.tunnels() if record.endpoint in closing
+            ]
             nursery.start_soon(self._close_for_health, tunnels)
 
     def set_drained(self, drained: set[tuple[str, str]]) -> None:
@@ -516,7 +483,7 @@ class Worker:
             for server in pool.servers:
                 server.drained = (pool.name, server.name) in drained
 
-    async def _close_for_health(self, tunnels: list[Tunnel]) -> None:
+    async def _close_for_health(self, tunnels: list[int]) -> None:
         self.log.info(
             f"closing {len(tunnels)} tunnels of backends that went down",
             **{"event.action": "server-down-close", "shardproxy.tunnels": len(tunnels)},
@@ -526,11 +493,12 @@ class Worker:
         await deadlines.spread(tunnels, self.config.lifecycle.close_spread, close)
         await deadlines.run_out()
 
-    def _close_going_away(self, t: Tunnel, deadlines: Deadlines) -> None:
+    def _close_going_away(self, tunnel: int, deadlines: Deadlines) -> None:
         """Close 1001 both ways; the sockets close at the latest after close_wait."""
-        self.engine.begin_close(t, GOING_AWAY, b"going away")
+        self.engine.begin_close(tunnel, GOING_AWAY, b"going away")
         deadlines.add(
-            trio.current_time() + self.config.lifecycle.close_wait, partial(self.engine.end, t)
+            trio.current_time() + self.config.lifecycle.close_wait,
+            partial(self.engine.end, tunnel),
         )
 
     async def retire(self, sweep: list[int], drain_after: float | None) -> None:
@@ -603,8 +571,6 @@ async def serve(slot: int, control_fd: int, listen_fds: list[int]) -> None:
             nursery.start_soon(_watch_supervisor, channel, worker, nursery)
             nursery.start_soon(_watch_signals, worker, nursery)
             nursery.start_soon(_reopen_log_on_sigusr1)
-            if cfg.keepalive.ping_interval > 0:
-                nursery.start_soon(worker.keep_pinging)
             await channel.send(
                 {"type": "ready", "slot": slot, "pid": os.getpid(), "capacity": worker.capacity}
             )

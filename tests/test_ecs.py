@@ -81,6 +81,8 @@ def test_every_line_of_a_busy_run_is_valid_ecs(start_proxy: Callable[..., Proxy]
         )
         proxy.proc.send_signal(signal.SIGHUP)
         proxy.wait_for(lambda _: proxy.actions("reload-done"), what="the reload")
+        # The old generation exits once empty, which it looks at every 0.5 s.
+        proxy.wait_for(lambda _: proxy.actions("worker-retired"), what="the old workers gone")
         proxy.wait_for(lambda _: proxy.actions("stats"), what="a stats event")
         proxy.stop()
 

@@ -11,23 +11,26 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 import trio
 
-from shardproxy.frames import close_frame
-from shardproxy.relay import (
+from shardproxy.engine_api import (
     BACKEND_RESET,
     CLIENT_RESET,
     CLOSED,
     DRAINED,
-    PING_DUE,
+    INTERNAL_ERROR,
+    PING_TIMEOUT,
     STOPPED,
-    RelayEngine,
-    Tunnel,
+    Keepalive,
+    TunnelStats,
 )
+from shardproxy.frames import close_frame
+from shardproxy.relay import PING_DUE, RelayEngine, Tunnel
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -40,33 +43,47 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
 
 
 class Harness:
-    def __init__(self) -> None:
-        self.closed: list[tuple[Tunnel, str]] = []
-        self.pings_written: list[Tunnel] = []
-        self.engine = RelayEngine(
-            lambda t, outcome: self.closed.append((t, outcome)), self.pings_written.append
-        )
-        self.ended = trio.Event()
+    """An engine and the events it reports (it is their TunnelEvents)."""
+
+    def __init__(self, keepalive: Keepalive | None = None) -> None:
+        self.closed: list[tuple[Any, str, TunnelStats]] = []
+        self.errors: list[BaseException | None] = []
+        self.engine = RelayEngine(self, keepalive)
+
+    def tunnel_closed(self, token: Any, outcome: str, stats: TunnelStats) -> None:
+        self.closed.append((token, outcome, stats))
+
+    def relay_error(self) -> None:
+        self.errors.append(sys.exc_info()[1])
 
     def tunnel(
         self, to_backend: bytes = b"", to_client: bytes = b""
-    ) -> tuple[socket.socket, socket.socket, Tunnel]:
+    ) -> tuple[socket.socket, socket.socket, int]:
         client, a = tcp_pair()
         backend, b = tcp_pair()
-        t = self.engine.add(a.detach(), b.detach(), "info", to_backend, to_client)
+        tid = self.engine.add(a.detach(), b.detach(), "token", to_backend, to_client)
         for s in (client, backend):
             s.settimeout(10)
-        return client, backend, t
+        return client, backend, tid
+
+    def inside(self, tid: int) -> Tunnel:
+        """White-box: the Python engine's own object for a live tunnel."""
+        t = self.engine._tunnel(tid)
+        assert t is not None
+        return t
+
+    def stats(self, i: int = 0) -> TunnelStats:
+        return self.closed[i][2]
 
     async def wait_closed(self, count: int = 1) -> list[str]:
         with trio.fail_after(10):
             while len(self.closed) < count:
                 await trio.sleep(0.01)
-        return [outcome for _, outcome in self.closed]
+        return [outcome for _, outcome, _ in self.closed]
 
 
-def run(test: Callable[[Harness], Awaitable[None]]) -> Harness:
-    harness = Harness()
+def run(test: Callable[[Harness], Awaitable[None]], keepalive: Keepalive | None = None) -> Harness:
+    harness = Harness(keepalive)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -103,7 +120,7 @@ def test_bytes_flow_both_ways_and_first_bytes_go_first() -> None:
 
 def test_half_close_is_passed_on_and_the_other_direction_keeps_flowing() -> None:
     async def test(h: Harness) -> None:
-        client, backend, t = h.tunnel()
+        client, backend, _ = h.tunnel()
         client.sendall(b"last words")
         client.shutdown(socket.SHUT_WR)  # FIN from the client
         got = await trio.to_thread.run_sync(lambda: recv_exactly(backend, 10) + backend.recv(10))
@@ -114,7 +131,7 @@ def test_half_close_is_passed_on_and_the_other_direction_keeps_flowing() -> None
         backend.shutdown(socket.SHUT_WR)
         assert await trio.to_thread.run_sync(client.recv, 10) == b""
         assert await h.wait_closed() == [CLOSED]
-        assert (t.up.nbytes, t.down.nbytes) == (10, 15)
+        assert (h.stats().up.bytes, h.stats().down.bytes) == (10, 15)
         client.close()
         backend.close()
 
@@ -160,8 +177,9 @@ def test_slow_reader_parks_at_most_one_read_and_loses_nothing() -> None:
 
         await trio.to_thread.run_sync(flood)
         assert sent < total, "the backend was never held back"
-        assert t.down.parked is not None and len(t.down.parked) <= 65536
-        assert not t.down.reading  # the source is paused while bytes are parked
+        down = h.inside(t).down
+        assert down.parked is not None and len(down.parked) <= 65536
+        assert not down.reading  # the source is paused while bytes are parked
 
         received = bytearray()
 
@@ -177,7 +195,8 @@ def test_slow_reader_parks_at_most_one_read_and_loses_nothing() -> None:
             for chunk in chunks:
                 await trio.to_thread.run_sync(backend.sendall, chunk)
         assert len(received) == total
-        assert t.down.nbytes == total
+        h.engine.end(t)
+        assert h.stats().down.bytes == total
         client.close()
         backend.close()
 
@@ -193,8 +212,11 @@ def test_frames_are_tracked_per_direction() -> None:
         client, backend, t = h.tunnel(to_backend=text)
         await trio.to_thread.run_sync(client.sendall, ping + text + close)
         await trio.to_thread.run_sync(recv_exactly, backend, 2 * len(text) + len(ping) + len(close))
-        assert (t.up.messages, t.up.close_code, t.up.at_boundary) == (2, 4321, True)
-        assert (t.down.messages, t.down.close_code) == (0, None)
+        assert h.inside(t).up.at_boundary
+        h.engine.end(t)
+        up, down = h.stats().up, h.stats().down
+        assert (up.messages, up.close_code, up.close_order > 0) == (2, 4321, True)
+        assert (down.messages, down.close_code, down.close_order) == (0, None, 0)
         client.close()
         backend.close()
 
@@ -209,7 +231,7 @@ def test_closing_the_engine_ends_every_tunnel() -> None:
             peers.append(h.tunnel())
 
     h = run(test)
-    assert [o for _, o in h.closed] == [STOPPED] * 3
+    assert [o for _, o, _ in h.closed] == [STOPPED] * 3
     assert len(h.engine) == 0
     for client, backend, _ in peers:
         for s in (client, backend):
@@ -272,7 +294,7 @@ def test_begin_close_sends_close_both_ways_then_ends_on_the_answers() -> None:
         await trio.to_thread.run_sync(client.sendall, client_close())
         await trio.to_thread.run_sync(backend.sendall, close_frame(1001))
         assert await h.wait_closed() == [DRAINED]
-        assert (t.up.close_code, t.down.close_code) == (1001, 1001)
+        assert (h.stats().up.close_code, h.stats().down.close_code) == (1001, 1001)
         for s in (client, backend):  # an orderly FIN, no reset
             assert s.recv(100) == b""
             s.close()
@@ -351,8 +373,9 @@ def test_our_pong_is_taken_out_of_the_stream_and_nothing_else(bytewise: bool) ->
             await trio.to_thread.run_sync(client.sendall, stream)
         expected = before + theirs + after
         assert await trio.to_thread.run_sync(recv_exactly, backend, len(expected)) == expected
-        assert t.ping_sent == 0.0 and t.held == b""
-        assert t.up.messages == 2
+        assert h.inside(t).ping_sent == 0.0 and h.inside(t).held == b""
+        h.engine.end(t)
+        assert h.stats().up.messages == 2
         client.close()
         backend.close()
 
@@ -390,25 +413,25 @@ def test_a_ping_waits_for_the_client_to_finish_its_frame() -> None:
         await trio.to_thread.run_sync(client.sendall, theirs[:30])
         await trio.to_thread.run_sync(recv_exactly, backend, 30)
         assert h.engine.ping(t)
-        assert t.ping_sent == PING_DUE and not h.pings_written
+        assert h.inside(t).ping_sent == PING_DUE  # due, not written
         assert not h.engine.ping(t)  # one at a time, even before it is written
         # The stream towards the client is between frames, yet no Ping: the
         # backend's message arrives alone.
         await trio.to_thread.run_sync(backend.sendall, echo)
         assert await trio.to_thread.run_sync(recv_exactly, client, len(echo)) == echo
-        assert t.ping_sent == PING_DUE and not h.pings_written
+        assert h.inside(t).ping_sent == PING_DUE
         # The client's frame ends: now the Ping goes, and its timeout starts.
         await trio.to_thread.run_sync(client.sendall, theirs[30:])
         ping = bytes([0x89, len(h.engine.ping_payload)]) + h.engine.ping_payload
         assert await trio.to_thread.run_sync(recv_exactly, client, len(ping)) == ping
         assert await trio.to_thread.run_sync(recv_exactly, backend, len(theirs) - 30)
-        assert h.pings_written == [t] and t.ping_sent > 0
+        assert h.inside(t).ping_sent > 0  # written: its timeout runs from now
         await trio.to_thread.run_sync(client.sendall, masked(0xA, h.engine.ping_payload))
         await trio.to_thread.run_sync(backend.sendall, echo)  # a round trip: Pong read
         await trio.to_thread.run_sync(recv_exactly, client, len(echo))
         await trio.to_thread.run_sync(client.sendall, theirs)
         assert await trio.to_thread.run_sync(recv_exactly, backend, len(theirs)) == theirs
-        assert t.ping_sent == 0.0
+        assert h.inside(t).ping_sent == 0.0
         client.close()
         backend.close()
 
@@ -435,13 +458,13 @@ def test_a_ping_waits_for_both_directions_and_is_dropped_by_a_close() -> None:
         # The client's frame ends while the backend is inside its next one.
         await trio.to_thread.run_sync(client.sendall, theirs[10:])
         await trio.to_thread.run_sync(recv_exactly, backend, len(theirs) - 10)
-        assert t.ping_sent == PING_DUE and not h.pings_written
+        assert h.inside(t).ping_sent == PING_DUE
         # A drain now: our Close takes the Ping's place, after the frame.
         h.engine.begin_close(t, 1001, b"going away")
         await trio.to_thread.run_sync(backend.sendall, big[100:])
         expected = big[100:] + GOING_AWAY
         assert await trio.to_thread.run_sync(recv_exactly, client, len(expected)) == expected
-        assert t.ping_sent == 0.0 and not h.pings_written
+        assert h.inside(t).ping_sent == 0.0  # never written
         client.close()
         backend.close()
 
@@ -451,18 +474,15 @@ def test_a_ping_waits_for_both_directions_and_is_dropped_by_a_close() -> None:
 def test_a_bug_while_relaying_costs_one_tunnel_not_the_others() -> None:
     """Like the handshake engine, the relay contains an exception of its own
     to the tunnel it happened on: that one is reset both ways, the rest go on."""
-    errors: list[BaseException | None] = []
 
     async def test(h: Harness) -> None:
-        import sys
-
-        h.engine._on_error = lambda: errors.append(sys.exc_info()[1])
         client, backend, t = h.tunnel()
         other_client, other_backend, _ = h.tunnel()
-        t.down.parked = 12345  # type: ignore[assignment]  # a state no code of ours makes
-        h.engine._update(t)  # now waits for the client to be writable: _flush fails
-        assert await h.wait_closed() == ["internal_error"]
-        assert len(errors) == 1 and isinstance(errors[0], TypeError)
+        inside = h.inside(t)
+        inside.down.parked = 12345  # type: ignore[assignment]  # a state no code of ours makes
+        h.engine._update(inside)  # now waits for the client to be writable: _flush fails
+        assert await h.wait_closed() == [INTERNAL_ERROR]
+        assert len(h.errors) == 1 and isinstance(h.errors[0], TypeError)
         with pytest.raises(ConnectionResetError):
             await trio.to_thread.run_sync(client.recv, 100)
         with pytest.raises(ConnectionResetError):
@@ -473,3 +493,36 @@ def test_a_bug_while_relaying_costs_one_tunnel_not_the_others() -> None:
             s.close()
 
     run(test)
+
+
+def test_keepalive_ends_a_silent_client_and_keeps_one_that_sends() -> None:
+    """The engine's own pings (interval 0.2 s, timeout 0.5 s): a client that
+    sends nothing at all after a Ping is ended, outcome ping_timeout; one
+    that does not answer but sends bytes (here: a long frame of its own,
+    begun after the Ping came) is alive for as long as it sends."""
+    keepalive = Keepalive(interval=0.2, timeout=0.5)
+    payload = b"p" * 3000
+    key = b"\x01\x02\x03\x04"
+    big = bytes([0x82, 0x80 | 126]) + len(payload).to_bytes(2, "big") + key
+    big += bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+    async def test(h: Harness) -> None:
+        silent_client, silent_backend, _ = h.tunnel()
+        client, backend, t = h.tunnel()
+        ping = bytes([0x89, len(h.engine.ping_payload)]) + h.engine.ping_payload
+        assert await trio.to_thread.run_sync(recv_exactly, client, len(ping)) == ping
+        # No Pong; instead a frame trickled over 1.5 s (three timeouts).
+        for i in range(0, len(big), len(big) // 15 + 1):
+            await trio.to_thread.run_sync(client.sendall, big[i : i + len(big) // 15 + 1])
+            await trio.sleep(0.1)
+        assert await trio.to_thread.run_sync(recv_exactly, backend, len(big)) == big
+        assert await h.wait_closed() == [PING_TIMEOUT]  # the silent one, long ago
+        assert h.engine.alive(t)
+        await trio.to_thread.run_sync(client.sendall, masked(0xA, h.engine.ping_payload))
+        h.engine.end(t)
+        assert await h.wait_closed(2) == [PING_TIMEOUT, STOPPED]
+        assert h.stats(0).duration < 0.2 + 0.5 + 0.5  # interval + timeout, with room
+        for s in (silent_client, silent_backend, client, backend):
+            s.close()
+
+    run(test, keepalive)

@@ -1,0 +1,99 @@
+"""The interface between a worker and its relay engine.
+
+The worker hands the engine a tunnel (two connected non-blocking sockets,
+its token, its first bytes each way) and gets back a tunnel id; it asks for
+a WebSocket close or an end by id; the engine tells it of every tunnel that
+ended, with the token, the outcome and a small :class:`TunnelStats` record.
+Nothing outside an engine reads its objects. The Python engine
+(``relay.py``) implements it today; a compiled one implements the same.
+
+Keepalive is the engine's own business (:class:`Keepalive`): it pings each
+client once per interval, spread evenly, and ends a client silent for a
+whole timeout after a Ping with outcome PING_TIMEOUT, so that no Python runs
+per tunnel per interval in a compiled engine.
+
+Ids: an int per tunnel, never reused by the same engine while the worker
+lives (a descriptor number is: a closed tunnel's fds come back for the next).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+# The ways a tunnel ends, for the access log and metrics (the log's words).
+CLOSED = "closed"  # both directions finished with FIN
+CLIENT_RESET = "client_reset"
+BACKEND_RESET = "backend_reset"
+STOPPED = "stopped"  # closed by the proxy without a WebSocket close handshake
+DRAINED = "drained"  # closed by the proxy after a WebSocket close handshake (begin_close)
+PING_TIMEOUT = "ping_timeout"  # the client sent nothing for ping_timeout after a Ping
+INTERNAL_ERROR = "internal_error"  # a bug of ours while relaying; both sides reset
+
+
+@dataclass(frozen=True, slots=True)
+class FlowStats:
+    """One direction of an ended tunnel."""
+
+    bytes: int
+    messages: int  # WebSocket data messages, from frame headers
+    close_code: int | None  # of the first Close frame; 1005 for one without a code
+    close_order: int  # when that Close went by, in the order of every Close; 0: none
+    frame_error: str | None  # why the frame tracker lost this direction's framing
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelStats:
+    up: FlowStats  # client → backend
+    down: FlowStats  # backend → client
+    duration: float  # seconds, from the 101 to the end
+
+
+@dataclass(frozen=True, slots=True)
+class Keepalive:
+    """The proxy's WebSocket pings to clients; interval 0: none."""
+
+    interval: float = 0.0
+    timeout: float = 10.0
+
+
+class TunnelEvents(Protocol):
+    """What an engine tells its owner. Neither may raise or block."""
+
+    def tunnel_closed(self, token: Any, outcome: str, stats: TunnelStats) -> None:
+        """Called once per tunnel, after both its sockets were closed."""
+
+    def relay_error(self) -> None:
+        """A bug of ours, called inside the ``except`` (the trace can be
+        logged); that tunnel is then reset both ways, outcome INTERNAL_ERROR."""
+
+
+class TunnelEngine(Protocol):
+    """The relay engine of one worker."""
+
+    def add(
+        self, client_fd: int, backend_fd: int, token: Any, to_backend: bytes, to_client: bytes
+    ) -> int:
+        """Take over two connected sockets; the tunnel's id."""
+
+    def begin_close(self, tunnel: int, code: int, reason: bytes) -> None:
+        """A WebSocket Close with ``code`` each way at frame boundaries
+        (RFC 6455 §7), then both sockets closed, outcome DRAINED. Bound the
+        wait with :meth:`end`."""
+
+    def end(self, tunnel: int, outcome: str = STOPPED) -> None:
+        """Close the tunnel now, if it is still open."""
+
+    def alive(self, tunnel: int) -> bool: ...
+
+    def tunnels(self) -> Sequence[tuple[int, Any]]:
+        """(id, token) of every open tunnel."""
+
+    def __len__(self) -> int: ...
+
+    async def run(self) -> None:
+        """Relay until cancelled."""
+
+    def close(self) -> None:
+        """Close every tunnel (outcome STOPPED) and the engine."""

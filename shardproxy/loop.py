@@ -1,0 +1,97 @@
+"""The one loop and the one timer structure both engines run on.
+
+An engine is an epoll set plus timers on one clock (``time.monotonic``,
+passed in as ``now``). :func:`run_epoll` drives it from a single trio task:
+it sleeps in trio until the epoll descriptor is readable (trio's own epoll
+reports a nested epoll fd readable when any of its descriptors is ready) or
+the engine's next timer is due, then takes what is ready, events before
+timers (a worker that is behind must not time out a read whose event is
+already waiting), and keeps polling with a plain checkpoint between busy
+rounds (no re-arming of trio's wait, one syscall fewer per round); after a
+quiet round it sleeps again, so a single event costs one wakeup.
+
+Error handling: an exception while dispatching one descriptor's event is a
+bug of ours; ``contain(fd)`` is called inside the ``except`` (so the trace
+can be logged) and must end only what that descriptor belongs to.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import select
+import time
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+import trio
+
+MAX_EVENTS = 1024
+BUSY_ROUND = 8  # events in a round that make the next one a poll, not a sleep
+
+T = TypeVar("T")
+
+
+class Timers(Generic[T]):
+    """Items due at given times: a heap, in time order (ties in the order
+    added). An item cannot be cancelled: whoever takes it checks whether it
+    still stands (and :meth:`compact` drops those that do not, when they
+    pile up)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, T]] = []
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def add(self, when: float, item: T) -> None:
+        heapq.heappush(self._heap, (when, next(self._seq), item))
+
+    def next_due(self) -> float | None:
+        return self._heap[0][0] if self._heap else None
+
+    def pop_due(self, now: float) -> Iterator[tuple[float, T]]:
+        """(when, item) of every item due at ``now``, earliest first; items
+        added meanwhile for ``now`` or before come too."""
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            when, _, item = heapq.heappop(heap)
+            yield when, item
+
+    def compact(self, keep: Callable[[float, T], bool]) -> None:
+        self._heap = [e for e in self._heap if keep(e[0], e[2])]
+        heapq.heapify(self._heap)
+
+
+async def run_epoll(
+    epoll: select.epoll,
+    dispatch: Callable[[int, int], None],
+    contain: Callable[[int], None],
+    process: Callable[[float], None],
+    next_wake: Callable[[float], float | None],
+) -> None:
+    """Serve ``epoll`` until cancelled: ``dispatch(fd, events)`` per ready
+    descriptor, ``process(now)`` after each round (timers), sleeping until
+    ``next_wake(now)`` (None: until an event)."""
+    poll = epoll.poll
+    epoll_fd = epoll.fileno()
+    while True:
+        now = time.monotonic()
+        wake = next_wake(now)
+        if wake is None:
+            await trio.lowlevel.wait_readable(epoll_fd)
+        else:
+            with trio.move_on_at(trio.current_time() + max(0.0, wake - now)):
+                await trio.lowlevel.wait_readable(epoll_fd)
+        while True:
+            events = poll(0, MAX_EVENTS)
+            for fd, ev in events:
+                try:
+                    dispatch(fd, ev)
+                except Exception:
+                    contain(fd)
+            process(time.monotonic())
+            if len(events) < BUSY_ROUND:
+                break
+            await trio.lowlevel.checkpoint()
