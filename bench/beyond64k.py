@@ -51,7 +51,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from shardproxy.limits import FD_RESERVE, fd_capacity
+from shardproxy.host.rlimits import FD_RESERVE, fd_capacity
 
 from . import measure, scenario
 from .peers import fd_hard_limit

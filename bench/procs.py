@@ -17,7 +17,7 @@ from typing import Any
 
 import psutil
 
-from shardproxy.addrplan import read_system_port_range
+from shardproxy.control.addrplan import read_system_port_range
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,3 +1,3 @@
-from .cli import main
+from shardproxy.cli import main
 
 main()

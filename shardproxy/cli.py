@@ -11,11 +11,14 @@ from contextlib import contextmanager
 import tomli_w
 import trio
 
-from . import __version__, addrplan, config, logs, runtime, status
-from .addrplan import Plan
-from .config import Config, ConfigError
-from .echo import serve_echo
-from .supervisor import StartError, Supervisor
+from shardproxy import __version__, config
+from shardproxy.config import Config, ConfigError
+from shardproxy.control import addrplan
+from shardproxy.control.addrplan import Plan
+from shardproxy.control.supervisor import StartError, Supervisor
+from shardproxy.demo.echo import serve_echo
+from shardproxy.host import runtime
+from shardproxy.telemetry import logs, status
 
 DEMO_PORT = 8080
 

@@ -17,7 +17,7 @@ import pytest
 import tomli_w
 from peers import parse_json_lines
 
-from shardproxy.limits import raise_nofile_limit
+from shardproxy.host.rlimits import raise_nofile_limit
 
 START_TIMEOUT = 20.0
 

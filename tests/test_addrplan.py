@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shardproxy import addrplan
-from shardproxy.addrplan import Host, cut_slices, make_plan, port_range_option
 from shardproxy.config import ConfigError, Endpoint, PortRange, from_mapping
-from shardproxy.upstream import Exhausted, TupleSpace
+from shardproxy.control import addrplan
+from shardproxy.control.addrplan import Host, cut_slices, make_plan, port_range_option
+from shardproxy.engine.upstream import Exhausted, TupleSpace
 
 SOURCE = "plan.toml"
 SYSTEM = PortRange(32768, 60999)

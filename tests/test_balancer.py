@@ -14,7 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardproxy.balancer import (
+from shardproxy.config import Balance, HashKey, PoolConfig, ServerConfig, from_mapping
+from shardproxy.policy.balancer import (
     LeastConn,
     PoolState,
     RendezvousHash,
@@ -24,7 +25,6 @@ from shardproxy.balancer import (
     extract_hash_key,
     release,
 )
-from shardproxy.config import Balance, HashKey, PoolConfig, ServerConfig, from_mapping
 
 
 def pool(
@@ -282,7 +282,7 @@ def test_same_key_same_server_in_another_process() -> None:
     }
     script = (
         "import json, sys\n"
-        "from shardproxy.balancer import PoolState\n"
+        "from shardproxy.policy.balancer import PoolState\n"
         "from shardproxy.config import from_mapping\n"
         "data, keys = json.loads(sys.argv[1])\n"
         "p = PoolState(from_mapping(data).pools[0])\n"

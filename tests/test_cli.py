@@ -15,7 +15,7 @@ from pathlib import Path
 from conftest import free_port
 from websockets.asyncio.client import connect
 
-from shardproxy.addrplan import read_system_port_range
+from shardproxy.control.addrplan import read_system_port_range
 
 ROOT = Path(__file__).resolve().parent.parent
 

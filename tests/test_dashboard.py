@@ -23,7 +23,7 @@ from peers import WsBackend, WsClient, read_head, read_until_closed
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
-from shardproxy import metrics
+from shardproxy.telemetry import metrics
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "shardproxy.json"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}

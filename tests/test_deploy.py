@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from shardproxy.config import from_mapping
-from shardproxy.supervisor import STOP_GRACE
+from shardproxy.control.supervisor import STOP_GRACE
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 UNIT = DEPLOY / "systemd" / "shardproxy.service"

@@ -1,6 +1,6 @@
-"""Tests for shardproxy.echo.
+"""Tests for shardproxy.demo.echo.
 
-The backend runs as a real process (``python -m shardproxy.echo --port 0``) and
+The backend runs as a real process (``python -m shardproxy.demo.echo --port 0``) and
 is driven by an independent client, the ``websockets`` library, plus raw
 sockets for what a well-behaved client cannot send. The pure ``_Echoer`` is
 also fed text one character at a time.
@@ -25,7 +25,7 @@ from websockets.typing import Subprotocol
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection, Event, TextMessage
 
-from shardproxy.echo import _Echoer
+from shardproxy.demo.echo import _Echoer
 
 NAME = "echo-test"
 TIMEOUT = 10.0
@@ -36,7 +36,7 @@ T = TypeVar("T")
 @pytest.fixture(scope="module")
 def port() -> Iterator[int]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shardproxy.echo", "--port", "0", "--name", NAME],
+        [sys.executable, "-m", "shardproxy.demo.echo", "--port", "0", "--name", NAME],
         cwd=REPO,
         stdout=subprocess.PIPE,
         text=True,

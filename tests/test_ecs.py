@@ -17,7 +17,8 @@ from ecs import definitions, problems
 from peers import WsBackend, read_head
 from websockets.asyncio.client import connect
 
-from shardproxy import __version__, logs
+from shardproxy import __version__
+from shardproxy.telemetry import logs
 
 
 def test_the_definitions_are_the_version_we_stamp() -> None:

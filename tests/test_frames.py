@@ -33,9 +33,9 @@ from wsproto.events import (
 from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import FrameProtocol
 
-from shardproxy.frames import FrameTracker
+from shardproxy.protocol.frames import FrameTracker
 
-FRAMES_PY = Path(__file__).resolve().parent.parent / "shardproxy" / "frames.py"
+FRAMES_PY = Path(__file__).resolve().parent.parent / "shardproxy" / "protocol" / "frames.py"
 
 Snapshot = tuple[int, int | None, bool, str | None]
 

@@ -15,7 +15,7 @@ import h11
 import pytest
 from wsproto.frame_protocol import FrameProtocol
 
-from shardproxy.handshake import (
+from shardproxy.protocol.upgrade import (
     NEED_DATA,
     BackendError,
     Reject,

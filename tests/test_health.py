@@ -17,7 +17,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosedOK
 
 from shardproxy.config import Endpoint, HealthConfig
-from shardproxy.health import DOWN, UP, EndpointHealth, run_check
+from shardproxy.control.health import DOWN, UP, EndpointHealth, run_check
 
 
 def health(kind: str = "tcp", **kw: Any) -> HealthConfig:

@@ -18,7 +18,7 @@ from conftest import free_port, toml_config
 from peers import WsBackend, parse_json_lines
 from websockets.asyncio.client import connect
 
-from shardproxy import logs
+from shardproxy.telemetry import logs
 
 
 def _nested(doc: dict[str, Any]) -> dict[str, Any]:

@@ -22,8 +22,8 @@ from conftest import Proxy, free_port
 from peers import WsBackend, WsClient, read_head, upgrade_head
 
 from shardproxy.config import Endpoint, HealthConfig
-from shardproxy.health import run_check
-from shardproxy.proxyproto import encode_v2, encode_v2_local
+from shardproxy.control.health import run_check
+from shardproxy.protocol.proxyproto import encode_v2, encode_v2_local
 
 TRUSTED = "127.0.0.1"  # the address HAProxy and the tests' trusted clients connect from
 CLIENT = "127.0.0.9"  # the client HAProxy speaks for

@@ -12,8 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shardproxy.handshake import NEED_DATA, Reject
-from shardproxy.proxyproto import (
+from shardproxy.protocol.proxyproto import (
     V2_SIGNATURE,
     HeaderReader,
     ProxyHeader,
@@ -21,6 +20,7 @@ from shardproxy.proxyproto import (
     encode_v2_local,
     is_trusted,
 )
+from shardproxy.protocol.upgrade import NEED_DATA, Reject
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import trio
 
-from shardproxy.engine_api import (
+from shardproxy.engine.api import (
     BACKEND_RESET,
     CLIENT_RESET,
     CLOSED,
@@ -29,8 +29,8 @@ from shardproxy.engine_api import (
     Keepalive,
     TunnelStats,
 )
-from shardproxy.frames import close_frame
-from shardproxy.relay import PING_DUE, RelayEngine, Tunnel
+from shardproxy.engine.relay import PING_DUE, RelayEngine, Tunnel
+from shardproxy.protocol.frames import close_frame
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shardproxy.config import RouteConfig, from_mapping
-from shardproxy.routing import Router
+from shardproxy.policy.routing import Router
 
 
 def router(*routes: tuple[str, str, str]) -> Router:

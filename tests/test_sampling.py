@@ -17,7 +17,7 @@ from peers import WsBackend, read_head
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
-from shardproxy.sampling import AccessSampler, ErrorBudget
+from shardproxy.policy.sampling import AccessSampler, ErrorBudget
 
 
 @given(st.floats(0.0, 1.0), st.integers(0, 500))

@@ -14,7 +14,7 @@ from conftest import Proxy
 from peers import WsBackend, upgrade_head
 from websockets.asyncio.client import connect
 
-from shardproxy.stats import (
+from shardproxy.telemetry.stats import (
     BucketCounts,
     merge_histograms,
     nest,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shardproxy.status import rates, render
+from shardproxy.telemetry.status import rates, render
 
 
 def sample(opened: int, closed: int, rejected: int, up: int, w0: int, w1: int) -> dict[str, Any]:

@@ -146,7 +146,7 @@ def test_worker_that_keeps_dying_is_restarted_with_backoff(
 
 
 def test_restart_delay_grows_to_a_ceiling() -> None:
-    from shardproxy.supervisor import RESTART_BACKOFF_MAX, restart_delay
+    from shardproxy.control.supervisor import RESTART_BACKOFF_MAX, restart_delay
 
     delays = [restart_delay(n) for n in range(1, 12)]
     assert delays[:4] == [0.0, 0.5, 1.0, 2.0]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from shardproxy.supervisor import LISTEN_BACKLOG
+from shardproxy.control.supervisor import LISTEN_BACKLOG
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 SYSCTL_FILE = DEPLOY / "sysctl" / "60-shardproxy.conf"

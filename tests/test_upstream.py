@@ -22,7 +22,7 @@ from peers import WsBackend
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
-from shardproxy.addrplan import read_system_port_range
+from shardproxy.control.addrplan import read_system_port_range
 
 SOURCES = ("127.0.3.1", "127.0.3.2")
 PORTS = 100

@@ -51,14 +51,16 @@ import time
 from collections.abc import Callable, Collection
 from typing import Any, Protocol
 
-from .admission import Admission, AdmissionLease
-from .balancer import EndpointState, ServerState
-from .config import Endpoint, ProxyConfig
-from .decisions import Decisions
-from .handshake import (
-    NEED_DATA,
-    BackendError,
-    Reject,
+from shardproxy.config import Endpoint, ProxyConfig
+from shardproxy.engine.loop import Timers, run_epoll
+from shardproxy.engine.relay import local_address, shutdown_write
+from shardproxy.engine.upstream import Exhausted, TupleSpace, Upstream
+from shardproxy.policy.admission import Admission, AdmissionLease
+from shardproxy.policy.balancer import EndpointState, ServerState
+from shardproxy.policy.decisions import Decisions
+from shardproxy.protocol.errors import NEED_DATA, BackendError, Reject
+from shardproxy.protocol.proxyproto import HeaderReader, ProxyHeader, encode_v2, is_trusted
+from shardproxy.protocol.upgrade import (
     RequestReader,
     ResponseHead,
     ResponseReader,
@@ -67,10 +69,6 @@ from .handshake import (
     forward_head,
     request_head,
 )
-from .loop import Timers, run_epoll
-from .proxyproto import HeaderReader, ProxyHeader, encode_v2, is_trusted
-from .relay import local_address, shutdown_write
-from .upstream import Exhausted, TupleSpace, Upstream
 
 RECV_SIZE = 65536
 ACCEPTS_PER_EVENT = 64  # fairness: accepting must not starve the handshakes in flight

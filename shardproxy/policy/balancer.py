@@ -27,7 +27,7 @@ from collections.abc import Collection, Sequence
 from typing import Protocol
 from urllib.parse import parse_qsl, urlsplit
 
-from .config import Endpoint, HashKey, PoolConfig, ServerConfig
+from shardproxy.config import Endpoint, HashKey, PoolConfig, ServerConfig
 
 
 class EndpointState:

@@ -35,17 +35,20 @@ from __future__ import annotations
 import errno
 import resource
 import socket
-import struct
 from dataclasses import dataclass
 from typing import Any
 
 import psutil
 
-from .config import Config, ConfigError, Endpoint, PortRange
-from .limits import FD_RESERVE, fd_capacity
+from shardproxy.config import Config, ConfigError, Endpoint, PortRange
+from shardproxy.host.rlimits import FD_RESERVE, fd_capacity
+from shardproxy.host.sockopts import (
+    AUTO_SOURCE,
+    IP_BIND_ADDRESS_NO_PORT,
+    IP_LOCAL_PORT_RANGE,
+    port_range_option,
+)
 
-IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
-IP_LOCAL_PORT_RANGE = getattr(socket, "IP_LOCAL_PORT_RANGE", 51)
 SYSTEM_PORT_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
 RESERVED_PORTS_FILE = "/proc/sys/net/ipv4/ip_local_reserved_ports"
 
@@ -53,13 +56,6 @@ RESERVED_PORTS_FILE = "/proc/sys/net/ipv4/ip_local_reserved_ports"
 # when idle) and our objects (BENCHMARKS.md, idle scenario: 666 B).
 KERNEL_BYTES_PER_TUNNEL = 8704
 USER_BYTES_PER_TUNNEL = 700
-AUTO_SOURCE = "auto"  # the label of the kernel-chosen source address
-
-
-def port_range_option(ports: PortRange) -> bytes:
-    """The IP_LOCAL_PORT_RANGE value, a native uint32: low 16 bits first port,
-    high 16 last (packed: as an int it can exceed the C int setsockopt takes)."""
-    return struct.pack("=I", ports.first | ports.last << 16)
 
 
 def cut_slices(ports: PortRange, workers: int) -> tuple[PortRange, ...]:

@@ -60,14 +60,17 @@ from urllib.parse import unquote
 import psutil
 import trio
 
-from . import addrplan, config, logs, metrics, runtime, stats
-from .addrplan import Plan
-from .admin import serve_admin
-from .config import Config, ConfigError, Endpoint, format_duration
-from .control import Channel
-from .health import UP, HealthMonitor
-from .limits import fd_capacity, raise_nofile_limit
-from .sockopts import set_tcp_keepalive
+from shardproxy import config
+from shardproxy.config import Config, ConfigError, Endpoint, format_duration
+from shardproxy.control import addrplan
+from shardproxy.control.addrplan import Plan
+from shardproxy.control.admin import serve_admin
+from shardproxy.control.channel import Channel
+from shardproxy.control.health import UP, HealthMonitor
+from shardproxy.host import runtime
+from shardproxy.host.rlimits import fd_capacity, raise_nofile_limit
+from shardproxy.host.sockopts import set_tcp_keepalive
+from shardproxy.telemetry import logs, metrics, stats
 
 LISTEN_BACKLOG = 65535  # the kernel caps it at net.core.somaxconn
 # The first drains (SIGINT too: Ctrl-C should not cut tunnels); a second, or SIGQUIT, stops at once.

@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from .config import Config
+from shardproxy.config import Config
 
 
 class StatusError(Exception):

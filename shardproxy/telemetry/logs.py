@@ -34,7 +34,7 @@ from typing import Any, TextIO
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
-from . import __version__
+from shardproxy import __version__
 
 # The ECS release whose field definitions tests/test_ecs.py checks our events
 # against (the @elastic/ecs package of that version, tests/node).

@@ -72,7 +72,7 @@ import struct
 import time
 from typing import Any
 
-from .engine_api import (
+from shardproxy.engine.api import (
     BACKEND_RESET,
     CLIENT_RESET,
     CLOSED,
@@ -85,8 +85,15 @@ from .engine_api import (
     TunnelEvents,
     TunnelStats,
 )
-from .frames import PONG, FrameTracker, close_frame, peek_frame, ping_frame, unmasked_payload
-from .loop import Timers, run_epoll
+from shardproxy.engine.loop import Timers, run_epoll
+from shardproxy.protocol.frames import (
+    PONG,
+    FrameTracker,
+    close_frame,
+    peek_frame,
+    ping_frame,
+    unmasked_payload,
+)
 
 __all__ = [
     "BACKEND_RESET",

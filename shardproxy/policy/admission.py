@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from . import balancer
-from .balancer import EndpointState
+from shardproxy.policy import balancer
+from shardproxy.policy.balancer import EndpointState
 
 
 class UpstreamTuple(Protocol):

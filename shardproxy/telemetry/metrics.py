@@ -24,7 +24,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from .stats import merge_histograms, total_counts, upstream_usage
+from shardproxy.telemetry.stats import merge_histograms, total_counts, upstream_usage
 
 # worker count name → (metric, help, label name, label value); label None = no label
 _COUNTERS: dict[str, tuple[str, str, str | None, str | None]] = {

@@ -46,21 +46,22 @@ from typing import Any
 
 import trio
 
-from . import config, logs
-from .admission import Admission, AdmissionLease
-from .balancer import EndpointState, PoolState, ServerState
-from .config import Config, Endpoint, PortRange, RouteConfig
-from .control import Channel
-from .decisions import Decisions
-from .engine_api import CLOSED, DRAINED, PING_TIMEOUT, FlowStats, Keepalive, TunnelStats
-from .frontend import Frontend, Handshake
-from .handshake import Reject
-from .limits import fd_capacity, raise_nofile_limit
-from .relay import RelayEngine
-from .routing import Router
-from .sampling import AccessSampler, ErrorBudget
-from .stats import HANDSHAKE_BOUNDS, TUNNEL_BOUNDS, BucketCounts
-from .upstream import TupleSpace, Upstream
+from shardproxy import config
+from shardproxy.config import Config, Endpoint, PortRange, RouteConfig
+from shardproxy.control.channel import Channel
+from shardproxy.engine.api import CLOSED, DRAINED, PING_TIMEOUT, FlowStats, Keepalive, TunnelStats
+from shardproxy.engine.handshake import Frontend, Handshake
+from shardproxy.engine.relay import RelayEngine
+from shardproxy.engine.upstream import TupleSpace, Upstream
+from shardproxy.host.rlimits import fd_capacity, raise_nofile_limit
+from shardproxy.policy.admission import Admission, AdmissionLease
+from shardproxy.policy.balancer import EndpointState, PoolState, ServerState
+from shardproxy.policy.decisions import Decisions
+from shardproxy.policy.routing import Router
+from shardproxy.policy.sampling import AccessSampler, ErrorBudget
+from shardproxy.protocol.errors import Reject
+from shardproxy.telemetry import logs
+from shardproxy.telemetry.stats import HANDSHAKE_BOUNDS, TUNNEL_BOUNDS, BucketCounts
 
 # ECS categorisation (event.category, event.type): a tunnel is a network
 # connection; ECS expects "connection" and "end" with "network" but not with

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .config import RouteConfig
+from shardproxy.config import RouteConfig
 
 
 def host_matches(pattern: str, host: str) -> bool:

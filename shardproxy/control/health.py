@@ -30,10 +30,10 @@ from typing import Any
 
 import trio
 
-from .config import Config, Endpoint, HealthConfig, parse_host_port
-from .frames import close_frame
-from .http1 import HeadError, head_end, parse_response
-from .proxyproto import encode_v2_local
+from shardproxy.config import Config, Endpoint, HealthConfig, parse_host_port
+from shardproxy.protocol.frames import close_frame
+from shardproxy.protocol.http1 import HeadError, head_end, parse_response
+from shardproxy.protocol.proxyproto import encode_v2_local
 
 UP = "up"
 DOWN = "down"

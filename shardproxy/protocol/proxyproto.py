@@ -25,8 +25,9 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-from .config import IPNetwork
-from .handshake import NEED_DATA, NeedData, Reject
+from shardproxy.protocol.errors import NEED_DATA, NeedData, Reject
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 V2_SIGNATURE: Final = b"\r\n\r\n\x00\r\nQUIT\n"  # §2.2
 V1_PREFIX: Final = b"PROXY "

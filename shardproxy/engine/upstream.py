@@ -37,9 +37,14 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
-from .addrplan import AUTO_SOURCE, IP_BIND_ADDRESS_NO_PORT, IP_LOCAL_PORT_RANGE, port_range_option
-from .config import Endpoint, KeepaliveConfig, PortRange
-from .sockopts import set_tcp_keepalive
+from shardproxy.config import Endpoint, KeepaliveConfig, PortRange
+from shardproxy.host.sockopts import (
+    AUTO_SOURCE,
+    IP_BIND_ADDRESS_NO_PORT,
+    IP_LOCAL_PORT_RANGE,
+    port_range_option,
+    set_tcp_keepalive,
+)
 
 PORT_TRIES = 8  # userspace: ports tried per pair before the pair counts as full for now
 _FULL = {errno.EADDRNOTAVAIL, errno.EADDRINUSE}

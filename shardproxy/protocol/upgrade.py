@@ -26,45 +26,12 @@ import binascii
 import ipaddress
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Final
 from urllib.parse import urlsplit
 
 import h11
 
-from . import http1
-
-
-class NeedData:
-    """Sentinel: the head is not complete yet; feed more bytes."""
-
-
-NEED_DATA: Final = NeedData()
-
-
-class Reject(Exception):
-    """The client's request cannot be proxied; answer ``status`` and close.
-
-    ``reason`` is a short stable token for logs and metrics; ``detail`` a
-    human sentence that goes in the response body and the log event.
-    """
-
-    def __init__(
-        self,
-        status: int,
-        reason: str,
-        detail: str,
-        headers: tuple[tuple[str, str], ...] = (),
-    ) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.reason = reason
-        self.detail = detail
-        self.headers = headers
-        self.request: UpgradeRequest | None = None  # the head, if it parsed: for the log
-
-
-class BackendError(Exception):
-    """The backend broke the handshake (malformed or missing response)."""
+from shardproxy.protocol import http1
+from shardproxy.protocol.errors import NEED_DATA, BackendError, NeedData, Reject
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from . import balancer
-from .balancer import PoolState, ServerState
-from .config import RouteConfig
-from .handshake import UpgradeRequest
-from .routing import Router
+from shardproxy.config import RouteConfig
+from shardproxy.policy import balancer
+from shardproxy.policy.balancer import PoolState, ServerState
+from shardproxy.policy.routing import Router
+from shardproxy.protocol.upgrade import UpgradeRequest
 
 
 class Decisions:

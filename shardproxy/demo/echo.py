@@ -1,7 +1,7 @@
 """The built-in WebSocket echo backend that ``shardproxy demo`` starts.
 
 A small but real RFC 6455 server (trio + h11 + wsproto), run as
-``python -m shardproxy.echo --host 127.0.0.1 --port 9001 --name echo-1``.
+``python -m shardproxy.demo.echo --host 127.0.0.1 --port 9001 --name echo-1``.
 Each connection is served in three steps:
 
 1. **HTTP request** (RFC 7230). The request head is parsed with h11. A ``GET``
@@ -265,12 +265,12 @@ def _close_reply(event: CloseConnection, state: ConnectionState) -> list[Event]:
 def main(argv: list[str] | None = None) -> None:
     """Run one echo backend until interrupted.
 
-    ``python -m shardproxy.echo --host 127.0.0.1 --port 9001 --name echo-1``
+    ``python -m shardproxy.demo.echo --host 127.0.0.1 --port 9001 --name echo-1``
     prints one line, ``<name> listening on <host>:<port>``, to stdout once
     listening (``--port 0`` picks a free port; read it from that line).
     """
     parser = argparse.ArgumentParser(
-        prog="python -m shardproxy.echo", description="WebSocket echo backend"
+        prog="python -m shardproxy.demo.echo", description="WebSocket echo backend"
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")

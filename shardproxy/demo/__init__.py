@@ -1,0 +1,2 @@
+"""The built-in echo backend ``shardproxy demo`` runs (``python -m
+shardproxy.demo.echo`` on its own)."""
