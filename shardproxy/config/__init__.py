@@ -145,7 +145,7 @@ class PortRange:
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
-    """How upstream connections get their source address and port (see addrplan.py)."""
+    """How upstream connections get their source address and port (see control/addrplan.py)."""
 
     source_addresses: tuple[str, ...]  # () = the kernel chooses
     port_range: PortRange | None  # None = "auto", the system's ip_local_port_range

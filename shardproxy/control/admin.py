@@ -3,7 +3,7 @@
 Endpoints (JSON answers)::
 
     GET  /healthz                          200 while serving, 503 once a drain began
-    GET  /metrics                          Prometheus text format (metrics.py)
+    GET  /metrics                          Prometheus text format (telemetry/metrics.py)
     GET  /stats                            the same figures as JSON, per worker
     GET  /servers                          every pool's servers: health and admin state
     POST /servers/POOL/SERVER/drain        no new tunnels for it; its tunnels stay

@@ -6,13 +6,13 @@ a ``type``:
 supervisor → worker
     ``{"type": "start", "slot": N, "config": {...}, "upstream": {...}}``:
     first message; the effective configuration (:meth:`Config.to_dict`) and
-    the slot's port slice and allocator (addrplan.py).
+    the slot's port slice and allocator (control/addrplan.py).
     ``{"type": "health", "down": ["ip:port", ...]}``: the backend endpoints
     that are down now, whenever that changes (and after start, if any).
     ``{"type": "drained", "servers": [["pool", "server"], ...]}``: the
-    servers an operator drained (admin.py): no new tunnels for them.
+    servers an operator drained (control/admin.py): no new tunnels for them.
     ``{"type": "retire", "sweep": [i, ...], "drain_after": s | null}``: a
-    reload replaced this worker's generation (supervisor.py).
+    reload replaced this worker's generation (control/supervisor.py).
 worker → supervisor
     ``{"type": "ready", "slot": N, "pid": P, "capacity": C}``: accepting now;
     C is how many connections its descriptor limit allows.

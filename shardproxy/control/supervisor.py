@@ -14,11 +14,11 @@ Worker lifecycle, per slot (all transitions in :meth:`Supervisor._keep_slot`)::
                   → (SIGTERM/SIGINT) → SIGTERM: drain → exited
                   → (SIGQUIT, or a second signal) → SIGQUIT: stop at once → exited
 
-A drain (worker.py) closes every tunnel with a WebSocket Close 1001, spread
+A drain (worker/process.py) closes every tunnel with a WebSocket Close 1001, spread
 over ``[lifecycle] close_spread``; the supervisor waits ``drain_timeout``
 plus a grace period, then kills what is left.
 
-Each slot also owns one slice of the upstream port range (addrplan.py),
+Each slot also owns one slice of the upstream port range (control/addrplan.py),
 passed to its worker in the start message; a replacement gets the same slice.
 
 Reload (SIGHUP, :meth:`Supervisor.reload`): the file is read and checked
@@ -562,7 +562,7 @@ class Supervisor:
     # -- admin ------------------------------------------------------------------
 
     async def _admin(self, method: str, path: str) -> tuple[int, Any]:
-        """The admin listener's requests (admin.py)."""
+        """The admin listener's requests (control/admin.py)."""
         if path == "/healthz":
             if method != "GET":
                 return 405, {"error": "use GET"}

@@ -5,7 +5,7 @@ its token, its first bytes each way) and gets back a tunnel id; it asks for
 a WebSocket close or an end by id; the engine tells it of every tunnel that
 ended, with the token, the outcome and a small :class:`TunnelStats` record.
 Nothing outside an engine reads its objects. The Python engine
-(``relay.py``) implements it today; a compiled one implements the same.
+(``engine/relay.py``) implements it today; a compiled one implements the same.
 
 Keepalive is the engine's own business (:class:`Keepalive`): it pings each
 client once per interval, spread evenly, and ends a client silent for a

@@ -8,7 +8,7 @@ scopes, one wakeup per socket wait), several times HAProxy's whole handshake.
 The protocol decisions stay in the sans-IO modules (``handshake``,
 ``routing``, ``balancer``); this module only moves bytes and keeps time.
 
-States of a handshake (every transition is in :class:`Frontend`)::
+States of a handshake (every transition is in :class:`HandshakeEngine`)::
 
     READ_REQUEST ─(PROXY header,) head valid, routed─► CONNECTING ─connected─► READ_RESPONSE
       │                                  │ refused, timeout:         │
@@ -186,7 +186,7 @@ class HandshakeEvents(Protocol):
         logged); the connection is answered 500 or closed after."""
 
 
-class Frontend:
+class HandshakeEngine:
     """Accepts on a worker's listen sockets and upgrades connections (see
     the module docstring for its collaborators)."""
 
@@ -219,6 +219,10 @@ class Frontend:
         self._accepting = False
         self.handshakes = 0
         self._sync_listeners()
+
+    def __len__(self) -> int:
+        """Handshakes in flight."""
+        return self.handshakes
 
     # -- the loop -----------------------------------------------------------
 

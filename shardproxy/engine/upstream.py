@@ -1,6 +1,6 @@
 """Connecting upstream through one worker's slice of the address plan.
 
-A worker owns one slice of the port range (addrplan.py). For every (source
+A worker owns one slice of the port range (control/addrplan.py). For every (source
 address, backend endpoint) pair it keeps a :class:`TupleSpace`: how many of
 its connections use that pair, out of how many the slice allows. A connect
 takes a source address in rotation per endpoint, skipping pairs that are

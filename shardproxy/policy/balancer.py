@@ -13,7 +13,7 @@ Algorithms are interchangeable objects behind one method::
 or None when the pool does not hash or the request lacks the key), ``exclude``
 the servers already tried for this request. Within a server the endpoint
 (port) with the fewest tunnels is used, which spreads tunnels over every port
-the server listens on; an endpoint whose tuple space is full (upstream.py)
+the server listens on; an endpoint whose tuple space is full (engine/upstream.py)
 is skipped for the next.
 
 Nothing here does I/O.

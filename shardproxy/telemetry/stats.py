@@ -1,6 +1,6 @@
 """Aggregating the workers' stats snapshots, sans-IO.
 
-Each worker sends a snapshot every second (see ``control.py``): its current
+Each worker sends a snapshot every second (see ``control/channel.py``): its current
 tunnels and handshakes, its capacity, ``upstream`` (tuple space used and
 capacity per source address and backend endpoint) and ``counts``, a flat mapping of
 totals since it started (``"tunnels"``, ``"rejected.no_route"``,

@@ -5,8 +5,8 @@ LISTEN_FD...`` with its slot's listen sockets passed as descriptors; it reads
 its configuration from the control channel.
 
 A worker is two epoll engines, each driven by one trio task: the handshake
-engine (``frontend.py``) accepts and upgrades connections, and hands each
-established pair of sockets to the relay engine (``relay.py``), which owns
+engine (``engine/handshake.py``) accepts and upgrades connections, and hands each
+established pair of sockets to the relay engine (``engine/relay.py``), which owns
 them from then on. This module composes them, writes the access log and
 keeps the counts.
 
@@ -50,7 +50,7 @@ from shardproxy import config
 from shardproxy.config import Config, Endpoint, PortRange, RouteConfig
 from shardproxy.control.channel import Channel
 from shardproxy.engine.api import CLOSED, DRAINED, PING_TIMEOUT, FlowStats, Keepalive, TunnelStats
-from shardproxy.engine.handshake import Frontend, Handshake
+from shardproxy.engine.handshake import Handshake, HandshakeEngine
 from shardproxy.engine.relay import RelayEngine
 from shardproxy.engine.upstream import TupleSpace, Upstream
 from shardproxy.host.rlimits import fd_capacity, raise_nofile_limit
@@ -160,7 +160,7 @@ class Worker:
         self.router = Router(cfg.routes)
         self.pools = {p.name: PoolState(p) for p in cfg.pools}
         keepalive = cfg.keepalive
-        self.engine = RelayEngine(self, Keepalive(keepalive.ping_interval, keepalive.ping_timeout))
+        self.relay = RelayEngine(self, Keepalive(keepalive.ping_interval, keepalive.ping_timeout))
         by_fds = fd_capacity(nofile)
         self.admission = Admission(
             min(cfg.proxy.max_connections or by_fds, by_fds), lease_type=TunnelRecord
@@ -178,7 +178,7 @@ class Worker:
         self._drain_deadlines: Deadlines | None = None  # of close_wait, once draining
         self.generation = 1
         self.log = logs.get_logger()
-        self.frontend = Frontend(
+        self.handshake = HandshakeEngine(
             cfg.proxy,
             listeners,
             self.admission,
@@ -191,7 +191,7 @@ class Worker:
     def capacity(self) -> int:
         return self.admission.capacity
 
-    # -- events of the handshake engine (frontend.HandshakeEvents) ---------
+    # -- events of the handshake engine (engine.handshake.HandshakeEvents) ---------
 
     def established(self, h: Handshake, backend_fd: int) -> None:
         """A handshake became a tunnel: its record goes to the relay with it."""
@@ -207,7 +207,7 @@ class Worker:
         self.handshake_seconds.observe(time.monotonic() - h.started)
         self.route_tunnels[record.route] += 1
         self.counts["tunnels"] += 1
-        tunnel = self.engine.add(h.client, backend_fd, record, h.first_up, h.response.trailing)
+        tunnel = self.relay.add(h.client, backend_fd, record, h.first_up, h.response.trailing)
         if self.draining and self._drain_deadlines is not None:
             self._close_going_away(tunnel, self._drain_deadlines)  # came up during a drain
 
@@ -319,7 +319,7 @@ class Worker:
             },
         )
 
-    # -- events of the relay engine (engine_api.TunnelEvents) ---------------
+    # -- events of the relay engine (engine.api.TunnelEvents) ---------------
 
     def relay_error(self) -> None:
         """A bug in the relay, contained to one tunnel (called inside the
@@ -429,8 +429,8 @@ class Worker:
         it with ``drain_timeout``."""
         lifecycle = self.config.lifecycle
         self.draining = True
-        self.frontend.stop_accepting()
-        tunnels = [tunnel for tunnel, _ in self.engine.tunnels()]
+        self.handshake.stop_accepting()
+        tunnels = [tunnel for tunnel, _ in self.relay.tunnels()]
         self.log.info(
             f"draining: {len(tunnels)} tunnels get a Close 1001 over {lifecycle.close_spread:g}s",
             **{"event.action": "drain-start", "shardproxy.tunnels": len(tunnels)},
@@ -440,7 +440,7 @@ class Worker:
         deadlines = self._drain_deadlines = Deadlines()
         close = partial(self._close_going_away, deadlines=deadlines)
         await deadlines.spread(tunnels, lifecycle.close_spread, close)
-        while len(self.engine) or self.frontend.handshakes:  # the last answers
+        while len(self.relay) or len(self.handshake):  # the last answers
             await deadlines.sleep_until(trio.current_time() + DRAIN_POLL)
 
     # -- pings (the engine sends them and ends silent clients) ---------------
@@ -474,7 +474,7 @@ class Worker:
                     closing.update(went_down)
         if closing:
             tunnels = [
-                tunnel for tunnel, record in self.engine.tunnels() if record.endpoint in closing
+                tunnel for tunnel, record in self.relay.tunnels() if record.endpoint in closing
             ]
             nursery.start_soon(self._close_for_health, tunnels)
 
@@ -496,24 +496,24 @@ class Worker:
 
     def _close_going_away(self, tunnel: int, deadlines: Deadlines) -> None:
         """Close 1001 both ways; the sockets close at the latest after close_wait."""
-        self.engine.begin_close(tunnel, GOING_AWAY, b"going away")
+        self.relay.begin_close(tunnel, GOING_AWAY, b"going away")
         deadlines.add(
             trio.current_time() + self.config.lifecycle.close_wait,
-            partial(self.engine.end, tunnel),
+            partial(self.relay.end, tunnel),
         )
 
     async def retire(self, sweep: list[int], drain_after: float | None) -> None:
         """A reload started a new generation: stop accepting, keep relaying
         until the tunnels end by themselves or ``drain_after`` (None: no
         limit) passes, then drain. Returns when nothing is left."""
-        self.frontend.stop_accepting(sweep=sweep, refuse=False)
+        self.handshake.stop_accepting(sweep=sweep, refuse=False)
         self.log.info(
-            f"retired by a reload: keeping {len(self.engine)} tunnels"
+            f"retired by a reload: keeping {len(self.relay)} tunnels"
             + ("" if drain_after is None else f", draining them in {drain_after:g}s"),
-            **{"event.action": "worker-retiring", "shardproxy.tunnels": len(self.engine)},
+            **{"event.action": "worker-retiring", "shardproxy.tunnels": len(self.relay)},
         )
         with trio.move_on_after(math.inf if drain_after is None else drain_after):
-            while len(self.engine) or self.frontend.handshakes:
+            while len(self.relay) or len(self.handshake):
                 await trio.sleep(RETIRED_POLL)
             return
         if not self.draining:
@@ -525,8 +525,8 @@ class Worker:
             "type": "stats",
             "slot": self.slot,
             "generation": self.generation,
-            "tunnels": len(self.engine),
-            "handshakes": self.frontend.handshakes,
+            "tunnels": len(self.relay),
+            "handshakes": len(self.handshake),
             "capacity": self.capacity,
             "counts": dict(self.counts),
             "upstream": self.upstream.snapshot(),
@@ -566,8 +566,8 @@ async def serve(slot: int, control_fd: int, listen_fds: list[int]) -> None:
     worker.generation = generation
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(worker.engine.run)
-            nursery.start_soon(worker.frontend.run)
+            nursery.start_soon(worker.relay.run)
+            nursery.start_soon(worker.handshake.run)
             nursery.start_soon(_report, channel, worker)
             nursery.start_soon(_watch_supervisor, channel, worker, nursery)
             nursery.start_soon(_watch_signals, worker, nursery)
@@ -585,8 +585,8 @@ async def serve(slot: int, control_fd: int, listen_fds: list[int]) -> None:
                 },
             )
     finally:
-        worker.frontend.close()
-        worker.engine.close()
+        worker.handshake.close()
+        worker.relay.close()
         worker.log.info("worker stopped", **{"event.action": "worker-stopped"})
 
 
@@ -641,8 +641,8 @@ async def _drain_then_stop(worker: Worker, scope: trio.CancelScope) -> None:
         await worker.drain()
     if timeout.cancelled_caught:
         worker.log.warning(
-            f"drain_timeout reached with {len(worker.engine)} tunnels left; closing them",
-            **{"event.action": "drain-timeout", "shardproxy.tunnels": len(worker.engine)},
+            f"drain_timeout reached with {len(worker.relay)} tunnels left; closing them",
+            **{"event.action": "drain-timeout", "shardproxy.tunnels": len(worker.relay)},
         )
     scope.cancel()
 
