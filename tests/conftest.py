@@ -20,6 +20,18 @@ from peers import parse_json_lines
 from shardproxy.host.rlimits import raise_nofile_limit
 
 START_TIMEOUT = 20.0
+REPO = Path(__file__).resolve().parent.parent  # the checkout
+# Tests are grouped by kind, one folder each; the folder is the marker
+# (``pytest -m unit`` runs the unit tests alone, in seconds).
+KINDS = ("unit", "engine", "e2e", "interop", "lab", "kit")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        kind = Path(str(item.fspath)).parent.name
+        assert kind in KINDS, f"{item.nodeid}: a test belongs in one of {KINDS}"
+        item.add_marker(kind)
+
 
 # Some tests hold thousands of sockets in this process (clients and the
 # websockets backend): use the whole descriptor allowance, as the proxy does.

@@ -6,14 +6,14 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from shardproxy.config import from_mapping
 from shardproxy.control.supervisor import STOP_GRACE
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+DEPLOY = REPO / "deploy"
 UNIT = DEPLOY / "systemd" / "shardproxy.service"
 
 

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO
 
 sys.path.insert(0, str(REPO))
-from bench import wire  # noqa: E402
-from bench.measure import connections_to  # noqa: E402
-from bench.peers import find_binary  # noqa: E402
-from bench.procs import BenchError, LineProcess, Upstream, pick_port  # noqa: E402
-from bench.targets import TARGETS, Target, make_target  # noqa: E402
+
+from bench import wire
+from bench.measure import connections_to
+from bench.peers import find_binary
+from bench.procs import BenchError, LineProcess, Upstream, pick_port
+from bench.targets import TARGETS, Target, make_target
 
 PEER_BINARIES = {"haproxy": "haproxy", "nginx": "nginx"}
 

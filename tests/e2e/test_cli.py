@@ -12,12 +12,12 @@ import sys
 import tomllib
 from pathlib import Path
 
-from conftest import free_port
+from conftest import REPO, free_port
 from websockets.asyncio.client import connect
 
 from shardproxy.control.addrplan import read_system_port_range
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 
 
 def test_version() -> None:

@@ -16,10 +16,10 @@ import subprocess
 import sys
 from base64 import b64encode
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from conftest import REPO
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 from wsproto.connection import ConnectionState
@@ -29,7 +29,7 @@ from shardproxy.demo.echo import _Echoer
 
 NAME = "echo-test"
 TIMEOUT = 10.0
-REPO = Path(__file__).resolve().parent.parent
+REPO = REPO
 T = TypeVar("T")
 
 

@@ -11,14 +11,13 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Proxy
+from conftest import REPO, Proxy
 from peers import WsBackend, parse_json_lines
 
-NODE_DIR = Path(__file__).resolve().parent / "node"
+NODE_DIR = REPO / "tests" / "node"
 CLIENT = NODE_DIR / "ws_client.mjs"
 
 # What the conversation in ws_client.mjs sends, counted as data messages (what

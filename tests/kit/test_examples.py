@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import REPO
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 EXAMPLES_DIR = ROOT / "deploy" / "examples"
 EXAMPLES = sorted(EXAMPLES_DIR.glob("*.toml"))
 EXPECTED = {

@@ -15,10 +15,10 @@ from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
-from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import REPO
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from wsproto import ConnectionType, WSConnection
@@ -35,7 +35,7 @@ from wsproto.frame_protocol import FrameProtocol
 
 from shardproxy.protocol.frames import FrameTracker
 
-FRAMES_PY = Path(__file__).resolve().parent.parent / "shardproxy" / "protocol" / "frames.py"
+FRAMES_PY = REPO / "shardproxy" / "protocol" / "frames.py"
 
 Snapshot = tuple[int, int | None, bool, str | None]
 

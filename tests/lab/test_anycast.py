@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
-from conftest import needs_namespaces
+from conftest import REPO, needs_namespaces
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 ANYCAST = ROOT / "deploy" / "anycast"
 ROUTER, NODE = "spbgp-router", "spbgp-node"
 SERVICE = "198.18.1.1"  # the values deploy/anycast/bird.conf defines

@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import REPO, free_port
 from websockets.asyncio.client import connect
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 EXAMPLE = ROOT / "deploy" / "shardproxy.example.toml"
 
 

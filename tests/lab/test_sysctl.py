@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from shardproxy.control.supervisor import LISTEN_BACKLOG
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+DEPLOY = REPO / "deploy"
 SYSCTL_FILE = DEPLOY / "sysctl" / "60-shardproxy.conf"
 UNIT = DEPLOY / "systemd" / "shardproxy.service"
 PROC_SYS = Path("/proc/sys")

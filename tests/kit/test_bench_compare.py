@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO
 
 sys.path.insert(0, str(REPO))
-from bench import compare  # noqa: E402
-from bench.peers import find_binary  # noqa: E402
-from bench.procs import BenchError  # noqa: E402
+
+from bench import compare
+from bench.peers import find_binary
+from bench.procs import BenchError
 
 TARGETS = ("shardproxy", "haproxy", "nginx")
 SCENARIOS = ("idle", "pingpong", "handshake", "spike")

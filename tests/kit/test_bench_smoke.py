@@ -11,10 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO
 
 sys.path.insert(0, str(REPO))
-from bench.idle import KEYS  # noqa: E402
+
+from bench.idle import KEYS
 
 # Every load scenario's result carries these (bench/scenario.py).
 COMMON = (

@@ -15,17 +15,16 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
-from conftest import Proxy, free_port
+from conftest import REPO, Proxy, free_port
 from peers import WsBackend, WsClient, read_head, read_until_closed
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
 from shardproxy.telemetry import metrics
 
-DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "shardproxy.json"
+DASHBOARD = REPO / "deploy" / "grafana" / "shardproxy.json"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 METRIC = re.compile(r"\bshardproxy_[a-z0-9_]+")
 RANGE_FUNCTION = re.compile(r"\b(?:rate|irate|increase)\(\s*$")
