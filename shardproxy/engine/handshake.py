@@ -248,6 +248,8 @@ class HandshakeEngine:
         if self._backoff_until and now >= self._backoff_until:
             self._backoff_until = 0.0
             self._sync_listeners()
+        if not self._timers.due(now):
+            return
         for deadline, h in self._timers.pop_due(now):
             if h.state != FINISHED and h.deadline == deadline:
                 self._timed_out(h)

@@ -70,6 +70,7 @@ import select
 import socket
 import struct
 import time
+from array import array
 from typing import Any
 
 from shardproxy.engine.api import (
@@ -108,7 +109,10 @@ __all__ = [
 
 BUFFER_SIZE = 65536
 PING_BATCH = 0.01  # seconds: the pings of a round go out in batches at most this often
-_FD_BITS = 32  # a tunnel id is (a sequence number << _FD_BITS) | its client descriptor
+# A tunnel id is (how many tunnels its client descriptor has carried, this
+# one included) << _FD_BITS | that descriptor: unique while the engine lives,
+# and nothing per tunnel to store (the counts are one array per engine).
+_FD_BITS = 32
 _FD_MASK = (1 << _FD_BITS) - 1
 
 _IN = select.EPOLLIN
@@ -166,10 +170,9 @@ PING_DUE = -1.0
 class Tunnel:
     """An established client⇄backend connection pair."""
 
-    __slots__ = ("closing", "down", "held", "id", "ping_sent", "started", "token", "up")
+    __slots__ = ("closing", "down", "held", "ping_sent", "started", "token", "up")
 
-    def __init__(self, tunnel_id: int, client_fd: int, backend_fd: int, token: Any) -> None:
-        self.id = tunnel_id
+    def __init__(self, client_fd: int, backend_fd: int, token: Any) -> None:
         self.up = Flow(client_fd, backend_fd)  # client → backend
         self.down = Flow(backend_fd, client_fd)  # backend → client
         self.started = time.monotonic()
@@ -215,15 +218,15 @@ class RelayEngine:
         self._view = memoryview(self._buffer)
         self._buffers = [self._buffer]  # os.readv's argument, built once
         self._events = events
-        self._ids = itertools.count(1)
+        self._uses = array("I")  # per descriptor: tunnels it carried as a client (ids)
         self._keepalive = keepalive or Keepalive()
         # The ping round: the tunnels to ping in this interval, in order,
         # the i-th at round_start + interval * i / len(round).
-        self._round: list[int] = []
+        self._round: list[Tunnel] = []
         self._round_start = -math.inf
         self._round_next = 0
-        # Written Pings to check: (tunnel id, when written, client bytes then).
-        self._ping_checks: Timers[tuple[int, float, int]] = Timers()
+        # Written Pings to check: (tunnel, when written, client bytes then).
+        self._ping_checks: Timers[tuple[Tunnel, float, int]] = Timers()
         # Our Pings carry this payload; a client's Pong with it is ours to
         # take (RFC 6455 §5.5.3: a Pong echoes its Ping's payload), any
         # other Pong is the backend's business and passes.
@@ -235,11 +238,18 @@ class RelayEngine:
 
     def tunnels(self) -> list[tuple[int, Any]]:
         """(id, token) of every open tunnel."""
-        return [(t.id, t.token) for fd, t in self._tunnels.items() if fd == t.client_fd]
+        return [(self._id(t), t.token) for fd, t in self._tunnels.items() if fd == t.client_fd]
+
+    def _id(self, t: Tunnel) -> int:
+        fd = t.up.src
+        return self._uses[fd] << _FD_BITS | fd
 
     def _tunnel(self, tunnel: int) -> Tunnel | None:
-        t = self._tunnels.get(tunnel & _FD_MASK)
-        return t if t is not None and t.id == tunnel else None
+        fd = tunnel & _FD_MASK
+        t = self._tunnels.get(fd)
+        if t is None or t.up.src != fd or self._uses[fd] != tunnel >> _FD_BITS:
+            return None
+        return t
 
     def add(
         self, client_fd: int, backend_fd: int, token: Any, to_backend: bytes, to_client: bytes
@@ -249,7 +259,11 @@ class RelayEngine:
         ``to_backend``/``to_client`` are the tunnel's first bytes, which
         arrived together with the handshake heads; they are sent first.
         """
-        t = Tunnel(next(self._ids) << _FD_BITS | client_fd, client_fd, backend_fd, token)
+        uses = self._uses
+        if client_fd >= len(uses):
+            uses.extend([0] * (client_fd + 1024 - len(uses)))
+        uses[client_fd] += 1
+        t = Tunnel(client_fd, backend_fd, token)
         self._tunnels[client_fd] = t
         self._tunnels[backend_fd] = t
         for flow, first in ((t.up, to_backend), (t.down, to_client)):
@@ -257,9 +271,10 @@ class RelayEngine:
                 flow.feed(first)
                 flow.nbytes += len(first)
                 self._write(t, flow, first)
+        tunnel = self._id(t)
         if client_fd in self._tunnels:
             self._update(t)
-        return t.id
+        return tunnel
 
     async def run(self) -> None:
         """Relay until cancelled (loop.run_epoll: one wakeup per quiet event)."""
@@ -272,27 +287,30 @@ class RelayEngine:
         written Pings."""
         if self._keepalive.interval:
             self._ping_round(now)
+        if not self._ping_checks.due(now):
+            return
         timeout = self._keepalive.timeout
-        for _, (tunnel, sent, seen) in self._ping_checks.pop_due(now):
-            t = self._tunnel(tunnel)
-            if t is None or t.ping_sent != sent:  # ended, or answered
+        for _, (t, sent, seen) in self._ping_checks.pop_due(now):
+            if t.ping_sent != sent or not self._alive(t):  # answered, or ended
                 continue
             if t.up.nbytes != seen:
                 # The client sent bytes since: alive, though its Pong may not
                 # come yet (inside a long frame of its own it may not answer,
                 # RFC 6455 §5.4). Look again one timeout later.
-                self._ping_checks.add(now + timeout, (tunnel, sent, t.up.nbytes))
+                self._ping_checks.add(now + timeout, (t, sent, t.up.nbytes))
                 continue
             self._finish(t, PING_TIMEOUT)
 
     def _ping_round(self, now: float) -> None:
         interval = self._keepalive.interval
         if now >= self._round_start + interval:
-            self._round = [t.id for fd, t in self._tunnels.items() if fd == t.client_fd]
+            self._round = [t for fd, t in self._tunnels.items() if fd == t.client_fd]
             self._round_start, self._round_next = now, 0
         n = len(self._round)
         while self._round_next < n and (self._round_start + interval * self._round_next / n <= now):
-            self.ping(self._round[self._round_next])
+            t = self._round[self._round_next]
+            if self._alive(t):
+                self._schedule_ping(t)
             self._round_next += 1
 
     def _next_wake(self, now: float) -> float | None:
@@ -344,7 +362,10 @@ class RelayEngine:
         the backend. False (nothing done) while the last one is waiting or
         unanswered, or the tunnel is closing."""
         t = self._tunnel(tunnel)
-        if t is None or t.ping_sent or t.closing or t.down.state != OPEN:
+        return t is not None and self._schedule_ping(t)
+
+    def _schedule_ping(self, t: Tunnel) -> bool:
+        if t.ping_sent or t.closing or t.down.state != OPEN:
             return False
         t.ping_sent = PING_DUE
         t.down.inject = self._ping  # free: only begin_close sets it otherwise
@@ -568,7 +589,7 @@ class RelayEngine:
         if frame is self._ping:
             # ping_timeout counts from now, not from when the Ping was due.
             now = t.ping_sent = time.monotonic()
-            self._ping_checks.add(now + self._keepalive.timeout, (t.id, now, t.up.nbytes))
+            self._ping_checks.add(now + self._keepalive.timeout, (t, now, t.up.nbytes))
             self._write(t, flow, frame)
             return
         flow.state = CLOSING  # a Close: nothing is passed on after it
