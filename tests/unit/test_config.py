@@ -7,8 +7,6 @@ as much as for *that* it happens: an operator reads only the one line.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tomllib
 from decimal import Decimal
 from pathlib import Path
@@ -16,6 +14,7 @@ from typing import Any
 
 import pytest
 import tomli_w
+from configs import GOOD_TOML, write
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -60,42 +59,6 @@ def error(data: Any, key: str, *fragments: str) -> ConfigError:
     for fragment in fragments:
         assert fragment in e.reason, str(e)
     return e
-
-
-def write(tmp_path: Path, text: str, name: str = "shardproxy.toml") -> str:
-    path = tmp_path / name
-    path.write_text(text)
-    return str(path)
-
-
-GOOD_TOML = """\
-[proxy]
-listen = ["127.0.0.1:9000", "[::1]:9000"]
-workers = 3
-header_timeout = "1.5s"
-
-[log]
-level = "debug"
-
-[[routes]]
-host = "*.example.com"
-path_prefix = "/chat"
-pool = "chat"
-
-[[routes]]
-pool = "other"
-
-[pools.chat]
-balance = "hash"
-hash_key = "header:X-User-Id"
-servers = [
-  { name = "a", address = "10.0.1.5", ports = [8080, 8081], weight = 2 },
-  { address = "10.0.1.6", ports = [8080] },
-]
-
-[pools.other]
-servers = [{ address = "::1", ports = [7000] }]
-"""
 
 
 # -- defaults and the effective config ---------------------------------------
@@ -736,64 +699,6 @@ def test_same_server_name_in_two_pools_is_fine() -> None:
     data["pools"]["other"] = data["pools"]["chat"]
     c = from_mapping(data)
     assert [p.servers[0].name for p in c.pools] == ["10.0.1.5", "10.0.1.5"]
-
-
-# -- `shardproxy check` ----------------------------------------------------------
-
-
-def run_check(path: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "shardproxy", "check", "-c", path],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-
-
-def test_check_prints_the_effective_config(tmp_path: Path) -> None:
-    path = write(tmp_path, GOOD_TOML)
-    result = run_check(path)
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
-    body = "".join(line for line in result.stdout.splitlines(True) if not line.startswith("#"))
-    printed = tomllib.loads(body)
-    expected = config.load(path)
-    assert from_mapping(printed) == expected
-    assert printed == expected.to_dict()
-    assert printed["proxy"]["workers"] == 3
-    assert printed["proxy"]["header_timeout"] == "1500ms"
-    assert printed["proxy"]["max_header_bytes"] == 16384  # a default, filled in
-
-
-def _check_fails(tmp_path: Path, text: str | None, *fragments: str) -> str:
-    path = str(tmp_path / "bad.toml") if text is None else write(tmp_path, text, "bad.toml")
-    result = run_check(path)
-    assert result.returncode == 1
-    assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert path in lines[0]
-    for fragment in fragments:
-        assert fragment in lines[0]
-    return lines[0]
-
-
-def test_check_missing_file(tmp_path: Path) -> None:
-    _check_fails(tmp_path, None, "no such file")
-
-
-def test_check_syntax_error(tmp_path: Path) -> None:
-    _check_fails(tmp_path, "[proxy\nworkers = 2\n", "TOML syntax error", "line 1")
-
-
-def test_check_unknown_key(tmp_path: Path) -> None:
-    text = GOOD_TOML.replace('level = "debug"', 'level = "debug"\nformat = "json"')
-    _check_fails(tmp_path, text, "log.format: unknown key")
-
-
-def test_check_bad_value(tmp_path: Path) -> None:
-    text = GOOD_TOML.replace("ports = [8080] }", "ports = [8080, 99999] }")
-    _check_fails(tmp_path, text, "pools.chat.servers[1].ports[1]:", "99999")
 
 
 # -- [upstream] ----------------------------------------------------------------
