@@ -49,6 +49,7 @@ import select
 import socket
 import time
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from shardproxy.config import Endpoint, ProxyConfig
@@ -100,6 +101,15 @@ LINGER = "linger"
 FINISHED = "finished"  # closed, or handed over to the relay
 
 
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """What a listen socket tells the handshakes it accepts."""
+
+    port: int  # X-Forwarded-Port
+    proto: str  # X-Forwarded-Proto
+    proxied: bool  # connections open with a PROXY protocol header
+
+
 class Handshake:
     """One connection on its way to becoming a tunnel."""
 
@@ -113,7 +123,7 @@ class Handshake:
         "first_up",
         "header",
         "lease",
-        "listen_port",
+        "listener",
         "local",
         "out",
         "out_fd",
@@ -128,12 +138,12 @@ class Handshake:
     )
 
     def __init__(
-        self, client: int, addr: Any, listen_port: int, deadline: float, lease: AdmissionLease
+        self, client: int, addr: Any, listener: Listener, deadline: float, lease: AdmissionLease
     ) -> None:
         self.client = client
         self.lease = lease  # its slot, route, endpoint and upstream tuple (client_ip too)
         self.client_port: int = addr[1]
-        self.listen_port = listen_port
+        self.listener = listener  # what the client connected to
         self.started = time.monotonic()
         self.state = READ_REQUEST
         self.deadline = deadline
@@ -206,10 +216,14 @@ class HandshakeEngine:
         self.events = events
         self._epoll = select.epoll()
         self._listeners = {s.fileno(): s for s in listeners}
-        self._ports = {s.fileno(): s.getsockname()[1] for s in listeners}
         accept_proxy = self.proxy.accept_proxy
-        self._proxied = {  # listeners whose connections start with a PROXY header
-            s.fileno(): Endpoint(*s.getsockname()[:2]) in accept_proxy for s in listeners
+        self._about = {
+            s.fileno(): Listener(
+                port=s.getsockname()[1],
+                proto="http",  # "https" once a listener terminates TLS (the transport's)
+                proxied=Endpoint(*s.getsockname()[:2]) in accept_proxy,
+            )
+            for s in listeners
         }
         self._by_fd: dict[int, Handshake] = {}
         self._masks: dict[int, int] = {}  # what each handshake descriptor waits for
@@ -312,7 +326,7 @@ class HandshakeEngine:
                 raise
             if taken is None:
                 return
-            self._start(*taken, self._ports[fd], proxied=self._proxied[fd])
+            self._start(*taken, self._about[fd])
 
     def stop_accepting(self, *, sweep: Collection[int] | None = None, refuse: bool = True) -> None:
         """Close this worker's listen sockets; handshakes under way go on.
@@ -341,7 +355,7 @@ class HandshakeEngine:
                 return  # out of descriptors: what is left gets the kernel's reset
             if taken is None:
                 return
-            self._start(*taken, self._ports[fd], refuse=refuse, proxied=self._proxied[fd])
+            self._start(*taken, self._about[fd], refuse=refuse)
 
     def _pause_accepting(self, e: OSError) -> None:
         self.events.accept_error(e)
@@ -366,17 +380,16 @@ class HandshakeEngine:
         self,
         client: int,
         addr: Any,
-        listen_port: int,
+        listener: Listener,
         refuse: Reject | None = None,
-        proxied: bool = False,
     ) -> None:
         lease = self.admission.lease(addr[0])
         self.handshakes += 1
-        h = Handshake(client, addr, listen_port, 0.0, lease)
+        h = Handshake(client, addr, listener, 0.0, lease)
         self._by_fd[client] = h
         if self.admission.over_capacity:
             refuse = _OVER_CAPACITY
-        if proxied and refuse is None:
+        if listener.proxied and refuse is None:
             if is_trusted(h.client_ip, self.proxy.trusted_proxies):
                 h.header = HeaderReader(self.proxy.max_header_bytes)
             else:
@@ -506,7 +519,7 @@ class HandshakeEngine:
             local = h.local or local_address(h.client)
             head = encode_v2((h.client_ip, h.client_port), local) + request_head(h.request)
         else:
-            head = forward_head(h.request, h.client_ip, "http", h.listen_port)
+            head = forward_head(h.request, h.client_ip, h.listener.proto, h.listener.port)
         h.response = ResponseReader(h.request, self.proxy.max_header_bytes)
         self._arm(h, self.proxy.response_timeout)
         self._send(h, sock.fileno(), head, self._await_response)  # still waits for OUT
