@@ -31,6 +31,7 @@ from typing import Any
 import trio
 
 from shardproxy.config import Config, Endpoint, HealthConfig, parse_host_port
+from shardproxy.control.messages import Health
 from shardproxy.protocol.frames import close_frame
 from shardproxy.protocol.http1 import HeadError, head_end, parse_response
 from shardproxy.protocol.proxyproto import encode_v2_local
@@ -83,7 +84,7 @@ class HealthMonitor:
         self,
         cfg: Config,
         log: Any,
-        broadcast: Callable[[dict[str, Any]], Awaitable[None]],
+        broadcast: Callable[[Health], Awaitable[None]],
     ) -> None:
         self.log = log
         self.broadcast = broadcast
@@ -157,8 +158,8 @@ class HealthMonitor:
     def down(self) -> list[str]:
         return sorted(str(ep) for ep, (s, _) in self.endpoints.items() if s.state == DOWN)
 
-    def message(self) -> dict[str, Any]:
-        return {"type": "health", "down": self.down()}
+    def message(self) -> Health:
+        return Health(tuple(self.down()))
 
 
 # -- the checks -------------------------------------------------------------

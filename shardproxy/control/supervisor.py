@@ -67,6 +67,15 @@ from shardproxy.control.addrplan import Plan
 from shardproxy.control.admin import serve_admin
 from shardproxy.control.channel import Channel
 from shardproxy.control.health import UP, HealthMonitor
+from shardproxy.control.messages import (
+    Drained,
+    Message,
+    Ready,
+    Retire,
+    Start,
+    Stats,
+    UpstreamSlice,
+)
 from shardproxy.host import runtime
 from shardproxy.host.rlimits import fd_capacity, raise_nofile_limit
 from shardproxy.host.sockopts import set_tcp_keepalive
@@ -424,7 +433,7 @@ class Supervisor:
         for w in list(self.workers.values()):
             if w.generation is gen:
                 sweep = [i for i, sock in enumerate(gen.slots[w.slot]) if id(sock) not in keep]
-                await self._send(w, {"type": "retire", "sweep": sweep, "drain_after": drain_after})
+                await self._send(w, Retire(tuple(sweep), drain_after))
 
     def _close_unused_sockets(self, gen: Generation) -> None:
         """Close the supervisor's copy of every socket ``gen`` does not use
@@ -507,29 +516,20 @@ class Supervisor:
             )
         return code, w.name
 
-    def _start_message(self, gen: Generation, slot: int) -> dict[str, Any]:
+    def _start_message(self, gen: Generation, slot: int) -> Start:
         ports = gen.plan.slices[slot]
-        return {
-            "type": "start",
-            "slot": slot,
-            "generation": gen.number,
-            "config": gen.config.to_dict(),
-            "source": gen.config.source,
-            "upstream": {
-                "first": ports.first,
-                "last": ports.last,
-                "allocator": gen.plan.allocator,
-                "excluded": gen.plan.excluded_in(ports),
-            },
-        }
+        upstream = UpstreamSlice(
+            ports.first, ports.last, gen.plan.allocator, tuple(gen.plan.excluded_in(ports))
+        )
+        return Start(slot, gen.number, gen.config.to_dict(), gen.config.source, upstream)
 
-    async def _send(self, w: WorkerProcess, message: dict[str, Any]) -> None:
+    async def _send(self, w: WorkerProcess, message: Message) -> None:
         try:
             await w.channel.send(message)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the worker is gone; _run_worker sees it exit
 
-    async def _broadcast(self, message: dict[str, Any]) -> None:
+    async def _broadcast(self, message: Message) -> None:
         for w in list(self.workers.values()):
             await self._send(w, message)
 
@@ -537,25 +537,28 @@ class Supervisor:
         gen, slot = w.generation, w.slot
         try:
             while (message := await w.channel.receive()) is not None:
-                if message["type"] == "ready":
-                    self.log.info(
-                        f"worker {w.name} ready (pid {message['pid']})",
-                        **{
-                            "event.action": "worker-ready",
-                            "shardproxy.worker": slot,
-                            "shardproxy.generation": gen.number,
-                            "shardproxy.capacity": message["capacity"],
-                        },
-                    )
-                    gen.ready_slots.add(slot)
-                    if len(gen.ready_slots) == gen.config.proxy.workers:
-                        gen.ready.set()
-                        if gen.number == 1:
-                            self.ready.set()
-                elif message["type"] == "stats":
-                    self.stats[w.process.pid] = message
-                    for endpoint, n in message.get("passive_failures", {}).items():
-                        await self.health.passive_failures(endpoint, n, slot)
+                match message:
+                    case Ready():
+                        self.log.info(
+                            f"worker {w.name} ready (pid {message.pid})",
+                            **{
+                                "event.action": "worker-ready",
+                                "shardproxy.worker": slot,
+                                "shardproxy.generation": gen.number,
+                                "shardproxy.capacity": message.capacity,
+                            },
+                        )
+                        gen.ready_slots.add(slot)
+                        if len(gen.ready_slots) == gen.config.proxy.workers:
+                            gen.ready.set()
+                            if gen.number == 1:
+                                self.ready.set()
+                    case Stats():
+                        self.stats[w.process.pid] = message.snapshot
+                        for endpoint, n in message.passive_failures.items():
+                            await self.health.passive_failures(endpoint, n, slot)
+                    case _:
+                        raise ValueError(f"a worker sent {message!r}")
         except (OSError, ValueError):
             pass  # the worker went away; _run_worker sees it exit
 
@@ -626,8 +629,8 @@ class Supervisor:
             "processes": {k: v for k, v in processes.items() if v},
         }
 
-    def _drained_message(self) -> dict[str, Any]:
-        return {"type": "drained", "servers": sorted(self.drained)}
+    def _drained_message(self) -> Drained:
+        return Drained(tuple(sorted(self.drained)))
 
     def _servers(self) -> list[dict[str, Any]]:
         down = set(self.health.down())

@@ -49,6 +49,7 @@ import trio
 from shardproxy import config
 from shardproxy.config import Config, Endpoint, PortRange, RouteConfig
 from shardproxy.control.channel import Channel
+from shardproxy.control.messages import Drained, Health, Ready, Retire, Start, Stats
 from shardproxy.engine.api import CLOSED, DRAINED, PING_TIMEOUT, FlowStats, Keepalive, TunnelStats
 from shardproxy.engine.handshake import Handshake, HandshakeEngine
 from shardproxy.engine.relay import RelayEngine
@@ -522,7 +523,6 @@ class Worker:
 
     def snapshot(self) -> dict[str, Any]:
         return {
-            "type": "stats",
             "slot": self.slot,
             "generation": self.generation,
             "tunnels": len(self.relay),
@@ -546,10 +546,10 @@ class Worker:
 async def serve(slot: int, control_fd: int, listen_fds: list[int]) -> None:
     channel = Channel(trio.socket.from_stdlib_socket(socket.socket(fileno=control_fd)))
     start = await channel.receive()
-    if start is None or start.get("type") != "start":
+    if not isinstance(start, Start):
         raise SystemExit("worker: no start message from the supervisor")
-    cfg = config.from_mapping(start["config"], start.get("source", "<supervisor>"))
-    generation = start.get("generation", 1)
+    cfg = config.from_mapping(start.config, start.source)
+    generation = start.generation
     logs.configure(
         cfg.log.level,
         {"shardproxy.worker": slot, "shardproxy.generation": generation, "process.name": "worker"},
@@ -558,10 +558,10 @@ async def serve(slot: int, control_fd: int, listen_fds: list[int]) -> None:
     listeners = [socket.socket(fileno=fd) for fd in listen_fds]
     for listener in listeners:
         listener.setblocking(False)
-    up = start["upstream"]
-    ports = PortRange(up["first"], up["last"])
+    up = start.upstream
+    ports = PortRange(up.first, up.last)
     worker = Worker(
-        slot, cfg, raise_nofile_limit(), listeners, ports, up["allocator"], up["excluded"]
+        slot, cfg, raise_nofile_limit(), listeners, ports, up.allocator, list(up.excluded)
     )
     worker.generation = generation
     try:
@@ -572,16 +572,14 @@ async def serve(slot: int, control_fd: int, listen_fds: list[int]) -> None:
             nursery.start_soon(_watch_supervisor, channel, worker, nursery)
             nursery.start_soon(_watch_signals, worker, nursery)
             nursery.start_soon(_reopen_log_on_sigusr1)
-            await channel.send(
-                {"type": "ready", "slot": slot, "pid": os.getpid(), "capacity": worker.capacity}
-            )
+            await channel.send(Ready(slot, os.getpid(), worker.capacity))
             worker.log.info(
                 "worker accepting",
                 **{
                     "event.action": "worker-ready",
                     "shardproxy.capacity": worker.capacity,
                     "shardproxy.ports": str(ports),
-                    "shardproxy.allocator": up["allocator"],
+                    "shardproxy.allocator": up.allocator,
                 },
             )
     finally:
@@ -595,19 +593,22 @@ async def _report(channel: Channel, worker: Worker) -> None:
         await trio.sleep(1)
         worker.report_suppressed()
         snapshot = worker.snapshot()
-        snapshot["passive_failures"] = dict(worker.passive_failures)
+        failures = dict(worker.passive_failures)
         worker.passive_failures.clear()
-        await channel.send(snapshot)
+        await channel.send(Stats(snapshot, failures))
 
 
 async def _watch_supervisor(channel: Channel, worker: Worker, nursery: trio.Nursery) -> None:
     while (message := await channel.receive()) is not None:
-        if message.get("type") == "health":
-            worker.set_health({config.parse_host_port(e) for e in message["down"]}, nursery)
-        elif message.get("type") == "drained":
-            worker.set_drained({(pool, server) for pool, server in message["servers"]})
-        elif message.get("type") == "retire":
-            nursery.start_soon(_retire_then_stop, worker, message, nursery.cancel_scope)
+        match message:
+            case Health():
+                worker.set_health({config.parse_host_port(e) for e in message.down}, nursery)
+            case Drained():
+                worker.set_drained(set(message.servers))
+            case Retire():
+                nursery.start_soon(_retire_then_stop, worker, message, nursery.cancel_scope)
+            case _:
+                raise ValueError(f"the supervisor sent {message!r}")
     nursery.cancel_scope.cancel()  # the supervisor is gone
 
 
@@ -629,10 +630,8 @@ async def _reopen_log_on_sigusr1() -> None:
             logs.reopen()
 
 
-async def _retire_then_stop(
-    worker: Worker, message: dict[str, Any], scope: trio.CancelScope
-) -> None:
-    await worker.retire(message["sweep"], message["drain_after"])
+async def _retire_then_stop(worker: Worker, message: Retire, scope: trio.CancelScope) -> None:
+    await worker.retire(list(message.sweep), message.drain_after)
     scope.cancel()
 
 
