@@ -30,6 +30,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
+from urllib.parse import unquote
 
 import h11
 import trio
@@ -110,3 +111,44 @@ async def _respond(conn: h11.Connection, stream: trio.SocketStream, status: int,
     await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
     await stream.send_all(conn.send(h11.Data(data=data)))
     await stream.send_all(conn.send(h11.EndOfMessage()))
+
+
+# -- the route table -----------------------------------------------------------
+
+AdminHandler = Callable[[dict[str, str]], Awaitable[tuple[int, Any]]]
+
+
+class AdminRoutes:
+    """The admin listener's route table: (method, pattern, handler), a
+    pattern's ``{name}`` segments captured (percent-decoded) and passed to
+    the handler. A path no pattern matches is 404; a matched path with
+    another method, 405 naming the one to use."""
+
+    def __init__(self, routes: list[tuple[str, str, AdminHandler]]) -> None:
+        self._routes = [(method, pattern.strip("/").split("/"), h) for method, pattern, h in routes]
+
+    async def __call__(self, method: str, path: str) -> tuple[int, Any]:
+        parts = [unquote(p) for p in path.strip("/").split("/")]
+        allowed = []
+        for route_method, pattern, handler in self._routes:
+            captured = _match(pattern, parts)
+            if captured is None:
+                continue
+            if method == route_method:
+                return await handler(captured)
+            allowed.append(route_method)
+        if allowed:
+            return 405, {"error": f"use {' or '.join(sorted(set(allowed)))}"}
+        return 404, {"error": f"no such resource: {path}"}
+
+
+def _match(pattern: list[str], parts: list[str]) -> dict[str, str] | None:
+    if len(pattern) != len(parts):
+        return None
+    captured = {}
+    for want, got in zip(pattern, parts, strict=True):
+        if want.startswith("{") and want.endswith("}"):
+            captured[want[1:-1]] = got
+        elif want != got:
+            return None
+    return captured

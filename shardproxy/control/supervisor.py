@@ -54,8 +54,8 @@ import subprocess
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
-from urllib.parse import unquote
 
 import psutil
 import trio
@@ -64,7 +64,7 @@ from shardproxy import config
 from shardproxy.config import Config, ConfigError, Endpoint, format_duration
 from shardproxy.control import addrplan
 from shardproxy.control.addrplan import Plan
-from shardproxy.control.admin import serve_admin
+from shardproxy.control.admin import AdminRoutes, serve_admin
 from shardproxy.control.channel import Channel
 from shardproxy.control.health import UP, HealthMonitor
 from shardproxy.control.messages import (
@@ -256,7 +256,7 @@ class Supervisor:
                             serve_admin,
                             self.admin_socket,
                             self.config.admin.token,
-                            self._admin,
+                            self._admin_routes(),
                             self.log,
                         )
                     task_status.started()
@@ -564,28 +564,34 @@ class Supervisor:
 
     # -- admin ------------------------------------------------------------------
 
-    async def _admin(self, method: str, path: str) -> tuple[int, Any]:
+    def _admin_routes(self) -> AdminRoutes:
         """The admin listener's requests (control/admin.py)."""
-        if path == "/healthz":
-            if method != "GET":
-                return 405, {"error": "use GET"}
-            return (503, {"status": "draining"}) if self._stopping else (200, {"status": "ok"})
-        if path == "/servers":
-            return (200, self._servers()) if method == "GET" else (405, {"error": "use GET"})
-        if path == "/metrics":
-            if method != "GET":
-                return 405, {"error": "use GET"}
-            return 200, metrics.render(metrics.families(self.stats, self.retired, self._figures()))
-        if path == "/stats":
-            if method != "GET":
-                return 405, {"error": "use GET"}
-            return 200, {**stats.summary(self.stats, self.retired), **self._figures()}
-        parts = [unquote(p) for p in path.strip("/").split("/")]
-        if len(parts) != 4 or parts[0] != "servers" or parts[3] not in ("drain", "ready"):
-            return 404, {"error": f"no such resource: {path}"}
-        if method != "POST":
-            return 405, {"error": "use POST"}
-        pool, server, action = parts[1], parts[2], parts[3]
+        return AdminRoutes(
+            [
+                ("GET", "/healthz", self._healthz),
+                ("GET", "/servers", self._get_servers),
+                ("GET", "/metrics", self._get_metrics),
+                ("GET", "/stats", self._get_stats),
+                ("POST", "/servers/{pool}/{server}/drain", partial(self._set_admin, "drain")),
+                ("POST", "/servers/{pool}/{server}/ready", partial(self._set_admin, "ready")),
+            ]
+        )
+
+    async def _healthz(self, _: dict[str, str]) -> tuple[int, Any]:
+        return (503, {"status": "draining"}) if self._stopping else (200, {"status": "ok"})
+
+    async def _get_servers(self, _: dict[str, str]) -> tuple[int, Any]:
+        return 200, self._servers()
+
+    async def _get_metrics(self, _: dict[str, str]) -> tuple[int, Any]:
+        return 200, metrics.render(metrics.families(self.stats, self.retired, self._figures()))
+
+    async def _get_stats(self, _: dict[str, str]) -> tuple[int, Any]:
+        return 200, {**stats.summary(self.stats, self.retired), **self._figures()}
+
+    async def _set_admin(self, action: str, args: dict[str, str]) -> tuple[int, Any]:
+        """An operator drains a server (no new tunnels) or makes it ready."""
+        pool, server = args["pool"], args["server"]
         if not any(
             p.name == pool and any(s.name == server for s in p.servers) for p in self.config.pools
         ):
