@@ -272,7 +272,7 @@ class HandshakeEngine:
         h.deadline = time.monotonic() + seconds
         self._timers.add(h.deadline, h)
 
-    def _retire(self, h: Handshake) -> None:
+    def _done_with(self, h: Handshake) -> None:
         """``h`` is over (closed or handed over). Its timers stay in the heap
         until due, so drop what it holds now, and rebuild the heap when dead
         entries outnumber live ones (at thousands of handshakes a second and
@@ -591,7 +591,7 @@ class HandshakeEngine:
         self._want(backend, 0)
         del self._by_fd[h.client], self._by_fd[backend]
         self.events.established(h, h.backend.detach())
-        self._retire(h)
+        self._done_with(h)
 
     def _reject(self, h: Handshake, r: Reject) -> None:
         """Answer the client with ``r`` (unless the backend's answer went already)."""
@@ -755,7 +755,7 @@ class HandshakeEngine:
         self._want(h.client, 0)
         self._by_fd.pop(h.client, None)
         os.close(h.client)
-        self._retire(h)
+        self._done_with(h)
         h.lease.release()
 
 
