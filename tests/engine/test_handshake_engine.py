@@ -1,0 +1,224 @@
+"""The handshake engine in-process, through its collaborators (admission,
+upstream, policy decisions, an event sink), over real loopback sockets.
+
+The timing cases of bad input run here with short timeouts and awaited
+events, where a subprocess run would need long sleeps: a request head not
+complete in time (408, even when trickled), a backend that never answers
+(504), a refused server retried on the next one. One end-to-end test per
+class of bad input stays in tests/e2e/test_bad_input.py.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Awaitable, Callable
+
+import trio
+from peers import RawServer, closed_port, read_head, upgrade_head, websocket_accept
+
+from shardproxy.config import PortRange, from_mapping
+from shardproxy.engine.handshake import Handshake, HandshakeEngine
+from shardproxy.engine.upstream import Upstream
+from shardproxy.policy.admission import Admission
+from shardproxy.policy.balancer import EndpointState, PoolState, ServerState
+from shardproxy.policy.decisions import Decisions
+from shardproxy.policy.routing import Router
+from shardproxy.protocol.errors import Reject
+
+HEADER_TIMEOUT = 0.3
+RESPONSE_TIMEOUT = 0.3
+
+
+class Harness:
+    """One handshake engine on a fresh listen socket, in front of ``ports``
+    (one server each, round robin)."""
+
+    def __init__(self, ports: list[int]) -> None:
+        servers = [
+            {"name": f"s{i}", "address": "127.0.0.1", "ports": [p]} for i, p in enumerate(ports)
+        ]
+        cfg = from_mapping(
+            {
+                "proxy": {
+                    "listen": ["127.0.0.1:1"],
+                    "header_timeout": f"{int(HEADER_TIMEOUT * 1000)}ms",
+                    "response_timeout": f"{int(RESPONSE_TIMEOUT * 1000)}ms",
+                    "connect_timeout": "1s",
+                },
+                "routes": [{"pool": "p"}],
+                "pools": {"p": {"balance": "round_robin", "servers": servers}},
+            }
+        )
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.setblocking(False)
+        self.port = self.listener.getsockname()[1]
+        self.events = Recorder()
+        first, last = _free_range()
+        upstream = Upstream(PortRange(first, last), (), cfg.endpoints(), "kernel")
+        pools = {p.name: PoolState(p) for p in cfg.pools}
+        self.admission = Admission(100)
+        self.engine = HandshakeEngine(
+            cfg.proxy,
+            [self.listener],
+            self.admission,
+            upstream,
+            Decisions(Router(cfg.routes), pools),
+            self.events,
+        )
+
+    def close(self) -> None:
+        for _, fd in self.events.tunnels:
+            socket.socket(fileno=fd).close()
+        self.engine.close()
+
+
+class Recorder:
+    """The engine's HandshakeEvents, recorded, with a way to await them."""
+
+    def __init__(self) -> None:
+        self.tunnels: list[tuple[Handshake, int]] = []
+        self.refusals: list[Reject] = []
+        self.connect_failures: list[str] = []
+        self.client_failures: list[OSError] = []
+        self._changed = trio.Event()
+
+    def _note(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def established(self, h: Handshake, backend_fd: int) -> None:
+        self.tunnels.append((h, backend_fd))
+        self._note()
+
+    def rejected(self, h: Handshake, r: Reject) -> None:
+        self.refusals.append(r)
+        self._note()
+
+    def handshake_failed(self, h: Handshake, e: OSError) -> None:
+        self.client_failures.append(e)
+        self._note()
+
+    def connect_failed(
+        self, pool: str, server: ServerState, endpoint: EndpointState, reason: str
+    ) -> None:
+        self.connect_failures.append(server.name)
+        self._note()
+
+    def accept_error(self, e: OSError) -> None:
+        raise AssertionError(f"accept failed: {e}")
+
+    def internal_error(self) -> None:
+        raise AssertionError("internal error in the handshake engine")
+
+    async def until(self, done: Callable[[], bool], what: str) -> None:
+        with trio.fail_after(5):  # one handshake's outcome, with room
+            while not done():
+                await self._changed.wait()
+        assert done(), what
+
+
+def _free_range() -> tuple[int, int]:
+    """A port range of the system's that upstream connects may use."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        first, last = map(int, f.read().split())
+    return first, last
+
+
+def run(ports: list[int], test: Callable[[Harness], Awaitable[None]]) -> Harness:
+    h = Harness(ports)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(h.engine.run)
+            await test(h)
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        h.close()
+    return h
+
+
+def client(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    return s
+
+
+def _accepting_backend(conn: socket.socket) -> None:
+    head = read_head(conn)
+    key = [
+        line.split(b":", 1)[1].strip()
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"sec-websocket-key:")
+    ]
+    conn.sendall(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + websocket_accept(key[0]) + b"\r\n\r\n"
+    )
+    conn.recv(1)  # holds the tunnel until the test closes it
+
+
+def _silent_backend(conn: socket.socket) -> None:
+    read_head(conn)
+    conn.recv(1)  # never answers
+
+
+def test_a_head_not_complete_in_time_is_408_even_when_trickled() -> None:
+    async def test(h: Harness) -> None:
+        whole, trickled = client(h.port), client(h.port)
+        whole.sendall(b"GET / HTTP/1.1\r\n")  # and stops
+        started = time.monotonic()
+        head = upgrade_head("/")
+        for i in range(len(head) - 1):  # one byte every 20 ms: would take > 2 s
+            trickled.send(head[i : i + 1])
+            if len(h.events.refusals) == 2:
+                break
+            await trio.sleep(0.02)  # the trickle is the scenario
+        await h.events.until(lambda: len(h.events.refusals) == 2, "both refused")
+        assert [r.status for r in h.events.refusals] == [408, 408]
+        assert time.monotonic() - started < HEADER_TIMEOUT + 1
+        for s in (whole, trickled):
+            assert (await trio.to_thread.run_sync(read_head, s)).startswith(b"HTTP/1.1 408")
+            s.close()
+        # Both leases come back once the engine reads our FIN after its answer
+        # (a lingering close): no event says so, so look until then.
+        with trio.fail_after(5):
+            while h.admission.in_use:
+                await trio.sleep(0.01)
+
+    with RawServer(_accepting_backend) as backend:
+        run([backend.port], test)
+
+
+def test_a_backend_that_never_answers_is_504() -> None:
+    async def test(h: Harness) -> None:
+        c = client(h.port)
+        c.sendall(upgrade_head("/"))
+        await h.events.until(lambda: bool(h.events.refusals), "refused")
+        (r,) = h.events.refusals
+        assert (r.status, r.reason) == (504, "upstream_timeout")
+        assert (await trio.to_thread.run_sync(read_head, c)).startswith(b"HTTP/1.1 504")
+        c.close()
+
+    with RawServer(_silent_backend) as backend:
+        run([backend.port], test)
+
+
+def test_a_refused_server_is_retried_on_the_next_one() -> None:
+    async def test(h: Harness) -> None:
+        clients = [client(h.port) for _ in range(4)]
+        for c in clients:  # round robin: two of the four pick the refusing server first
+            c.sendall(upgrade_head("/"))
+        await h.events.until(lambda: len(h.events.tunnels) == 4, "four tunnels")
+        assert h.events.connect_failures.count("s0") == 2
+        assert not h.events.refusals
+        for c in clients:
+            answer = await trio.to_thread.run_sync(read_head, c)
+            assert answer.startswith(b"HTTP/1.1 101")
+            c.close()
+        assert h.admission.in_use == 4  # the tunnels hold their leases
+
+    with closed_port() as refusing, RawServer(_accepting_backend) as backend:
+        run([refusing, backend.port], test)
