@@ -4,16 +4,20 @@ Started by the supervisor as ``python -m shardproxy.worker SLOT CONTROL_FD
 LISTEN_FD...`` with its slot's listen sockets passed as descriptors; it reads
 its configuration from the control channel.
 
-A worker is two epoll engines, each driven by one trio task: the handshake
-engine (``engine/handshake.py``) accepts and upgrades connections, and hands each
-established pair of sockets to the relay engine (``engine/relay.py``), which owns
-them from then on. This module composes them, writes the access log and
-keeps the counts.
+A worker is two epoll engines on one loop (``engine/loop.py``), each driven
+by one trio task: the handshake engine (``engine/handshake.py``) accepts and
+upgrades connections, and hands each established pair of sockets to the
+relay engine (``engine/relay.py``, behind ``engine/api.py``), which owns them
+from then on and sends the keepalive pings. This module composes them: it is
+the handshake engine's event sink and the relay's (``established``,
+``tunnel_closed``…), writes the access log and keeps the counts.
 
-Resource handling: the worker counts connections (handshakes in flight plus
-tunnels) against a capacity derived from RLIMIT_NOFILE (two descriptors per
-tunnel) or ``proxy.max_connections``, and answers 503 with Retry-After beyond
-it, rather than running into EMFILE.
+Resource handling: every connection holds an admission lease
+(``policy/admission.py``) from accept to the end of its tunnel, counted
+against a capacity derived from RLIMIT_NOFILE (two descriptors per tunnel)
+or ``proxy.max_connections``; beyond it, 503 with Retry-After, rather than
+running into EMFILE. The lease is also the tunnel's access record
+(:class:`TunnelRecord`).
 
 Drain (SIGTERM, :meth:`Worker.drain`): the worker stops accepting (what
 waits in its accept queue gets 503), then closes its tunnels the WebSocket
@@ -103,8 +107,9 @@ class TunnelRecord(AdmissionLease):
 
 
 class Deadlines:
-    """Actions due at given times (a close_wait, a ping_timeout), added in
-    time order and run while a task sleeps in :meth:`sleep_until`."""
+    """The worker's own actions due at given times (a close_wait after a
+    drain's Close), added in time order and run while a trio task sleeps in
+    :meth:`sleep_until`. (The engines' timers are engine/loop.py's.)"""
 
     def __init__(self) -> None:
         self._due: deque[tuple[float, Callable[[], None]]] = deque()
