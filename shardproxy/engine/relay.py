@@ -54,9 +54,15 @@ Resource handling: the engine owns the descriptors of every tunnel added to it
 and closes both when the tunnel ends or the engine is closed. Error handling:
 socket errors end only the tunnel they happen on; the engine never raises
 them. An exception of ours while handling a tunnel's event (a bug) is
-contained the same way: ``events.relay_error()`` reports it (inside the ``except``, so the
-trace can be logged) and that tunnel is reset both ways, outcome
-INTERNAL_ERROR, while every other tunnel goes on.
+contained the same way: ``events.relay_error()`` reports it (inside the
+``except``, so the trace can be logged) and that tunnel is reset both ways,
+outcome INTERNAL_ERROR, while every other tunnel goes on.
+
+Keepalive (engine/api.py's Keepalive): every client is pinged once per
+interval, the round's pings spread evenly over it and sent in batches; a
+written Ping is looked at again ``timeout`` later, and a client that sent no
+byte at all since is ended, outcome PING_TIMEOUT (one that sent bytes is
+looked at again a timeout later).
 """
 
 from __future__ import annotations
