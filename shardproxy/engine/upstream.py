@@ -131,7 +131,9 @@ class TupleSpace:
 
 class Upstream:
     """One worker's upstream side: its port slice, its source addresses and
-    the tuple spaces they make with every backend endpoint."""
+    the tuple spaces they make with every backend endpoint: those given at
+    start, and any other the first time it is connected to (servers that
+    come and go)."""
 
     def __init__(
         self,
@@ -148,17 +150,26 @@ class Upstream:
         self.allocator = allocator
         self.keepalive = keepalive
         self._range_option = port_range_option(ports)
-        sources = tuple(sources) or (AUTO_SOURCE,)
-        skip = frozenset(excluded)
+        self._sources = tuple(sources) or (AUTO_SOURCE,)
+        self._excluded = frozenset(excluded)
         self._spaces: dict[Endpoint, list[TupleSpace]] = {}
+        self._turn: dict[Endpoint, int] = {}
         for endpoint in endpoints:
+            self._spaces_of(endpoint)
+
+    def _spaces_of(self, endpoint: Endpoint) -> list[TupleSpace]:
+        """The tuple spaces towards ``endpoint``, one per source address of
+        its family, made the first time they are asked for."""
+        spaces = self._spaces.get(endpoint)
+        if spaces is None:
             family = _family(endpoint.host)
-            self._spaces[endpoint] = [
-                TupleSpace(s, endpoint, ports, skip, returns_ports=allocator == "userspace")
-                for s in sources
+            spaces = self._spaces[endpoint] = [
+                TupleSpace(s, endpoint, self.ports, self._excluded, self.allocator == "userspace")
+                for s in self._sources
                 if s == AUTO_SOURCE or _family(s) == family
             ]
-        self._turn: dict[Endpoint, int] = dict.fromkeys(self._spaces, 0)
+            self._turn[endpoint] = 0
+        return spaces
 
     def connect(self, endpoint: Endpoint) -> tuple[socket.socket, TupleSpace, int]:
         """Start a non-blocking connect to ``endpoint`` from the next source
@@ -166,8 +177,10 @@ class Upstream:
         with :meth:`TupleSpace.release`, 0 when the kernel chose it). Raises
         :class:`Exhausted` when no source address has room and ``OSError``
         when the connect fails otherwise (refused at once, say)."""
-        spaces = self._spaces[endpoint]
+        spaces = self._spaces_of(endpoint)
         n = len(spaces)
+        if not n:  # no source address of the endpoint's family
+            raise Exhausted
         turn = self._turn[endpoint]
         self._turn[endpoint] = (turn + 1) % n
         for i in range(n):
