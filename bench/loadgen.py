@@ -38,7 +38,9 @@ awaited (≤ 2 s), then ``→ result <JSON>`` and the process exits.
 ``--concurrency`` in flight each connect, upgrade, send a Close frame and
 shut down their sending side (the client's FIN goes first, so TIME_WAIT lands
 here, not on the proxy), read until the peer's EOF and close. ``→ result
-<JSON>``, exit.
+<JSON>``; then it waits for ``quit`` (or EOF, or the end of ``--hold``), so
+that the scenario's CPU meter still finds the process when it stops (an
+exit right after the result raced with it on a loaded machine).
 
 ``spike``: the sockets are created and bound first; ``→ ready``, ``← go``;
 then every connect is started at once (no concurrency cap) and each client
@@ -757,8 +759,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = gen.summary(seconds)
                 result["last_upgrade_s"] = round(max(0.0, gen.last_upgrade - t0), 6)
                 _say("result " + json.dumps(result, separators=(",", ":")))
-                if args.mode == "spike":
-                    gen.hold(hold_deadline, commands)
+                gen.hold(hold_deadline, commands)
     except KeyboardInterrupt:
         pass
     finally:
