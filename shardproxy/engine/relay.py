@@ -204,7 +204,7 @@ def _flow_stats(flow: Flow) -> FlowStats:
 
 class RelayEngine:
     """Moves bytes for every tunnel of one worker from a single trio task:
-    the Python implementation of :class:`~shardproxy.engine_api.TunnelEngine`.
+    the Python implementation of :class:`~shardproxy.engine.api.TunnelEngine`.
 
     ``events`` hears of every tunnel that ended and of every bug contained;
     with ``keepalive.interval`` set, the engine pings every client once per

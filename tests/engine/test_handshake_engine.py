@@ -18,6 +18,7 @@ import trio
 from peers import RawServer, closed_port, read_head, upgrade_head, websocket_accept
 
 from shardproxy.config import PortRange, from_mapping
+from shardproxy.control.addrplan import read_system_port_range
 from shardproxy.engine.handshake import Handshake, HandshakeEngine
 from shardproxy.engine.upstream import Upstream
 from shardproxy.policy.admission import Admission
@@ -54,7 +55,7 @@ class Harness:
         self.listener.setblocking(False)
         self.port = self.listener.getsockname()[1]
         self.events = Recorder()
-        first, last = _free_range()
+        first, last = read_system_port_range()
         upstream = Upstream(PortRange(first, last), (), cfg.endpoints(), "kernel")
         pools = {p.name: PoolState(p) for p in cfg.pools}
         self.admission = Admission(100)
@@ -116,13 +117,6 @@ class Recorder:
             while not done():
                 await self._changed.wait()
         assert done(), what
-
-
-def _free_range() -> tuple[int, int]:
-    """A port range of the system's that upstream connects may use."""
-    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-        first, last = map(int, f.read().split())
-    return first, last
 
 
 def run(ports: list[int], test: Callable[[Harness], Awaitable[None]]) -> Harness:

@@ -8,13 +8,12 @@ import socket
 import pytest
 
 from shardproxy.config import Endpoint, PortRange
+from shardproxy.control.addrplan import read_system_port_range
 from shardproxy.engine.upstream import Exhausted, Upstream
 
 
 def system_range() -> PortRange:
-    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-        first, last = map(int, f.read().split())
-    return PortRange(first, last)
+    return PortRange(*read_system_port_range())
 
 
 @pytest.mark.parametrize("allocator", ["kernel", "userspace"])
