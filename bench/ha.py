@@ -15,7 +15,7 @@ second and reconnecting when closed.
   must move first), how the closes spread, and the reconnects.
 
 Prints a Markdown table and writes bench/results/ha-STAMP.json.
-tests/test_ha.py runs the same scenarios with generous bounds.
+tests/lab/test_ha.py runs the same scenarios with generous bounds.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ client once per interval, spread evenly, and ends a client silent for a
 whole timeout after a Ping with outcome PING_TIMEOUT, so that no Python runs
 per tunnel per interval in a compiled engine.
 
+Limits per tunnel: none exist yet, so ``add`` takes none; the per-route
+frame and message limits (issue 17) come as one more argument, a record the
+engine reads per frame header.
+
 Ids: an int per tunnel, never reused by the same engine while the worker
 lives (a descriptor number is: a closed tunnel's fds come back for the next).
 """
@@ -21,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from shardproxy.engine.transport import PLAIN_PAIR, Transports
 
 # The ways a tunnel ends, for the access log and metrics (the log's words).
 CLOSED = "closed"  # both directions finished with FIN
@@ -73,9 +79,16 @@ class TunnelEngine(Protocol):
     """The relay engine of one worker."""
 
     def add(
-        self, client_fd: int, backend_fd: int, token: Any, to_backend: bytes, to_client: bytes
+        self,
+        client_fd: int,
+        backend_fd: int,
+        token: Any,
+        to_backend: bytes,
+        to_client: bytes,
+        io: Transports = PLAIN_PAIR,
     ) -> int:
-        """Take over two connected sockets; the tunnel's id."""
+        """Take over two connected sockets, their bytes moving through ``io``
+        (engine/transport.py); the tunnel's id."""
 
     def begin_close(self, tunnel: int, code: int, reason: bytes) -> None:
         """A WebSocket Close with ``code`` each way at frame boundaries

@@ -48,13 +48,13 @@ import os
 import select
 import socket
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from shardproxy.config import Endpoint, ProxyConfig
 from shardproxy.engine.loop import Timers, run_epoll
-from shardproxy.engine.relay import local_address, shutdown_write
+from shardproxy.engine.transport import PLAIN, Transport, Transports, local_address, pair
 from shardproxy.engine.upstream import Exhausted, TupleSpace, Upstream
 from shardproxy.policy.admission import Admission, AdmissionLease
 from shardproxy.policy.balancer import EndpointState, ServerState
@@ -108,6 +108,7 @@ class Listener:
     port: int  # X-Forwarded-Port
     proto: str  # X-Forwarded-Proto
     proxied: bool  # connections open with a PROXY protocol header
+    transport: Transport = PLAIN  # what its connections' bytes go through
 
 
 class Handshake:
@@ -116,6 +117,7 @@ class Handshake:
     __slots__ = (
         "after_write",
         "backend",
+        "backend_io",
         "client",
         "client_port",
         "deadline",
@@ -155,6 +157,7 @@ class Handshake:
         self.tried: list[ServerState] = []
         self.timeouts = 0
         self.backend: socket.socket | None = None
+        self.backend_io = PLAIN  # the upstream connection's transport
         self.exhausted = False  # some server was skipped for lack of tuple space
         self.response: ResponseReader | None = None
         self.out = b""
@@ -165,6 +168,15 @@ class Handshake:
     @property
     def client_ip(self) -> str:
         return self.lease.client_ip
+
+    @property
+    def client_io(self) -> Transport:
+        return self.listener.transport
+
+    @property
+    def transports(self) -> Transports:
+        """Both sides' transports, for the relay."""
+        return pair(self.listener.transport, self.backend_io)
 
 
 class HandshakeEvents(Protocol):
@@ -208,7 +220,10 @@ class HandshakeEngine:
         upstream: Upstream,
         decisions: Decisions,
         events: HandshakeEvents,
+        transports: Sequence[Transport] = (),
     ) -> None:
+        """``transports[i]``: what the connections of ``listeners[i]`` go
+        through (plain where none is given)."""
         self.proxy = proxy
         self.admission = admission
         self.upstream = upstream
@@ -217,13 +232,15 @@ class HandshakeEngine:
         self._epoll = select.epoll()
         self._listeners = {s.fileno(): s for s in listeners}
         accept_proxy = self.proxy.accept_proxy
+        kinds = [*transports, *[PLAIN] * (len(listeners) - len(transports))]
         self._about = {
             s.fileno(): Listener(
                 port=s.getsockname()[1],
-                proto="http",  # "https" once a listener terminates TLS (the transport's)
+                proto=transport.forwarded_proto,
                 proxied=Endpoint(*s.getsockname()[:2]) in accept_proxy,
+                transport=transport,
             )
-            for s in listeners
+            for s, transport in zip(listeners, kinds, strict=True)
         }
         self._by_fd: dict[int, Handshake] = {}
         self._masks: dict[int, int] = {}  # what each handshake descriptor waits for
@@ -405,7 +422,7 @@ class HandshakeEngine:
 
     def _read_request(self, h: Handshake) -> None:
         try:
-            data = os.read(h.client, RECV_SIZE)
+            data = h.client_io.read(h.client, RECV_SIZE)
         except BlockingIOError:
             self._want(h.client, _IN)
             return
@@ -490,6 +507,7 @@ class HandshakeEngine:
                 return False
             h.lease.hold_upstream(endpoint, space, port)
             h.backend = sock
+            h.backend_io = PLAIN  # a TLS pool's transport goes here (issue 15)
             h.state = CONNECTING
             self._by_fd[sock.fileno()] = h
             self._want(sock.fileno(), _OUT)
@@ -533,7 +551,7 @@ class HandshakeEngine:
     def _read_response(self, h: Handshake) -> None:
         assert h.backend is not None and h.response is not None
         try:
-            data = os.read(h.backend.fileno(), RECV_SIZE)
+            data = h.backend_io.read(h.backend.fileno(), RECV_SIZE)
         except BlockingIOError:
             return
         except OSError as e:
@@ -565,7 +583,7 @@ class HandshakeEngine:
         received: bytes | None = None  # body bytes that came with the head first
         if not first:
             try:
-                received = os.read(h.backend.fileno(), RECV_SIZE)
+                received = h.backend_io.read(h.backend.fileno(), RECV_SIZE)
             except BlockingIOError:
                 return
             except OSError:
@@ -613,7 +631,7 @@ class HandshakeEngine:
         h.state = LINGER
         self._arm(h, LINGER_TIMEOUT)
         try:
-            shutdown_write(h.client)
+            h.client_io.shutdown_write(h.client)
         except OSError:
             self._close(h)
             return
@@ -623,7 +641,7 @@ class HandshakeEngine:
     def _linger(self, h: Handshake) -> None:
         while True:
             try:
-                data = os.read(h.client, RECV_SIZE)
+                data = h.client_io.read(h.client, RECV_SIZE)
             except BlockingIOError:
                 return
             except OSError:
@@ -697,8 +715,9 @@ class HandshakeEngine:
     def _send(self, h: Handshake, fd: int, data: bytes, after: Callable[[Handshake], None]) -> None:
         """Write ``data`` to ``fd``, then call ``after(h)``; waits for EPOLLOUT
         if the socket takes only part of it."""
+        io = h.client_io if fd == h.client else h.backend_io
         try:
-            written = os.write(fd, data) if data else 0
+            written = io.write(fd, data) if data else 0
         except BlockingIOError:
             written = 0
         except OSError as e:
@@ -744,7 +763,7 @@ class HandshakeEngine:
         fd = sock.fileno()
         self._want(fd, 0)
         self._by_fd.pop(fd, None)
-        sock.close()
+        h.backend_io.close(sock.detach())
         h.backend = None
         h.lease.drop_upstream()
 
@@ -754,7 +773,7 @@ class HandshakeEngine:
         self._drop_backend(h)
         self._want(h.client, 0)
         self._by_fd.pop(h.client, None)
-        os.close(h.client)
+        h.client_io.close(h.client)
         self._done_with(h)
         h.lease.release()
 

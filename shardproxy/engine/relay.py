@@ -50,6 +50,10 @@ unfinished frame, which corrupted the stream to the backend), and only the
 proxy's Ping would have provoked it. The common path (no frame of ours
 pending) is one read, one tracker feed and one write per event, as before.
 
+Every read, write, half-close, abort and close goes through the tunnel's
+transports (``engine/transport.py``, one per side); what the notes above say
+of system calls is the plain transport's contract, which a TLS one keeps.
+
 Resource handling: the engine owns the descriptors of every tunnel added to it
 and closes both when the tunnel ends or the engine is closed. Error handling:
 socket errors end only the tunnel they happen on; the engine never raises
@@ -68,13 +72,10 @@ looked at again a timeout later).
 from __future__ import annotations
 
 import contextlib
-import errno
 import itertools
 import math
 import os
 import select
-import socket
-import struct
 import time
 from array import array
 from typing import Any
@@ -93,6 +94,7 @@ from shardproxy.engine.api import (
     TunnelStats,
 )
 from shardproxy.engine.loop import Timers, run_epoll
+from shardproxy.engine.transport import PLAIN_PAIR, Transports
 from shardproxy.protocol.frames import (
     PONG,
     FrameTracker,
@@ -130,8 +132,6 @@ _ERR = select.EPOLLERR | select.EPOLLHUP
 OPEN = 0  # bytes may still come from the source
 SHUT = 1  # the source sent FIN and it was passed on; this direction is over
 CLOSING = 2  # our Close went to dst; bytes from src are tracked, not passed on
-
-_LINGER_RESET = struct.pack("ii", 1, 0)
 
 # Numbers the first Close of every direction in the order the worker saw
 # them, so that a tunnel's two Closes can be told apart: who closed first.
@@ -176,11 +176,13 @@ PING_DUE = -1.0
 class Tunnel:
     """An established client⇄backend connection pair."""
 
-    __slots__ = ("closing", "down", "held", "ping_sent", "started", "token", "up")
+    # (8 slots fill the same 96-byte block as 7 did: ``io`` costs nothing.)
+    __slots__ = ("closing", "down", "held", "io", "ping_sent", "started", "token", "up")
 
-    def __init__(self, client_fd: int, backend_fd: int, token: Any) -> None:
+    def __init__(self, client_fd: int, backend_fd: int, token: Any, io: Transports) -> None:
         self.up = Flow(client_fd, backend_fd)  # client → backend
         self.down = Flow(backend_fd, client_fd)  # backend → client
+        self.io = io  # how each side's bytes move (PLAIN_PAIR: shared by every plain tunnel)
         self.started = time.monotonic()
         self.token = token  # the worker's, handed back with the tunnel's end
         self.closing = False  # the proxy is closing it (begin_close)
@@ -258,18 +260,25 @@ class RelayEngine:
         return t
 
     def add(
-        self, client_fd: int, backend_fd: int, token: Any, to_backend: bytes, to_client: bytes
+        self,
+        client_fd: int,
+        backend_fd: int,
+        token: Any,
+        to_backend: bytes,
+        to_client: bytes,
+        io: Transports = PLAIN_PAIR,
     ) -> int:
         """Take over two connected non-blocking sockets; the tunnel's id.
 
         ``to_backend``/``to_client`` are the tunnel's first bytes, which
         arrived together with the handshake heads; they are sent first.
+        ``io``: the transports the handshake used on each side.
         """
         uses = self._uses
         if client_fd >= len(uses):
             uses.extend([0] * (client_fd + 1024 - len(uses)))
         uses[client_fd] += 1
-        t = Tunnel(client_fd, backend_fd, token)
+        t = Tunnel(client_fd, backend_fd, token, io)
         self._tunnels[client_fd] = t
         self._tunnels[backend_fd] = t
         for flow, first in ((t.up, to_backend), (t.down, to_client)):
@@ -437,7 +446,7 @@ class RelayEngine:
     def _pump(self, t: Tunnel, flow: Flow) -> None:
         """One read from the flow's source, written on to its destination."""
         try:
-            n = os.readv(flow.src, self._buffers)
+            n = (t.io.client if flow is t.up else t.io.backend).readv(flow.src, self._buffers)
         except BlockingIOError:
             return
         except OSError:
@@ -613,7 +622,7 @@ class RelayEngine:
 
     def _write(self, t: Tunnel, flow: Flow, data: bytes | memoryview) -> None:
         try:
-            written = os.write(flow.dst, data)
+            written = (t.io.backend if flow is t.up else t.io.client).write(flow.dst, data)
         except BlockingIOError:
             written = 0
         except OSError:
@@ -650,7 +659,7 @@ class RelayEngine:
             held, t.held = t.held, b""
             self._send_more(t, flow, held)
         try:
-            shutdown_write(flow.dst)
+            (t.io.backend if flow is t.up else t.io.client).shutdown_write(flow.dst)
         except OSError:
             pass  # the destination is gone; its own events will end the tunnel
         if t.up.state == SHUT and t.down.state == SHUT:
@@ -686,53 +695,15 @@ class RelayEngine:
         for flow in (t.up, t.down):
             del self._tunnels[flow.src]
             flow.mask = 0
+        io = t.io
         if outcome == CLIENT_RESET:
-            _reset(t.backend_fd)
+            io.backend.reset(t.backend_fd)
         elif outcome == BACKEND_RESET:
-            _reset(t.client_fd)
+            io.client.reset(t.client_fd)
         elif outcome == INTERNAL_ERROR:
-            _reset(t.client_fd)
-            _reset(t.backend_fd)
-        os.close(t.client_fd)
-        os.close(t.backend_fd)
+            io.client.reset(t.client_fd)
+            io.backend.reset(t.backend_fd)
+        io.client.close(t.client_fd)
+        io.backend.close(t.backend_fd)
         stats = TunnelStats(_flow_stats(t.up), _flow_stats(t.down), time.monotonic() - t.started)
         self._events.tunnel_closed(t.token, outcome, stats)
-
-
-def _socket_of(fd: int) -> socket.socket:
-    """A socket object over a bare descriptor, to call what ``os`` lacks
-    (shutdown, setsockopt); ``detach()`` it after. Family and type are given
-    because otherwise CPython asks the kernel for them (three getsockopt
-    calls), and neither matters to those calls."""
-    return socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)
-
-
-def shutdown_write(fd: int) -> None:
-    """Send FIN on ``fd`` (TCP half-close); the descriptor stays open."""
-    s = _socket_of(fd)
-    try:
-        s.shutdown(socket.SHUT_WR)
-    finally:
-        s.detach()
-
-
-def local_address(fd: int) -> tuple[str, int]:
-    """The (ip, port) ``fd`` is bound to; the family is the kernel's."""
-    s = socket.socket(fileno=fd)
-    try:
-        ip, port = s.getsockname()[:2]
-        return ip, port
-    finally:
-        s.detach()
-
-
-def _reset(fd: int) -> None:
-    """Make the coming close() send RST instead of FIN (SO_LINGER {1, 0})."""
-    s = _socket_of(fd)
-    try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    except OSError as e:  # pragma: no cover - only on a descriptor already dead
-        if e.errno not in (errno.EBADF, errno.ENOTSOCK):
-            raise
-    finally:
-        s.detach()

@@ -36,7 +36,7 @@ from structlog.typing import EventDict, WrappedLogger
 
 from shardproxy import __version__
 
-# The ECS release whose field definitions tests/test_ecs.py checks our events
+# The ECS release whose field definitions tests/e2e/test_ecs.py checks our events
 # against (the @elastic/ecs package of that version, tests/node).
 ECS_VERSION = "8.11.0"
 

@@ -70,7 +70,7 @@ from shardproxy.telemetry.stats import HANDSHAKE_BOUNDS, TUNNEL_BOUNDS, BucketCo
 
 # ECS categorisation (event.category, event.type): a tunnel is a network
 # connection; ECS expects "connection" and "end" with "network" but not with
-# "web" (tests/test_ecs.py holds us to the definitions).
+# "web" (tests/e2e/test_ecs.py holds us to the definitions).
 _NETWORK = ("network",)
 _CONNECTION = ("connection",)
 _DENIED = ("connection", "denied")
@@ -213,7 +213,9 @@ class Worker:
         self.handshake_seconds.observe(time.monotonic() - h.started)
         self.route_tunnels[record.route] += 1
         self.counts["tunnels"] += 1
-        tunnel = self.relay.add(h.client, backend_fd, record, h.first_up, h.response.trailing)
+        tunnel = self.relay.add(
+            h.client, backend_fd, record, h.first_up, h.response.trailing, h.transports
+        )
         if self.draining and self._drain_deadlines is not None:
             self._close_going_away(tunnel, self._drain_deadlines)  # came up during a drain
 

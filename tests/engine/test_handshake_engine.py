@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 from peers import RawServer, closed_port, read_head, upgrade_head, websocket_accept
@@ -20,6 +20,7 @@ from peers import RawServer, closed_port, read_head, upgrade_head, websocket_acc
 from shardproxy.config import PortRange, from_mapping
 from shardproxy.control.addrplan import read_system_port_range
 from shardproxy.engine.handshake import Handshake, HandshakeEngine
+from shardproxy.engine.transport import Transport
 from shardproxy.engine.upstream import Upstream
 from shardproxy.policy.admission import Admission
 from shardproxy.policy.balancer import EndpointState, PoolState, ServerState
@@ -35,7 +36,7 @@ class Harness:
     """One handshake engine on a fresh listen socket, in front of ``ports``
     (one server each, round robin)."""
 
-    def __init__(self, ports: list[int]) -> None:
+    def __init__(self, ports: list[int], transports: Sequence[Transport] = ()) -> None:
         servers = [
             {"name": f"s{i}", "address": "127.0.0.1", "ports": [p]} for i, p in enumerate(ports)
         ]
@@ -66,6 +67,7 @@ class Harness:
             upstream,
             Decisions(Router(cfg.routes), pools),
             self.events,
+            transports,
         )
 
     def close(self) -> None:
@@ -119,8 +121,12 @@ class Recorder:
         assert done(), what
 
 
-def run(ports: list[int], test: Callable[[Harness], Awaitable[None]]) -> Harness:
-    h = Harness(ports)
+def run(
+    ports: list[int],
+    test: Callable[[Harness], Awaitable[None]],
+    transports: Sequence[Transport] = (),
+) -> Harness:
+    h = Harness(ports, transports)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -141,7 +147,11 @@ def client(port: int) -> socket.socket:
 
 
 def _accepting_backend(conn: socket.socket) -> None:
-    head = read_head(conn)
+    answer_101(conn, read_head(conn))
+
+
+def answer_101(conn: socket.socket, head: bytes) -> None:
+    """Accept the upgrade whose request ``head`` was read from ``conn``."""
     key = [
         line.split(b":", 1)[1].strip()
         for line in head.split(b"\r\n")
