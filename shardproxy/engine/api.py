@@ -100,6 +100,9 @@ class TunnelEngine(Protocol):
 
     def alive(self, tunnel: int) -> bool: ...
 
+    def token(self, tunnel: int) -> Any:
+        """The token the tunnel was added with; None once it ended."""
+
     def tunnels(self) -> Sequence[tuple[int, Any]]:
         """(id, token) of every open tunnel."""
 

@@ -57,8 +57,8 @@ from shardproxy.engine.loop import Timers, run_epoll
 from shardproxy.engine.transport import PLAIN, Transport, Transports, local_address, pair
 from shardproxy.engine.upstream import Exhausted, TupleSpace, Upstream
 from shardproxy.policy.admission import Admission, AdmissionLease
-from shardproxy.policy.balancer import EndpointState, ServerState
 from shardproxy.policy.decisions import Decisions
+from shardproxy.policy.registry import EndpointState, ServerState
 from shardproxy.protocol.errors import NEED_DATA, BackendError, Reject
 from shardproxy.protocol.proxyproto import HeaderReader, ProxyHeader, encode_v2, is_trusted
 from shardproxy.protocol.upgrade import (
@@ -476,8 +476,9 @@ class HandshakeEngine:
         once), through the first of its endpoints with tuple space left."""
         request, route = h.request, h.lease.route
         assert request is not None
+        now = time.monotonic()
         while (
-            server := self.decisions.next_server(route, request, h.client_ip, h.tried)
+            server := self.decisions.next_server(route, request, h.client_ip, h.tried, now)
         ) is not None:
             h.tried.append(server)
             if self._connect_server(h, server):

@@ -391,6 +391,11 @@ class RelayEngine:
     def alive(self, tunnel: int) -> bool:
         return self._tunnel(tunnel) is not None
 
+    def token(self, tunnel: int) -> Any:
+        """The token the tunnel was added with; None once it ended."""
+        t = self._tunnel(tunnel)
+        return None if t is None else t.token
+
     def end(self, tunnel: int, outcome: str = STOPPED) -> None:
         """Close the tunnel now, if it is still open."""
         t = self._tunnel(tunnel)

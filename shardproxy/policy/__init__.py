@@ -1,5 +1,6 @@
 """Decisions without I/O: routing by host and path (``routing``), the
-balancing algorithms and server state (``balancer``), the admission lease
+balancing algorithms (``balancer``), each pool's runtime server registry
+with its servers' state and weights (``registry``), the admission lease
 every connection holds (``admission``), the handshake engine's questions
 (``decisions``) and access-log sampling (``sampling``).
 

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from shardproxy.policy import balancer
-from shardproxy.policy.balancer import EndpointState
+from shardproxy.policy.registry import EndpointState
 
 
 class UpstreamTuple(Protocol):
@@ -80,7 +79,7 @@ class AdmissionLease:
         from ``space``, source port ``port``."""
         assert self._admission is not None, "a released lease holds nothing"
         self.drop_upstream()
-        balancer.acquire(endpoint)
+        endpoint.acquire()
         self.endpoint, self.space, self.source_port = endpoint, space, port
 
     def drop_upstream(self) -> None:
@@ -89,7 +88,7 @@ class AdmissionLease:
         if self._admission is None:  # released: nothing is held any more
             return
         if self.endpoint is not None:
-            balancer.release(self.endpoint)
+            self.endpoint.release()
             self.endpoint = None
         if self.space is not None:
             self.space.release(self.source_port)
@@ -103,7 +102,7 @@ class AdmissionLease:
             return
         self._admission = None
         if self.endpoint is not None:
-            balancer.release(self.endpoint)
+            self.endpoint.release()
         if self.space is not None:
             self.space.release(self.source_port)
         admission.in_use -= 1

@@ -1,4 +1,4 @@
-"""Pools, servers and the balancing algorithms, as one worker sees them.
+"""The balancing algorithms, and the hash key a request is balanced on.
 
 Each worker balances on its own counts (like HAProxy threads without shared
 state): least-connections compares the tunnels *this* worker holds per
@@ -7,14 +7,16 @@ out even too.
 
 Algorithms are interchangeable objects behind one method::
 
-    choose(servers, key, exclude) -> ServerState | None
+    choose(servers, key, exclude, now) -> server | None
 
-``servers`` are the pool's servers, ``key`` the hash key of the request (bytes,
-or None when the pool does not hash or the request lacks the key), ``exclude``
-the servers already tried for this request. Within a server the endpoint
-(port) with the fewest tunnels is used, which spreads tunnels over every port
-the server listens on; an endpoint whose tuple space is full (engine/upstream.py)
-is skipped for the next.
+``servers`` are the pool's servers (policy/registry.py), ``key`` the hash key
+of the request (bytes, or None when the pool does not hash or the request
+lacks the key), ``exclude`` the servers already tried for this request,
+``now`` the time each server's weight is taken at (a server may be ramping
+up to its weight). Within a server the endpoint (port) with the fewest
+tunnels is used, which spreads tunnels over every port the server listens
+on; an endpoint whose tuple space is full (engine/upstream.py) is skipped
+for the next.
 
 Nothing here does I/O.
 """
@@ -24,75 +26,37 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Collection, Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
-from shardproxy.config import Endpoint, HashKey, PoolConfig, ServerConfig
+from shardproxy.config import HashKey
 
 
-class EndpointState:
-    """One backend ip:port and the tunnels this worker holds to it."""
-
-    __slots__ = ("active", "endpoint", "server", "up")
-
-    def __init__(self, endpoint: Endpoint, server: ServerState) -> None:
-        self.endpoint = endpoint
-        self.server = server
-        self.active = 0
-        self.up = True  # health checks (supervisor) drive it
-
-
-class ServerState:
-    __slots__ = ("active", "config", "drained", "endpoints", "up")
-
-    def __init__(self, config: ServerConfig) -> None:
-        self.config = config
-        self.endpoints = tuple(EndpointState(ep, self) for ep in config.endpoints)
-        self.active = 0
-        self.up = True  # while any of its endpoints is up
-        self.drained = False  # an operator's admin call: no new tunnels, existing ones kept
+class Candidate(Protocol):
+    """What an algorithm sees of a server (policy/registry.py's ServerState)."""
 
     @property
-    def name(self) -> str:
-        return self.config.name
+    def name(self) -> str: ...
 
     @property
-    def available(self) -> bool:
-        """May it get new tunnels: up, and not drained by an operator."""
-        return self.up and not self.drained
+    def available(self) -> bool: ...
 
     @property
-    def weight(self) -> int:
-        return self.config.weight
+    def active(self) -> int: ...
 
-    def endpoints_by_use(self) -> Sequence[EndpointState]:
-        """The server's endpoints that are up, fewest tunnels first: the
-        order to try them in."""
-        if len(self.endpoints) == 1:
-            return self.endpoints if self.endpoints[0].up else ()
-        return sorted((e for e in self.endpoints if e.up), key=lambda e: e.active)
+    def weight_at(self, now: float) -> float: ...
 
-    def set_health(self, down: Collection[Endpoint]) -> list[EndpointState]:
-        """Mark the endpoints in ``down`` down and the others up; the server
-        is up while one of its endpoints is. Returns the endpoints that just
-        went down."""
-        went_down = []
-        for e in self.endpoints:
-            up = e.endpoint not in down
-            if e.up and not up:
-                went_down.append(e)
-            e.up = up
-        self.up = any(e.up for e in self.endpoints)
-        return went_down
+
+S = TypeVar("S", bound=Candidate)
 
 
 class Algorithm(Protocol):
     def choose(
-        self,
-        servers: Sequence[ServerState],
-        key: bytes | None,
-        exclude: Collection[ServerState],
-    ) -> ServerState | None: ...
+        self, servers: Sequence[S], key: bytes | None, exclude: Collection[S], now: float
+    ) -> S | None: ...
+
+    def forget(self, server: Candidate) -> None:
+        """``server`` left the pool: drop what is kept about it."""
 
 
 class RoundRobin:
@@ -100,28 +64,29 @@ class RoundRobin:
     a a b a c a a, not a a a a a b c."""
 
     def __init__(self) -> None:
-        self._current: dict[str, int] = {}
+        self._current: dict[Candidate, float] = {}
 
     def choose(
-        self,
-        servers: Sequence[ServerState],
-        key: bytes | None,
-        exclude: Collection[ServerState],
-    ) -> ServerState | None:
+        self, servers: Sequence[S], key: bytes | None, exclude: Collection[S], now: float
+    ) -> S | None:
         candidates = [s for s in servers if s.available and s not in exclude]
         if not candidates:
             return None
-        total = 0
-        best: ServerState | None = None
+        total = 0.0
+        best: S | None = None
         for s in candidates:
-            cur = self._current.get(s.name, 0) + s.weight
-            self._current[s.name] = cur
-            total += s.weight
-            if best is None or cur > self._current[best.name]:
+            weight = s.weight_at(now)
+            cur = self._current.get(s, 0.0) + weight
+            self._current[s] = cur
+            total += weight
+            if best is None or cur > self._current[best]:
                 best = s
         assert best is not None
-        self._current[best.name] -= total
+        self._current[best] -= total
         return best
+
+    def forget(self, server: Candidate) -> None:
+        self._current.pop(server, None)
 
 
 class LeastConn:
@@ -133,23 +98,23 @@ class LeastConn:
         self._turn = 0
 
     def choose(
-        self,
-        servers: Sequence[ServerState],
-        key: bytes | None,
-        exclude: Collection[ServerState],
-    ) -> ServerState | None:
+        self, servers: Sequence[S], key: bytes | None, exclude: Collection[S], now: float
+    ) -> S | None:
         n = len(servers)
-        best: ServerState | None = None
+        best: S | None = None
         best_load = math.inf
         self._turn = (self._turn + 1) % n if n else 0
         for i in range(n):
             s = servers[(self._turn + i) % n]
             if not s.available or s in exclude:
                 continue
-            load = s.active / s.weight
+            load = s.active / s.weight_at(now)
             if load < best_load:
                 best, best_load = s, load
         return best
+
+    def forget(self, server: Candidate) -> None:
+        pass
 
 
 class RendezvousHash:
@@ -167,22 +132,22 @@ class RendezvousHash:
         self._fallback = LeastConn()
 
     def choose(
-        self,
-        servers: Sequence[ServerState],
-        key: bytes | None,
-        exclude: Collection[ServerState],
-    ) -> ServerState | None:
+        self, servers: Sequence[S], key: bytes | None, exclude: Collection[S], now: float
+    ) -> S | None:
         if key is None:
-            return self._fallback.choose(servers, None, exclude)
-        best: ServerState | None = None
+            return self._fallback.choose(servers, None, exclude, now)
+        best: S | None = None
         best_score = -math.inf
         for s in servers:
             if not s.available or s in exclude:
                 continue
-            score = -s.weight / math.log(_unit_interval(key, s.name))
+            score = -s.weight_at(now) / math.log(_unit_interval(key, s.name))
             if score > best_score:
                 best, best_score = s, score
         return best
+
+    def forget(self, server: Candidate) -> None:
+        pass
 
 
 def _unit_interval(key: bytes, name: str) -> float:
@@ -197,34 +162,6 @@ def make_algorithm(balance: str) -> Algorithm:
     if balance == "hash":
         return RendezvousHash()
     return LeastConn()
-
-
-class PoolState:
-    """A pool's servers and its algorithm, in one worker."""
-
-    def __init__(self, config: PoolConfig) -> None:
-        self.config = config
-        self.servers = tuple(ServerState(s) for s in config.servers)
-        self.algorithm = make_algorithm(config.balance)
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    def choose(
-        self, key: bytes | None, exclude: Collection[ServerState] = ()
-    ) -> ServerState | None:
-        return self.algorithm.choose(self.servers, key, exclude)
-
-
-def acquire(endpoint: EndpointState) -> None:
-    endpoint.active += 1
-    endpoint.server.active += 1
-
-
-def release(endpoint: EndpointState) -> None:
-    endpoint.active -= 1
-    endpoint.server.active -= 1
 
 
 def extract_hash_key(

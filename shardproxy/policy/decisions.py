@@ -8,13 +8,13 @@ from collections.abc import Mapping, Sequence
 
 from shardproxy.config import RouteConfig
 from shardproxy.policy import balancer
-from shardproxy.policy.balancer import PoolState, ServerState
+from shardproxy.policy.registry import PoolRegistry, ServerState
 from shardproxy.policy.routing import Router
 from shardproxy.protocol.upgrade import UpgradeRequest
 
 
 class Decisions:
-    def __init__(self, router: Router, pools: Mapping[str, PoolState]) -> None:
+    def __init__(self, router: Router, pools: Mapping[str, PoolRegistry]) -> None:
         self.router = router
         self.pools = pools
 
@@ -27,14 +27,16 @@ class Decisions:
         request: UpgradeRequest,
         client_ip: str,
         tried: Sequence[ServerState],
+        now: float,
     ) -> ServerState | None:
         """The next server of the route's pool to connect to, none of
-        ``tried`` (every server once); None when none is left."""
+        ``tried`` (every server once), with the weights at ``now``; None
+        when none is left."""
         pool = self.pools[route.pool]
         key = balancer.extract_hash_key(
             pool.config.hash_key, request.headers, request.target, client_ip
         )
-        return pool.choose(key, tried)
+        return pool.choose(key, tried, now=now)
 
     def sends_proxy_header(self, route: RouteConfig) -> bool:
         return bool(self.pools[route.pool].config.send_proxy)

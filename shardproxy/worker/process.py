@@ -17,7 +17,8 @@ Resource handling: every connection holds an admission lease
 against a capacity derived from RLIMIT_NOFILE (two descriptors per tunnel)
 or ``proxy.max_connections``; beyond it, 503 with Retry-After, rather than
 running into EMFILE. The lease is also the tunnel's access record
-(:class:`TunnelRecord`).
+(``worker/tunnels.py``), which the worker's tunnel index links by backend
+endpoint and client address.
 
 Drain (SIGTERM, :meth:`Worker.drain`): the worker stops accepting (what
 waits in its accept queue gets 503), then closes its tunnels the WebSocket
@@ -59,14 +60,15 @@ from shardproxy.engine.handshake import Handshake, HandshakeEngine
 from shardproxy.engine.relay import RelayEngine
 from shardproxy.engine.upstream import TupleSpace, Upstream
 from shardproxy.host.rlimits import fd_capacity, raise_nofile_limit
-from shardproxy.policy.admission import Admission, AdmissionLease
-from shardproxy.policy.balancer import EndpointState, PoolState, ServerState
+from shardproxy.policy.admission import Admission
 from shardproxy.policy.decisions import Decisions
+from shardproxy.policy.registry import EndpointState, PoolRegistry, ServerState
 from shardproxy.policy.routing import Router
 from shardproxy.policy.sampling import AccessSampler, ErrorBudget
 from shardproxy.protocol.errors import Reject
 from shardproxy.telemetry import logs
 from shardproxy.telemetry.stats import HANDSHAKE_BOUNDS, TUNNEL_BOUNDS, BucketCounts
+from shardproxy.worker.tunnels import TunnelIndex, TunnelRecord
 
 # ECS categorisation (event.category, event.type): a tunnel is a network
 # connection; ECS expects "connection" and "end" with "network" but not with
@@ -89,21 +91,6 @@ BAD_STREAM_CODES = frozenset({1002, 1007})
 
 def _route_name(route: RouteConfig) -> str:
     return f"{route.host}{route.path_prefix}"
-
-
-class TunnelRecord(AdmissionLease):
-    """A connection's admission lease (slot, client address, route, endpoint,
-    upstream tuple), and what its access event needs besides once it is a
-    tunnel: one record per tunnel, released when it ends."""
-
-    __slots__ = ("client_port", "forwarded_ip", "path", "user_agent")
-
-    def __init__(self, admission: Admission, client_ip: str) -> None:
-        super().__init__(admission, client_ip)
-        self.client_port = 0
-        self.path = ""
-        self.user_agent: str | None = None
-        self.forwarded_ip: str | None = None
 
 
 class Deadlines:
@@ -164,9 +151,10 @@ class Worker:
             cfg.keepalive,
         )
         self.router = Router(cfg.routes)
-        self.pools = {p.name: PoolState(p) for p in cfg.pools}
+        self.pools = {p.name: PoolRegistry(p) for p in cfg.pools}
         keepalive = cfg.keepalive
         self.relay = RelayEngine(self, Keepalive(keepalive.ping_interval, keepalive.ping_timeout))
+        self.tunnels = TunnelIndex()  # the relay's tunnels by endpoint and client address
         by_fds = fd_capacity(nofile)
         self.admission = Admission(
             min(cfg.proxy.max_connections or by_fds, by_fds), lease_type=TunnelRecord
@@ -216,6 +204,9 @@ class Worker:
         tunnel = self.relay.add(
             h.client, backend_fd, record, h.first_up, h.response.trailing, h.transports
         )
+        if not self.relay.alive(tunnel):  # its first bytes could not be written
+            return
+        self.tunnels.add(record, tunnel)
         if self.draining and self._drain_deadlines is not None:
             self._close_going_away(tunnel, self._drain_deadlines)  # came up during a drain
 
@@ -340,6 +331,7 @@ class Worker:
 
     def tunnel_closed(self, token: Any, outcome: str, stats: TunnelStats) -> None:
         info: TunnelRecord = token
+        self.tunnels.remove(info)
         info.release()
         self.route_tunnels[info.route] -= 1
         duration = stats.duration
@@ -473,24 +465,20 @@ class Worker:
         """Apply the supervisor's set of endpoints that are down: no new
         tunnels to them; with ``on_server_down = "close"``, their tunnels
         are closed with a Close 1001, spread like a drain."""
-        closing: set[EndpointState] = set()
+        tunnels: list[int] = []
         for pool in self.pools.values():
-            for server in pool.servers:
-                went_down = server.set_health(down)
-                health = pool.config.health
-                if went_down and health is not None and health.on_server_down == "close":
-                    closing.update(went_down)
-        if closing:
-            tunnels = [
-                tunnel for tunnel, record in self.relay.tunnels() if record.endpoint in closing
-            ]
+            went_down = pool.set_health(down)
+            health = pool.config.health
+            if went_down and health is not None and health.on_server_down == "close":
+                for endpoint in went_down:
+                    tunnels += [record.tunnel for record in self.tunnels.of_endpoint(endpoint)]
+        if tunnels:
             nursery.start_soon(self._close_for_health, tunnels)
 
     def set_drained(self, drained: set[tuple[str, str]]) -> None:
         """The (pool, server) pairs an operator drained: no new tunnels."""
         for pool in self.pools.values():
-            for server in pool.servers:
-                server.drained = (pool.name, server.name) in drained
+            pool.set_drained(server for name, server in drained if name == pool.name)
 
     async def _close_for_health(self, tunnels: list[int]) -> None:
         self.log.info(

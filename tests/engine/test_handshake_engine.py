@@ -17,14 +17,14 @@ from collections.abc import Awaitable, Callable, Sequence
 import trio
 from peers import RawServer, closed_port, read_head, upgrade_head, websocket_accept
 
-from shardproxy.config import PortRange, from_mapping
+from shardproxy.config import PortRange, ServerConfig, from_mapping
 from shardproxy.control.addrplan import read_system_port_range
 from shardproxy.engine.handshake import Handshake, HandshakeEngine
 from shardproxy.engine.transport import Transport
 from shardproxy.engine.upstream import Upstream
 from shardproxy.policy.admission import Admission
-from shardproxy.policy.balancer import EndpointState, PoolState, ServerState
 from shardproxy.policy.decisions import Decisions
+from shardproxy.policy.registry import EndpointState, PoolRegistry, ServerState
 from shardproxy.policy.routing import Router
 from shardproxy.protocol.errors import Reject
 
@@ -58,7 +58,8 @@ class Harness:
         self.events = Recorder()
         first, last = read_system_port_range()
         upstream = Upstream(PortRange(first, last), (), cfg.endpoints(), "kernel")
-        pools = {p.name: PoolState(p) for p in cfg.pools}
+        pools = self.pools = {p.name: PoolRegistry(p) for p in cfg.pools}
+        self.upstream = upstream
         self.admission = Admission(100)
         self.engine = HandshakeEngine(
             cfg.proxy,
@@ -226,3 +227,34 @@ def test_a_refused_server_is_retried_on_the_next_one() -> None:
 
     with closed_port() as refusing, RawServer(_accepting_backend) as backend:
         run([refusing, backend.port], test)
+
+
+def test_servers_added_and_removed_at_runtime() -> None:
+    """The registry changes under a running engine: a server unknown at
+    start gets tunnels (its tuple space made on its first connect), a
+    removed one gets none, and its tunnel stays up."""
+
+    async def test(h: Harness) -> None:
+        first = client(h.port)
+        first.sendall(upgrade_head("/"))
+        await h.events.until(lambda: len(h.events.tunnels) == 1, "the first tunnel")
+        registry = h.pools["p"]
+        assert h.events.tunnels[0][0].lease.endpoint.server.name == "s0"  # type: ignore[union-attr]
+        registry.add(ServerConfig(name="new", address="127.0.0.1", ports=(later.port,), weight=1))
+        registry.remove("s0")
+        clients = [client(h.port) for _ in range(3)]
+        for c in clients:
+            c.sendall(upgrade_head("/"))
+        await h.events.until(lambda: len(h.events.tunnels) == 4, "three more tunnels")
+        servers = [hs.lease.endpoint.server.name for hs, _ in h.events.tunnels[1:]]  # type: ignore[union-attr]
+        assert servers == ["new"] * 3
+        spaces = {u["endpoint"]: u["used"] for u in h.upstream.snapshot()}
+        assert spaces[f"127.0.0.1:{later.port}"] == 3
+        for c in [first, *clients]:
+            assert (await trio.to_thread.run_sync(read_head, c)).startswith(b"HTTP/1.1 101")
+            c.close()
+        removed = h.events.tunnels[0][0].lease.endpoint
+        assert removed is not None and removed.server.removed and removed.active == 1
+
+    with RawServer(_accepting_backend) as backend, RawServer(_accepting_backend) as later:
+        run([backend.port], test)

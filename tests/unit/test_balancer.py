@@ -15,16 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shardproxy.config import Balance, HashKey, PoolConfig, ServerConfig, from_mapping
-from shardproxy.policy.balancer import (
-    LeastConn,
-    PoolState,
-    RendezvousHash,
-    RoundRobin,
-    ServerState,
-    acquire,
-    extract_hash_key,
-    release,
-)
+from shardproxy.policy.balancer import LeastConn, RendezvousHash, RoundRobin, extract_hash_key
+from shardproxy.policy.registry import PoolRegistry, ServerState
 
 
 def pool(
@@ -33,44 +25,44 @@ def pool(
     *,
     names: Sequence[str] | None = None,
     ports: Sequence[int] = (8080,),
-) -> PoolState:
+) -> PoolRegistry:
     names = names or [chr(ord("a") + i) for i in range(len(weights))]
     servers = tuple(
         ServerConfig(name=name, address=f"10.0.0.{i + 1}", ports=tuple(ports), weight=w)
         for i, (name, w) in enumerate(zip(names, weights, strict=True))
     )
     hash_key = HashKey("client_ip") if balance == "hash" else None
-    return PoolState(PoolConfig(name="p", balance=balance, hash_key=hash_key, servers=servers))
+    return PoolRegistry(PoolConfig(name="p", balance=balance, hash_key=hash_key, servers=servers))
 
 
-def picks(p: PoolState, n: int, *, hold: bool = False, key: bytes | None = None) -> list[str]:
+def picks(p: PoolRegistry, n: int, *, hold: bool = False, key: bytes | None = None) -> list[str]:
     """Choose ``n`` times; with ``hold`` each pick opens a tunnel (acquire)."""
     out = []
     for _ in range(n):
-        s = p.choose(key)
+        s = p.choose(key, now=0.0)
         assert s is not None
         if hold:
-            acquire(s.endpoints_by_use()[0])
+            s.endpoints_by_use()[0].acquire()
         out.append(s.name)
     return out
 
 
-def name_of(p: PoolState, key: bytes | None, exclude: Sequence[ServerState] = ()) -> str:
-    s = p.choose(key, exclude)
+def name_of(p: PoolRegistry, key: bytes | None, exclude: Sequence[ServerState] = ()) -> str:
+    s = p.choose(key, exclude, now=0.0)
     assert s is not None
     return s.name
 
 
-def server(p: PoolState, name: str) -> ServerState:
+def server(p: PoolRegistry, name: str) -> ServerState:
     (s,) = [s for s in p.servers if s.name == name]
     return s
 
 
-def set_active(p: PoolState, **counts: int) -> None:
+def set_active(p: PoolRegistry, **counts: int) -> None:
     for name, n in counts.items():
         s = server(p, name)
         for _ in range(n):
-            acquire(s.endpoints_by_use()[0])
+            s.endpoints_by_use()[0].acquire()
 
 
 def test_the_configured_balance_picks_the_algorithm() -> None:
@@ -88,9 +80,9 @@ def test_the_configured_balance_picks_the_algorithm() -> None:
             },
         }
     )
-    kinds = {pc.name: type(PoolState(pc).algorithm) for pc in c.pools}
+    kinds = {pc.name: type(PoolRegistry(pc).algorithm) for pc in c.pools}
     assert kinds == {"rr": RoundRobin, "lc": LeastConn, "h": RendezvousHash}
-    p = PoolState(c.pool("lc"))
+    p = PoolRegistry(c.pool("lc"))
     assert p.name == "lc"
     assert [s.name for s in p.servers] == ["[::1]"]
 
@@ -102,11 +94,11 @@ def test_acquire_and_release_count_per_endpoint_and_server() -> None:
     p = pool("least_conn", (1,), ports=(8080, 8081))
     s = p.servers[0]
     e0, e1 = s.endpoints
-    acquire(e0)
-    acquire(e0)
-    acquire(e1)
+    e0.acquire()
+    e0.acquire()
+    e1.acquire()
     assert (s.active, e0.active, e1.active) == (3, 2, 1)
-    release(e0)
+    e0.release()
     assert (s.active, e0.active, e1.active) == (2, 1, 1)
     assert e0.server is s
     assert (e0.endpoint.host, e0.endpoint.port) == ("10.0.0.1", 8080)
@@ -118,11 +110,11 @@ def test_endpoints_by_use_spreads_tunnels_over_the_ports() -> None:
     used = []
     for _ in range(9):
         e = s.endpoints_by_use()[0]
-        acquire(e)
+        e.acquire()
         used.append(e.endpoint.port)
     assert Counter(used) == {8080: 3, 8081: 3, 8082: 3}
     # A tunnel ends on 8081: that port is now the least used.
-    release(s.endpoints[1])
+    s.endpoints[1].release()
     assert s.endpoints_by_use()[0].endpoint.port == 8081
 
 
@@ -163,7 +155,7 @@ def test_round_robin_skips_excluded_and_down_servers() -> None:
     server(p, "b").up = False
     assert set(picks(p, 10)) == {"a", "c"}
     assert {name_of(p, None, [server(p, "a")]) for _ in range(5)} == {"c"}
-    assert p.choose(None, [server(p, "a"), server(p, "c")]) is None
+    assert p.choose(None, [server(p, "a"), server(p, "c")], now=0.0) is None
     server(p, "b").up = True
     assert set(picks(p, 6)) == {"a", "b", "c"}
 
@@ -209,22 +201,22 @@ def test_least_conn_skips_excluded_and_down_servers() -> None:
     set_active(p, c=5)
     server(p, "a").up = False
     assert set(picks(p, 10)) == {"b"}
-    assert p.choose(None, [server(p, "b")]) is server(p, "c")
-    assert p.choose(None, [server(p, "b"), server(p, "c")]) is None
+    assert p.choose(None, [server(p, "b")], now=0.0) is server(p, "c")
+    assert p.choose(None, [server(p, "b"), server(p, "c")], now=0.0) is None
 
 
 def test_every_algorithm_returns_none_when_everything_is_excluded_or_down() -> None:
     for balance in ("round_robin", "least_conn", "hash"):
         p = pool(balance, (1, 2))
         for key in (None, b"k"):
-            assert p.choose(key, p.servers) is None
+            assert p.choose(key, p.servers, now=0.0) is None
         for s in p.servers:
             s.up = False
-        assert p.choose(b"k") is None
-        assert p.choose(None) is None
-    assert LeastConn().choose((), None, ()) is None
-    assert RoundRobin().choose((), None, ()) is None
-    assert RendezvousHash().choose((), b"k", ()) is None
+        assert p.choose(b"k", now=0.0) is None
+        assert p.choose(None, now=0.0) is None
+    assert LeastConn().choose((), None, (), 0.0) is None
+    assert RoundRobin().choose((), None, (), 0.0) is None
+    assert RendezvousHash().choose((), b"k", (), 0.0) is None
 
 
 @settings(max_examples=50, deadline=None)
@@ -239,7 +231,7 @@ def test_exclude_is_honoured_by_every_algorithm(
     p = pool(balance, weights)
     excluded = data.draw(st.sets(st.sampled_from(p.servers)))
     for i in range(20):
-        chosen = p.choose(str(i).encode() if i % 2 else None, excluded)
+        chosen = p.choose(str(i).encode() if i % 2 else None, excluded, now=0.0)
         if len(excluded) == len(p.servers):
             assert chosen is None
         else:
@@ -282,11 +274,11 @@ def test_same_key_same_server_in_another_process() -> None:
     }
     script = (
         "import json, sys\n"
-        "from shardproxy.policy.balancer import PoolState\n"
+        "from shardproxy.policy.registry import PoolRegistry\n"
         "from shardproxy.config import from_mapping\n"
         "data, keys = json.loads(sys.argv[1])\n"
-        "p = PoolState(from_mapping(data).pools[0])\n"
-        "print(json.dumps([p.choose(k.encode()).name for k in keys]))\n"
+        "p = PoolRegistry(from_mapping(data).pools[0])\n"
+        "print(json.dumps([p.choose(k.encode(), now=0.0).name for k in keys]))\n"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}  # str hashes differ from this process's
     result = subprocess.run(
@@ -337,18 +329,18 @@ def test_hash_equal_weights_spread_evenly() -> None:
 
 def test_hash_ignores_load() -> None:
     p = pool("hash", (1, 1, 1))
-    chosen = p.choose(b"sticky")
+    chosen = p.choose(b"sticky", now=0.0)
     assert chosen is not None
     for e in chosen.endpoints:
         for _ in range(50):
-            acquire(e)
-    assert p.choose(b"sticky") is chosen
+            e.acquire()
+    assert p.choose(b"sticky", now=0.0) is chosen
 
 
 def test_hash_without_a_key_falls_back_to_least_conn() -> None:
     p = pool("hash", (1, 1, 1))
     set_active(p, a=2, b=0, c=1)
-    assert [s for s in (p.choose(None) for _ in range(5))] == [server(p, "b")] * 5
+    assert [s for s in (p.choose(None, now=0.0) for _ in range(5))] == [server(p, "b")] * 5
     q = pool("hash", (1, 1, 1))
     assert Counter(picks(q, 300, hold=True)) == {"a": 100, "b": 100, "c": 100}
 
@@ -444,4 +436,4 @@ def test_extracted_keys_route_consistently() -> None:
     one = key_of(hk, [(b"cookie", b"a=1; sid=user-7")])
     two = key_of(hk, [(b"cookie", b"sid=user-7; b=2")])
     assert one == two
-    assert p.choose(one) is p.choose(two)
+    assert p.choose(one, now=0.0) is p.choose(two, now=0.0)
