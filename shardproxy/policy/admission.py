@@ -60,7 +60,7 @@ class Admission:
 class AdmissionLease:
     """One connection's share of the worker: see the module docstring."""
 
-    __slots__ = ("_admission", "client_ip", "endpoint", "route", "source_port", "space")
+    __slots__ = ("_admission", "_ports", "client_ip", "endpoint", "route", "space")
 
     def __init__(self, admission: Admission, client_ip: str) -> None:
         self._admission: Admission | None = admission  # None once released
@@ -68,7 +68,27 @@ class AdmissionLease:
         self.route: Any = None  # the RouteConfig, once routed
         self.endpoint: EndpointState | None = None
         self.space: UpstreamTuple | None = None
-        self.source_port = 0  # 0: the kernel chose it (nothing to give back by number)
+        # client_port << 16 | source_port: one int object per connection
+        # instead of two (32 bytes less per tunnel).
+        self._ports = 0
+
+    @property
+    def client_port(self) -> int:
+        return self._ports >> 16
+
+    @client_port.setter
+    def client_port(self, port: int) -> None:
+        self._ports = port << 16 | self._ports & 0xFFFF
+
+    @property
+    def source_port(self) -> int:
+        """The upstream connection's; 0: none yet, or the kernel chose it
+        (nothing to give back by number)."""
+        return self._ports & 0xFFFF
+
+    @source_port.setter
+    def source_port(self, port: int) -> None:
+        self._ports = self._ports & ~0xFFFF | port
 
     @property
     def released(self) -> bool:

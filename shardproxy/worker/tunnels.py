@@ -30,7 +30,6 @@ class TunnelRecord(AdmissionLease):
         "_client_prev",
         "_endpoint_next",
         "_endpoint_prev",
-        "client_port",
         "forwarded_ip",
         "path",
         "tunnel",
@@ -39,7 +38,6 @@ class TunnelRecord(AdmissionLease):
 
     def __init__(self, admission: Admission, client_ip: str) -> None:
         super().__init__(admission, client_ip)
-        self.client_port = 0
         self.path = ""
         self.user_agent: str | None = None
         self.forwarded_ip: str | None = None
