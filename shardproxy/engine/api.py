@@ -90,10 +90,16 @@ class TunnelEngine(Protocol):
         """Take over two connected sockets, their bytes moving through ``io``
         (engine/transport.py); the tunnel's id."""
 
-    def begin_close(self, tunnel: int, code: int, reason: bytes) -> None:
+    def begin_close(self, tunnel: int, code: int, reason: bytes, wait: float | None = None) -> None:
         """A WebSocket Close with ``code`` each way at frame boundaries
-        (RFC 6455 §7), then both sockets closed, outcome DRAINED. Bound the
-        wait with :meth:`end`."""
+        (RFC 6455 §7), then both sockets closed, outcome DRAINED; ended
+        anyway ``wait`` seconds later (outcome STOPPED; None: no bound)."""
+
+    def close_spread(
+        self, tunnels: Sequence[int], span: float, code: int, reason: bytes, wait: float | None
+    ) -> None:
+        """:meth:`begin_close` each tunnel in turn, evenly over ``span``
+        seconds, the first at once (drains, servers that went down)."""
 
     def end(self, tunnel: int, outcome: str = STOPPED) -> None:
         """Close the tunnel now, if it is still open."""

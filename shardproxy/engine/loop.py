@@ -1,10 +1,11 @@
-"""The one loop and the one timer structure both engines run on.
+"""The one loop and the timer structures both engines run on.
 
 An engine is an epoll set plus timers on one clock (``time.monotonic``,
 passed in as ``now``). :func:`run_epoll` drives it from a single trio task:
 it sleeps in trio until the epoll descriptor is readable (trio's own epoll
 reports a nested epoll fd readable when any of its descriptors is ready) or
-the engine's next timer is due, then takes what is ready, events before
+the engine's next timer is due (:class:`Timers`, items at given times, and
+:class:`Spread`, items evenly over a span), then takes what is ready, events before
 timers (a worker that is behind must not time out a read whose event is
 already waiting), and keeps polling with a plain checkpoint between busy
 rounds (no re-arming of trio's wait, one syscall fewer per round); after a
@@ -21,7 +22,7 @@ import heapq
 import itertools
 import select
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Generic, TypeVar
 
 import trio
@@ -66,6 +67,38 @@ class Timers(Generic[T]):
     def compact(self, keep: Callable[[float, T], bool]) -> None:
         self._heap = [e for e in self._heap if keep(e[0], e[2])]
         heapq.heapify(self._heap)
+
+
+class Spread(Generic[T]):
+    """Items to act on evenly over ``span`` seconds from ``start``: the
+    i-th of n is due at ``start + span * i / n`` (the first at once), so
+    that what they cause (clients reconnecting after a Close, Pongs coming
+    back) comes at a steady rate rather than all at once. Held as one list
+    and a position, not as n timers."""
+
+    __slots__ = ("_items", "_next", "span", "start")
+
+    def __init__(self, items: Sequence[T], start: float, span: float) -> None:
+        self._items = items
+        self.start = start
+        self.span = span
+        self._next = 0
+
+    @property
+    def done(self) -> bool:
+        return self._next >= len(self._items)
+
+    def next_due(self) -> float | None:
+        """When the next item is due; None once every one was taken."""
+        n = len(self._items)
+        return None if self._next >= n else self.start + self.span * self._next / n
+
+    def pop_due(self, now: float) -> Iterator[T]:
+        items, n = self._items, len(self._items)
+        while self._next < n and self.start + self.span * self._next / n <= now:
+            item = items[self._next]
+            self._next += 1
+            yield item
 
 
 async def run_epoll(

@@ -78,6 +78,8 @@ import os
 import select
 import time
 from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from shardproxy.engine.api import (
@@ -93,7 +95,7 @@ from shardproxy.engine.api import (
     TunnelEvents,
     TunnelStats,
 )
-from shardproxy.engine.loop import Timers, run_epoll
+from shardproxy.engine.loop import Spread, Timers, run_epoll
 from shardproxy.engine.transport import PLAIN_PAIR, Transports
 from shardproxy.protocol.frames import (
     PONG,
@@ -204,6 +206,16 @@ def _flow_stats(flow: Flow) -> FlowStats:
     return FlowStats(flow.nbytes, flow.messages, flow.close_code, flow.close_order, flow.error)
 
 
+@dataclass(frozen=True, slots=True)
+class _CloseWave:
+    """Tunnels to close over a span, and how (RelayEngine.close_spread)."""
+
+    tunnels: Spread[Tunnel]
+    code: int
+    reason: bytes
+    wait: float | None
+
+
 class RelayEngine:
     """Moves bytes for every tunnel of one worker from a single trio task:
     the Python implementation of :class:`~shardproxy.engine.api.TunnelEngine`.
@@ -228,11 +240,12 @@ class RelayEngine:
         self._events = events
         self._uses = array("I")  # per descriptor: tunnels it carried as a client (ids)
         self._keepalive = keepalive or Keepalive()
-        # The ping round: the tunnels to ping in this interval, in order,
-        # the i-th at round_start + interval * i / len(round).
-        self._round: list[Tunnel] = []
-        self._round_start = -math.inf
-        self._round_next = 0
+        # The ping round: every tunnel once per interval, spread over it.
+        self._round: Spread[Tunnel] = Spread([], -math.inf, self._keepalive.interval)
+        # Closes spread over a span (drains, servers gone), and the
+        # close_wait of every closing tunnel that has one.
+        self._waves: list[_CloseWave] = []
+        self._close_waits: Timers[Tunnel] = Timers()
         # Written Pings to check: (tunnel, when written, client bytes then).
         self._ping_checks: Timers[tuple[Tunnel, float, int]] = Timers()
         # Our Pings carry this payload; a client's Pong with it is ours to
@@ -298,10 +311,17 @@ class RelayEngine:
     # -- keepalive -------------------------------------------------------------
 
     def process(self, now: float) -> None:
-        """Timers: the pings of the round that fell due, and the checks of
-        written Pings."""
+        """Timers: the pings of the round that fell due, the checks of
+        written Pings, the closes of every wave that fell due, and the
+        close_waits that ran out."""
         if self._keepalive.interval:
             self._ping_round(now)
+        if self._waves:
+            self._close_waves(now)
+        if self._close_waits.due(now):
+            for _, t in self._close_waits.pop_due(now):
+                if self._alive(t):  # the peers did not finish the close handshake in time
+                    self._finish(t, STOPPED)
         if not self._ping_checks.due(now):
             return
         timeout = self._keepalive.timeout
@@ -318,43 +338,71 @@ class RelayEngine:
 
     def _ping_round(self, now: float) -> None:
         interval = self._keepalive.interval
-        if now >= self._round_start + interval:
-            self._round = [t for fd, t in self._tunnels.items() if fd == t.client_fd]
-            self._round_start, self._round_next = now, 0
-        n = len(self._round)
-        while self._round_next < n and (self._round_start + interval * self._round_next / n <= now):
-            t = self._round[self._round_next]
+        if now >= self._round.start + interval:
+            tunnels = [t for fd, t in self._tunnels.items() if fd == t.client_fd]
+            self._round = Spread(tunnels, now, interval)
+        for t in self._round.pop_due(now):
             if self._alive(t):
                 self._schedule_ping(t)
-            self._round_next += 1
+
+    def _close_waves(self, now: float) -> None:
+        for wave in self._waves:
+            for t in wave.tunnels.pop_due(now):
+                if self._alive(t):
+                    self._begin_close(t, wave.code, wave.reason, wave.wait, now)
+        self._waves = [wave for wave in self._waves if not wave.tunnels.done]
 
     def _next_wake(self, now: float) -> float | None:
-        wake = self._ping_checks.next_due()
-        interval = self._keepalive.interval
-        if interval:
-            n = len(self._round)
-            due = self._round_start + (
-                interval * self._round_next / n if self._round_next < n else interval
-            )
-            due = max(due, now + PING_BATCH)  # pings in batches, not a wakeup each
-            wake = due if wake is None else min(wake, due)
-        return wake
+        due = [
+            self._ping_checks.next_due(),
+            self._close_waits.next_due(),
+            *(wave.tunnels.next_due() for wave in self._waves),
+        ]
+        if self._keepalive.interval:
+            ping = self._round.next_due()
+            if ping is None:
+                ping = self._round.start + self._keepalive.interval  # the next round
+            due.append(max(ping, now + PING_BATCH))  # pings in batches, not a wakeup each
+        times = [when for when in due if when is not None]
+        return min(times) if times else None
 
     # -- by tunnel id ------------------------------------------------------------
 
-    def begin_close(self, tunnel: int, code: int, reason: bytes) -> None:
+    def begin_close(self, tunnel: int, code: int, reason: bytes, wait: float | None = None) -> None:
         """Close the tunnel the WebSocket way (RFC 6455 §7): a Close frame with
         ``code`` to the client and one to the backend, each written at the
         next frame boundary of its direction (a frame in progress is finished
         first); from then on what either side sends is read and dropped,
         until its own Close (or FIN) comes; then both sockets are closed with
         a FIN, outcome DRAINED. A direction that already carries a Close, or
-        whose destination was shut, gets none. Bound the wait with
-        :meth:`end`: a peer may never answer."""
+        whose destination was shut, gets none. A peer may never answer:
+        ``wait`` seconds after the Close, the tunnel is ended anyway
+        (outcome STOPPED); None: wait for as long as it takes (or
+        :meth:`end`)."""
         t = self._tunnel(tunnel)
-        if t is None or t.closing:
+        if t is not None:
+            self._begin_close(t, code, reason, wait, time.monotonic())
+
+    def close_spread(
+        self, tunnels: Sequence[int], span: float, code: int, reason: bytes, wait: float | None
+    ) -> None:
+        """:meth:`begin_close` each of ``tunnels`` in turn, evenly over
+        ``span`` seconds (the first at once), so that their clients
+        reconnect at a steady rate and not all at once."""
+        alive = [t for t in map(self._tunnel, tunnels) if t is not None]
+        if not alive:
+            return
+        self._waves.append(_CloseWave(Spread(alive, time.monotonic(), span), code, reason, wait))
+        self._close_waves(time.monotonic())
+
+    def _begin_close(
+        self, t: Tunnel, code: int, reason: bytes, wait: float | None, now: float
+    ) -> None:
+        if t.closing:
             return
         t.closing = True
+        if wait is not None:
+            self._close_waits.add(now + wait, t)
         if t.ping_sent == PING_DUE:  # replaced by our Close below
             t.ping_sent = 0.0
         frames = (

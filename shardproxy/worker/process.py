@@ -44,9 +44,7 @@ import signal
 import socket
 import sys
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Sequence
-from functools import partial
+from collections import Counter
 from typing import Any
 
 import trio
@@ -93,42 +91,6 @@ def _route_name(route: RouteConfig) -> str:
     return f"{route.host}{route.path_prefix}"
 
 
-class Deadlines:
-    """The worker's own actions due at given times (a close_wait after a
-    drain's Close), added in time order and run while a trio task sleeps in
-    :meth:`sleep_until`. (The engines' timers are engine/loop.py's.)"""
-
-    def __init__(self) -> None:
-        self._due: deque[tuple[float, Callable[[], None]]] = deque()
-
-    def add(self, when: float, action: Callable[[], None]) -> None:
-        self._due.append((when, action))
-
-    async def sleep_until(self, when: float) -> None:
-        while True:
-            await trio.sleep_until(min(when, self._due[0][0]) if self._due else when)
-            now = trio.current_time()
-            while self._due and self._due[0][0] <= now:
-                self._due.popleft()[1]()
-            if now >= when:
-                return
-
-    async def spread(
-        self, items: Sequence[int], span: float, action: Callable[[int], object]
-    ) -> None:
-        """``action`` on each item in turn, evenly over ``span`` seconds
-        (the first at once), running what falls due meanwhile."""
-        start = trio.current_time()
-        for i, item in enumerate(items):
-            await self.sleep_until(start + span * i / len(items))
-            action(item)
-
-    async def run_out(self) -> None:
-        """Sleep until every action added so far has run."""
-        if self._due:
-            await self.sleep_until(self._due[-1][0])
-
-
 class Worker:
     def __init__(
         self,
@@ -169,7 +131,6 @@ class Worker:
         self._suppressed: Counter[str] = Counter()  # left out since the last log-suppressed
         self._suppressed_report_at = 0.0
         self.draining = False
-        self._drain_deadlines: Deadlines | None = None  # of close_wait, once draining
         self.generation = 1
         self.log = logs.get_logger()
         self.handshake = HandshakeEngine(
@@ -207,8 +168,8 @@ class Worker:
         if not self.relay.alive(tunnel):  # its first bytes could not be written
             return
         self.tunnels.add(record, tunnel)
-        if self.draining and self._drain_deadlines is not None:
-            self._close_going_away(tunnel, self._drain_deadlines)  # came up during a drain
+        if self.draining:  # came up during a drain
+            self.relay.begin_close(tunnel, *self._going_away())
 
     def accept_error(self, e: OSError) -> None:
         self.log.error(
@@ -435,13 +396,11 @@ class Worker:
             f"draining: {len(tunnels)} tunnels get a Close 1001 over {lifecycle.close_spread:g}s",
             **{"event.action": "drain-start", "shardproxy.tunnels": len(tunnels)},
         )
-        # Of close_wait; tunnels from handshakes still under way are closed
-        # as they come up (established).
-        deadlines = self._drain_deadlines = Deadlines()
-        close = partial(self._close_going_away, deadlines=deadlines)
-        await deadlines.spread(tunnels, lifecycle.close_spread, close)
-        while len(self.relay) or len(self.handshake):  # the last answers
-            await deadlines.sleep_until(trio.current_time() + DRAIN_POLL)
+        # Tunnels from handshakes still under way are closed as they come
+        # up (established).
+        self.relay.close_spread(tunnels, lifecycle.close_spread, *self._going_away())
+        while len(self.relay) or len(self.handshake):
+            await trio.sleep(DRAIN_POLL)
 
     # -- pings (the engine sends them and ends silent clients) ---------------
 
@@ -461,7 +420,7 @@ class Worker:
 
     # -- health (from the supervisor) ---------------------------------------
 
-    def set_health(self, down: set[Endpoint], nursery: trio.Nursery) -> None:
+    def set_health(self, down: set[Endpoint]) -> None:
         """Apply the supervisor's set of endpoints that are down: no new
         tunnels to them; with ``on_server_down = "close"``, their tunnels
         are closed with a Close 1001, spread like a drain."""
@@ -473,30 +432,22 @@ class Worker:
                 for endpoint in went_down:
                     tunnels += [record.tunnel for record in self.tunnels.of_endpoint(endpoint)]
         if tunnels:
-            nursery.start_soon(self._close_for_health, tunnels)
+            self.log.info(
+                f"closing {len(tunnels)} tunnels of backends that went down",
+                **{"event.action": "server-down-close", "shardproxy.tunnels": len(tunnels)},
+            )
+            self.relay.close_spread(
+                tunnels, self.config.lifecycle.close_spread, *self._going_away()
+            )
 
     def set_drained(self, drained: set[tuple[str, str]]) -> None:
         """The (pool, server) pairs an operator drained: no new tunnels."""
         for pool in self.pools.values():
             pool.set_drained(server for name, server in drained if name == pool.name)
 
-    async def _close_for_health(self, tunnels: list[int]) -> None:
-        self.log.info(
-            f"closing {len(tunnels)} tunnels of backends that went down",
-            **{"event.action": "server-down-close", "shardproxy.tunnels": len(tunnels)},
-        )
-        deadlines = Deadlines()
-        close = partial(self._close_going_away, deadlines=deadlines)
-        await deadlines.spread(tunnels, self.config.lifecycle.close_spread, close)
-        await deadlines.run_out()
-
-    def _close_going_away(self, tunnel: int, deadlines: Deadlines) -> None:
+    def _going_away(self) -> tuple[int, bytes, float]:
         """Close 1001 both ways; the sockets close at the latest after close_wait."""
-        self.relay.begin_close(tunnel, GOING_AWAY, b"going away")
-        deadlines.add(
-            trio.current_time() + self.config.lifecycle.close_wait,
-            partial(self.relay.end, tunnel),
-        )
+        return GOING_AWAY, b"going away", self.config.lifecycle.close_wait
 
     async def retire(self, sweep: list[int], drain_after: float | None) -> None:
         """A reload started a new generation: stop accepting, keep relaying
@@ -597,7 +548,7 @@ async def _watch_supervisor(channel: Channel, worker: Worker, nursery: trio.Nurs
     while (message := await channel.receive()) is not None:
         match message:
             case Health():
-                worker.set_health({config.parse_host_port(e) for e in message.down}, nursery)
+                worker.set_health({config.parse_host_port(e) for e in message.down})
             case Drained():
                 worker.set_drained(set(message.servers))
             case Retire():

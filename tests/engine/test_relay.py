@@ -331,6 +331,47 @@ def test_close_waits_for_the_frame_in_progress_and_drops_what_follows() -> None:
     run(test)
 
 
+def test_a_peer_that_never_answers_is_ended_after_the_wait() -> None:
+    async def test(h: Harness) -> None:
+        client, backend, t = h.tunnel()
+        answering, answering_backend, t2 = h.tunnel()
+        h.engine.begin_close(t, 1001, b"going away", wait=0.2)
+        h.engine.begin_close(t2, 1001, b"going away", wait=0.2)
+        await trio.to_thread.run_sync(recv_exactly, client, len(GOING_AWAY))
+        # t2's peers answer at once: it ends DRAINED, and its wait runs out
+        # on nothing (its descriptors may already carry the next tunnel).
+        await trio.to_thread.run_sync(recv_exactly, answering, len(GOING_AWAY))
+        await trio.to_thread.run_sync(answering.sendall, client_close())
+        await trio.to_thread.run_sync(answering_backend.sendall, close_frame(1001))
+        assert await h.wait_closed() == [DRAINED]
+        successor, successor_backend, t3 = h.tunnel()
+        assert await h.wait_closed(2) == [DRAINED, STOPPED]  # t: nobody answered
+        assert h.closed[1][0] == "token" and h.engine.alive(t3)
+        for s in (client, backend, answering, answering_backend, successor, successor_backend):
+            s.close()
+
+    run(test)
+
+
+def test_close_spread_closes_one_tunnel_at_once_and_the_rest_in_turn() -> None:
+    async def test(h: Harness) -> None:
+        tunnels = [h.tunnel() for _ in range(4)]
+        ids = [t for _, _, t in tunnels]
+        h.engine.close_spread(ids, 0.6, 1001, b"going away", None)
+        assert [h.inside(t).closing for t in ids] == [True, False, False, False]
+        order = []
+        for client, _, t in tunnels:  # they come in the order given
+            await trio.to_thread.run_sync(recv_exactly, client, len(GOING_AWAY))
+            order.append(t)
+            assert all(h.inside(x).closing for x in order)
+        assert order == ids
+        for client, backend, _ in tunnels:
+            client.close()
+            backend.close()
+
+    run(test)
+
+
 def test_a_peer_that_never_answers_is_ended_by_end() -> None:
     async def test(h: Harness) -> None:
         client, backend, t = h.tunnel()
