@@ -1,4 +1,7 @@
-"""The interface between a worker and its relay engine.
+"""The interface between a worker and its engines: the relay
+(:class:`TunnelEngine`, reporting to :class:`TunnelEvents`) and the
+handshake engine (:class:`Handshakes`, reporting to
+:class:`HandshakeEvents` in records of its own such as :class:`Upgraded`).
 
 The worker hands the engine a tunnel (two connected non-blocking sockets,
 its token, its first bytes each way) and gets back a tunnel id; it asks for
@@ -22,11 +25,15 @@ lives (a descriptor number is: a closed tunnel's fds come back for the next).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from shardproxy.engine.transport import PLAIN_PAIR, Transports
+from shardproxy.policy.admission import AdmissionLease
+from shardproxy.policy.registry import EndpointState, ServerState
+from shardproxy.protocol.errors import Reject
+from shardproxy.protocol.upgrade import UpgradeRequest
 
 # The ways a tunnel ends, for the access log and metrics (the log's words).
 CLOSED = "closed"  # both directions finished with FIN
@@ -119,3 +126,69 @@ class TunnelEngine(Protocol):
 
     def close(self) -> None:
         """Close every tunnel (outcome STOPPED) and the engine."""
+
+
+@dataclass(frozen=True, slots=True)
+class Upgraded:
+    """A handshake that became a tunnel: what its owner takes over."""
+
+    lease: AdmissionLease  # to release when the tunnel ends
+    client_fd: int
+    backend_fd: int
+    to_backend: bytes  # tunnel bytes that came behind the request head
+    to_client: bytes  # and behind the response head
+    io: Transports  # what each side's bytes went through
+    request: UpgradeRequest
+    seconds: float  # from accept to the 101 passed on
+
+
+class HandshakeEvents(Protocol):
+    """What the handshake engine tells its owner, in records of its own
+    (never its Handshake objects, so that a compiled engine can report the
+    same). None of these may raise or block; the engine has closed nothing
+    of its own when they are called but for :meth:`established`, which
+    hands both descriptors over."""
+
+    def established(self, tunnel: Upgraded) -> None:
+        """The 101 went to the client: the descriptors are the owner's now."""
+
+    def rejected(
+        self, lease: AdmissionLease, request: UpgradeRequest | None, r: Reject, seconds: float
+    ) -> None:
+        """The connection of ``lease`` was answered ``r``, ``seconds`` after
+        accept; ``request``: its head, if one parsed (counted and logged by
+        the owner)."""
+
+    def handshake_failed(self, lease: AdmissionLease, e: OSError) -> None:
+        """The client's socket failed before its tunnel was up."""
+
+    def connect_failed(
+        self, pool: str, server: ServerState, endpoint: EndpointState, reason: str
+    ) -> None:
+        """An upstream connect was refused or timed out (the next server is tried)."""
+
+    def accept_error(self, e: OSError) -> None:
+        """accept() failed for lack of descriptors or memory: backing off."""
+
+    def internal_error(self) -> None:
+        """A bug of ours, called inside the ``except`` (the trace can be
+        logged); the connection is answered 500 or closed after."""
+
+
+class Handshakes(Protocol):
+    """The handshake engine of one worker (engine/handshake.py's
+    HandshakeEngine): accepts on its listen sockets, upgrades, connects
+    upstream, and reports to its HandshakeEvents."""
+
+    def stop_accepting(self, *, sweep: Collection[int] | None = None, refuse: bool = True) -> None:
+        """Let go of the listen sockets (those of ``sweep`` emptied first,
+        their queue refused with 503 when ``refuse``, else served)."""
+
+    def __len__(self) -> int:
+        """Handshakes in flight."""
+
+    async def run(self) -> None:
+        """Serve until cancelled."""
+
+    def close(self) -> None:
+        """Close every handshake and the engine."""

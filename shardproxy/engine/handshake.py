@@ -50,9 +50,10 @@ import socket
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from shardproxy.config import Endpoint, ProxyConfig
+from shardproxy.engine.api import HandshakeEvents, Upgraded
 from shardproxy.engine.loop import Timers, run_epoll
 from shardproxy.engine.transport import PLAIN, Transport, Transports, local_address, pair
 from shardproxy.engine.upstream import Exhausted, TupleSpace, Upstream
@@ -119,7 +120,6 @@ class Handshake:
         "backend",
         "backend_io",
         "client",
-        "client_port",
         "deadline",
         "exhausted",
         "first_up",
@@ -143,8 +143,8 @@ class Handshake:
         self, client: int, addr: Any, listener: Listener, deadline: float, lease: AdmissionLease
     ) -> None:
         self.client = client
-        self.lease = lease  # its slot, route, endpoint and upstream tuple (client_ip too)
-        self.client_port: int = addr[1]
+        self.lease = lease  # its slot, client, route, endpoint and upstream tuple
+        lease.client_port = addr[1]
         self.listener = listener  # what the client connected to
         self.started = time.monotonic()
         self.state = READ_REQUEST
@@ -170,6 +170,10 @@ class Handshake:
         return self.lease.client_ip
 
     @property
+    def client_port(self) -> int:
+        return self.lease.client_port
+
+    @property
     def client_io(self) -> Transport:
         return self.listener.transport
 
@@ -177,35 +181,6 @@ class Handshake:
     def transports(self) -> Transports:
         """Both sides' transports, for the relay."""
         return pair(self.listener.transport, self.backend_io)
-
-
-class HandshakeEvents(Protocol):
-    """What the handshake engine tells its owner. None of these may raise
-    or block; the engine has closed nothing of its own when they are called
-    but for :meth:`established`, which takes both descriptors."""
-
-    def established(self, h: Handshake, backend_fd: int) -> None:
-        """The 101 went to the client: ``h.client`` and ``backend_fd`` are
-        the tunnel's now, with ``h.lease`` (to release when it ends),
-        ``h.first_up`` and ``h.response.trailing`` its first bytes."""
-
-    def rejected(self, h: Handshake, r: Reject) -> None:
-        """``h`` was answered ``r`` (counted and logged by the owner)."""
-
-    def handshake_failed(self, h: Handshake, e: OSError) -> None:
-        """The client's socket failed before its tunnel was up."""
-
-    def connect_failed(
-        self, pool: str, server: ServerState, endpoint: EndpointState, reason: str
-    ) -> None:
-        """An upstream connect was refused or timed out (the next server is tried)."""
-
-    def accept_error(self, e: OSError) -> None:
-        """accept() failed for lack of descriptors or memory: backing off."""
-
-    def internal_error(self) -> None:
-        """A bug of ours, called inside the ``except`` (the trace can be
-        logged); the connection is answered 500 or closed after."""
 
 
 class HandshakeEngine:
@@ -464,7 +439,7 @@ class HandshakeEngine:
         bytes that came after it."""
         assert h.header is not None
         if header.source is not None:
-            h.lease.client_ip, h.client_port = header.source
+            h.lease.client_ip, h.lease.client_port = header.source
             h.local = header.destination
         rest, h.header = h.header.trailing, None
         return rest
@@ -609,8 +584,19 @@ class HandshakeEngine:
         self._want(h.client, 0)
         self._want(backend, 0)
         del self._by_fd[h.client], self._by_fd[backend]
-        self.events.established(h, h.backend.detach())
+        assert h.request is not None and h.response is not None
+        tunnel = Upgraded(
+            h.lease,
+            h.client,
+            h.backend.detach(),
+            h.first_up,
+            h.response.trailing,
+            h.transports,
+            h.request,
+            time.monotonic() - h.started,
+        )
         self._done_with(h)
+        self.events.established(tunnel)
 
     def _reject(self, h: Handshake, r: Reject) -> None:
         """Answer the client with ``r`` (unless the backend's answer went already)."""
@@ -628,7 +614,7 @@ class HandshakeEngine:
         and read and drop what the client still sends until it closes."""
         r = h.reject
         assert r is not None
-        self.events.rejected(h, r)
+        self._report_reject(h, r)
         h.state = LINGER
         self._arm(h, LINGER_TIMEOUT)
         try:
@@ -683,7 +669,7 @@ class HandshakeEngine:
             self._reject(h, Reject(504, "upstream_timeout", "backend did not read the request"))
         else:  # WRITE, PASS_BODY, LINGER: give up on this client
             if h.reject is not None and state != LINGER:
-                self.events.rejected(h, h.reject)
+                self._report_reject(h, h.reject)
             self._close(h)
 
     def _internal_error(self, fd: int) -> None:
@@ -701,9 +687,13 @@ class HandshakeEngine:
             pass
         self._close(h)
 
+    def _report_reject(self, h: Handshake, r: Reject) -> None:
+        request = h.request or r.request  # a head that parsed, upgrade or not
+        self.events.rejected(h.lease, request, r, time.monotonic() - h.started)
+
     def _failed(self, h: Handshake, e: OSError) -> None:
         """The client's socket failed (reset, gone) before its tunnel was up."""
-        self.events.handshake_failed(h, e)
+        self.events.handshake_failed(h.lease, e)
         self._close(h)
 
     def _connect_failed(

@@ -53,17 +53,26 @@ from shardproxy import config
 from shardproxy.config import Config, Endpoint, PortRange, RouteConfig
 from shardproxy.control.channel import Channel
 from shardproxy.control.messages import Drained, Health, Ready, Retire, Start, Stats
-from shardproxy.engine.api import CLOSED, DRAINED, PING_TIMEOUT, FlowStats, Keepalive, TunnelStats
-from shardproxy.engine.handshake import Handshake, HandshakeEngine
+from shardproxy.engine.api import (
+    CLOSED,
+    DRAINED,
+    PING_TIMEOUT,
+    FlowStats,
+    Keepalive,
+    TunnelStats,
+    Upgraded,
+)
+from shardproxy.engine.handshake import HandshakeEngine
 from shardproxy.engine.relay import RelayEngine
 from shardproxy.engine.upstream import TupleSpace, Upstream
 from shardproxy.host.rlimits import fd_capacity, raise_nofile_limit
-from shardproxy.policy.admission import Admission
+from shardproxy.policy.admission import Admission, AdmissionLease
 from shardproxy.policy.decisions import Decisions
 from shardproxy.policy.registry import EndpointState, PoolRegistry, ServerState
 from shardproxy.policy.routing import Router
 from shardproxy.policy.sampling import AccessSampler, ErrorBudget
 from shardproxy.protocol.errors import Reject
+from shardproxy.protocol.upgrade import UpgradeRequest
 from shardproxy.telemetry import logs
 from shardproxy.telemetry.stats import HANDSHAKE_BOUNDS, TUNNEL_BOUNDS, BucketCounts
 from shardproxy.worker.tunnels import TunnelIndex, TunnelRecord
@@ -148,23 +157,19 @@ class Worker:
 
     # -- events of the handshake engine (engine.handshake.HandshakeEvents) ---------
 
-    def established(self, h: Handshake, backend_fd: int) -> None:
+    def established(self, u: Upgraded) -> None:
         """A handshake became a tunnel: its record goes to the relay with it."""
-        assert h.request is not None and h.response is not None
-        record = h.lease
+        record = u.lease
         assert isinstance(record, TunnelRecord)
-        record.client_port = h.client_port
-        record.path = h.request.path
-        agent = h.request.user_agent()
+        record.path = u.request.path
+        agent = u.request.user_agent()
         # Interned: tunnels from the same browser share one string.
         record.user_agent = None if agent is None else sys.intern(agent)
-        record.forwarded_ip = h.request.forwarded_ip()
-        self.handshake_seconds.observe(time.monotonic() - h.started)
+        record.forwarded_ip = u.request.forwarded_ip()
+        self.handshake_seconds.observe(u.seconds)
         self.route_tunnels[record.route] += 1
         self.counts["tunnels"] += 1
-        tunnel = self.relay.add(
-            h.client, backend_fd, record, h.first_up, h.response.trailing, h.transports
-        )
+        tunnel = self.relay.add(u.client_fd, u.backend_fd, record, u.to_backend, u.to_client, u.io)
         if not self.relay.alive(tunnel):  # its first bytes could not be written
             return
         self.tunnels.add(record, tunnel)
@@ -210,7 +215,9 @@ class Worker:
         self._suppressed.clear()
         self._suppressed_report_at = now + SUPPRESSED_REPORT_EVERY
 
-    def rejected(self, h: Handshake, r: Reject) -> None:
+    def rejected(
+        self, lease: AdmissionLease, request: UpgradeRequest | None, r: Reject, seconds: float
+    ) -> None:
         self.counts[f"rejected.{r.reason}"] += 1
         if not self.may_log("request-rejected"):
             return
@@ -220,13 +227,12 @@ class Worker:
             "event.type": _DENIED,
             "event.action": "request-rejected",
             "event.outcome": "failure",
-            "event.duration": int((time.monotonic() - h.started) * 1e9),
-            "client.ip": h.client_ip,
-            "client.port": h.client_port,
+            "event.duration": int(seconds * 1e9),
+            "client.ip": lease.client_ip,
+            "client.port": lease.client_port,
             "http.response.status_code": r.status,
             "shardproxy.reason": r.reason,
         }
-        request = h.request or r.request  # a head that parsed, upgrade or not
         if request is not None:
             fields["http.request.method"] = request.method.decode("latin-1")
             fields["url.path"] = request.path
@@ -237,7 +243,7 @@ class Worker:
         log = self.log.warning if r.status >= 500 else self.log.info  # ours or the backend's
         log(r.detail, **fields)
 
-    def handshake_failed(self, h: Handshake, e: OSError) -> None:
+    def handshake_failed(self, lease: AdmissionLease, e: OSError) -> None:
         self.counts["handshake_failed"] += 1
         if not self.may_log("handshake-failed"):
             return
@@ -249,8 +255,8 @@ class Worker:
                 "event.type": _CONNECTION,
                 "event.action": "handshake-failed",
                 "event.outcome": "failure",
-                "client.ip": h.client_ip,
-                "client.port": h.client_port,
+                "client.ip": lease.client_ip,
+                "client.port": lease.client_port,
                 "error.message": str(e),
             },
         )

@@ -19,14 +19,16 @@ from peers import RawServer, closed_port, read_head, upgrade_head, websocket_acc
 
 from shardproxy.config import PortRange, ServerConfig, from_mapping
 from shardproxy.control.addrplan import read_system_port_range
-from shardproxy.engine.handshake import Handshake, HandshakeEngine
+from shardproxy.engine.api import Upgraded
+from shardproxy.engine.handshake import HandshakeEngine
 from shardproxy.engine.transport import Transport
 from shardproxy.engine.upstream import Upstream
-from shardproxy.policy.admission import Admission
+from shardproxy.policy.admission import Admission, AdmissionLease
 from shardproxy.policy.decisions import Decisions
 from shardproxy.policy.registry import EndpointState, PoolRegistry, ServerState
 from shardproxy.policy.routing import Router
 from shardproxy.protocol.errors import Reject
+from shardproxy.protocol.upgrade import UpgradeRequest
 
 HEADER_TIMEOUT = 0.3
 RESPONSE_TIMEOUT = 0.3
@@ -72,8 +74,9 @@ class Harness:
         )
 
     def close(self) -> None:
-        for _, fd in self.events.tunnels:
-            socket.socket(fileno=fd).close()
+        for u in self.events.tunnels:
+            socket.socket(fileno=u.client_fd).close()
+            socket.socket(fileno=u.backend_fd).close()
         self.engine.close()
 
 
@@ -81,7 +84,7 @@ class Recorder:
     """The engine's HandshakeEvents, recorded, with a way to await them."""
 
     def __init__(self) -> None:
-        self.tunnels: list[tuple[Handshake, int]] = []
+        self.tunnels: list[Upgraded] = []
         self.refusals: list[Reject] = []
         self.connect_failures: list[str] = []
         self.client_failures: list[OSError] = []
@@ -91,15 +94,17 @@ class Recorder:
         self._changed.set()
         self._changed = trio.Event()
 
-    def established(self, h: Handshake, backend_fd: int) -> None:
-        self.tunnels.append((h, backend_fd))
+    def established(self, tunnel: Upgraded) -> None:
+        self.tunnels.append(tunnel)
         self._note()
 
-    def rejected(self, h: Handshake, r: Reject) -> None:
+    def rejected(
+        self, lease: AdmissionLease, request: UpgradeRequest | None, r: Reject, seconds: float
+    ) -> None:
         self.refusals.append(r)
         self._note()
 
-    def handshake_failed(self, h: Handshake, e: OSError) -> None:
+    def handshake_failed(self, lease: AdmissionLease, e: OSError) -> None:
         self.client_failures.append(e)
         self._note()
 
@@ -239,21 +244,21 @@ def test_servers_added_and_removed_at_runtime() -> None:
         first.sendall(upgrade_head("/"))
         await h.events.until(lambda: len(h.events.tunnels) == 1, "the first tunnel")
         registry = h.pools["p"]
-        assert h.events.tunnels[0][0].lease.endpoint.server.name == "s0"  # type: ignore[union-attr]
+        assert h.events.tunnels[0].lease.endpoint.server.name == "s0"  # type: ignore[union-attr]
         registry.add(ServerConfig(name="new", address="127.0.0.1", ports=(later.port,), weight=1))
         registry.remove("s0")
         clients = [client(h.port) for _ in range(3)]
         for c in clients:
             c.sendall(upgrade_head("/"))
         await h.events.until(lambda: len(h.events.tunnels) == 4, "three more tunnels")
-        servers = [hs.lease.endpoint.server.name for hs, _ in h.events.tunnels[1:]]  # type: ignore[union-attr]
+        servers = [u.lease.endpoint.server.name for u in h.events.tunnels[1:]]  # type: ignore[union-attr]
         assert servers == ["new"] * 3
         spaces = {u["endpoint"]: u["used"] for u in h.upstream.snapshot()}
         assert spaces[f"127.0.0.1:{later.port}"] == 3
         for c in [first, *clients]:
             assert (await trio.to_thread.run_sync(read_head, c)).startswith(b"HTTP/1.1 101")
             c.close()
-        removed = h.events.tunnels[0][0].lease.endpoint
+        removed = h.events.tunnels[0].lease.endpoint
         assert removed is not None and removed.server.removed and removed.active == 1
 
     with RawServer(_accepting_backend) as backend, RawServer(_accepting_backend) as later:

@@ -114,8 +114,9 @@ def test_the_handshake_engine_uses_the_listeners_transport() -> None:
         c = client(h.port)
         c.sendall(xor(upgrade_head("/")))
         await h.events.until(lambda: bool(h.events.tunnels), "a tunnel")
-        ((handshake, _),) = h.events.tunnels
-        assert handshake.transports == Transports(toy, PLAIN)
+        (tunnel,) = h.events.tunnels
+        assert tunnel.io == Transports(toy, PLAIN)
+        assert tunnel.request.path == "/" and tunnel.lease.endpoint is not None
         answer = xor(await trio.to_thread.run_sync(c.recv, 4096))
         assert answer.startswith(b"HTTP/1.1 101")
         c.close()
