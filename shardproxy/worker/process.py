@@ -58,7 +58,9 @@ from shardproxy.engine.api import (
     DRAINED,
     PING_TIMEOUT,
     FlowStats,
+    Handshakes,
     Keepalive,
+    TunnelEngine,
     TunnelStats,
     Upgraded,
 )
@@ -124,7 +126,10 @@ class Worker:
         self.router = Router(cfg.routes)
         self.pools = {p.name: PoolRegistry(p) for p in cfg.pools}
         keepalive = cfg.keepalive
-        self.relay = RelayEngine(self, Keepalive(keepalive.ping_interval, keepalive.ping_timeout))
+        # Typed by their interfaces (engine/api.py): the worker uses nothing else.
+        self.relay: TunnelEngine = RelayEngine(
+            self, Keepalive(keepalive.ping_interval, keepalive.ping_timeout)
+        )
         self.tunnels = TunnelIndex()  # the relay's tunnels by endpoint and client address
         by_fds = fd_capacity(nofile)
         self.admission = Admission(
@@ -142,7 +147,7 @@ class Worker:
         self.draining = False
         self.generation = 1
         self.log = logs.get_logger()
-        self.handshake = HandshakeEngine(
+        self.handshake: Handshakes = HandshakeEngine(
             cfg.proxy,
             listeners,
             self.admission,
