@@ -353,18 +353,20 @@ class RelayEngine:
         self._waves = [wave for wave in self._waves if not wave.tunnels.done]
 
     def _next_wake(self, now: float) -> float | None:
-        due = [
-            self._ping_checks.next_due(),
-            self._close_waits.next_due(),
-            *(wave.tunnels.next_due() for wave in self._waves),
-        ]
+        # Called once per loop round: the common case (no pings, no closes
+        # under way) costs two checks.
+        wake = self._ping_checks.next_due()
         if self._keepalive.interval:
             ping = self._round.next_due()
             if ping is None:
                 ping = self._round.start + self._keepalive.interval  # the next round
-            due.append(max(ping, now + PING_BATCH))  # pings in batches, not a wakeup each
-        times = [when for when in due if when is not None]
-        return min(times) if times else None
+            ping = max(ping, now + PING_BATCH)  # pings in batches, not a wakeup each
+            wake = ping if wake is None else min(wake, ping)
+        if self._waves or self._close_waits:
+            due = [self._close_waits.next_due(), *(w.tunnels.next_due() for w in self._waves)]
+            times = [when for when in (wake, *due) if when is not None]
+            wake = min(times) if times else None
+        return wake
 
     # -- by tunnel id ------------------------------------------------------------
 
