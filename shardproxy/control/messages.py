@@ -18,6 +18,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from shardproxy.telemetry.snapshot import WorkerSnapshot
+
 
 @dataclass(frozen=True, slots=True)
 class UpstreamSlice:
@@ -86,7 +88,7 @@ class Stats:
     counts them as failed health checks)."""
 
     TYPE: ClassVar[str] = "stats"
-    snapshot: dict[str, Any]
+    snapshot: WorkerSnapshot
     passive_failures: dict[str, int]
 
 
@@ -100,6 +102,8 @@ def encode(message: Message) -> bytes:
     fields = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
     if isinstance(message, Start):
         fields["upstream"] = dataclasses.asdict(message.upstream)
+    elif isinstance(message, Stats):
+        fields["snapshot"] = message.snapshot.to_json()
     return json.dumps({"type": message.TYPE, **fields}, separators=(",", ":")).encode() + b"\n"
 
 
@@ -122,4 +126,6 @@ def decode(line: bytes) -> Message:
         data["servers"] = tuple((pool, server) for pool, server in data["servers"])
     elif cls is Retire:
         data["sweep"] = tuple(data["sweep"])
+    elif cls is Stats:
+        data["snapshot"] = WorkerSnapshot.from_json(data["snapshot"])
     return cls(**data)

@@ -80,6 +80,7 @@ from shardproxy.host import runtime
 from shardproxy.host.rlimits import fd_capacity, raise_nofile_limit
 from shardproxy.host.sockopts import set_tcp_keepalive
 from shardproxy.telemetry import logs, metrics, stats
+from shardproxy.telemetry.snapshot import WorkerSnapshot
 
 LISTEN_BACKLOG = 65535  # the kernel caps it at net.core.somaxconn
 # The first drains (SIGINT too: Ctrl-C should not cut tunnels); a second, or SIGQUIT, stops at once.
@@ -176,9 +177,8 @@ class Supervisor:
         self.gen: Generation  # set by prepare()
         self.sockets: dict[tuple[int, Endpoint], socket.socket] = {}  # (slot, address)
         self.workers: dict[int, WorkerProcess] = {}  # pid → every worker running
-        self.stats: dict[int, dict[str, Any]] = {}  # pid → its latest snapshot
-        self.retired: Counter[str] = Counter()  # counts of workers that exited
-        self.retired_histograms: dict[str, dict[str, Any]] = {}  # theirs, merged
+        self.stats: dict[int, WorkerSnapshot] = {}  # pid → its latest snapshot
+        self.retired = stats.Retired()  # what the workers that exited had counted
         self.ready = trio.Event()  # the first generation is ready
         self.health = HealthMonitor(cfg, self.log, self._broadcast)
         self.drained: set[tuple[str, str]] = set()  # (pool, server) an operator drained
@@ -503,12 +503,7 @@ class Supervisor:
             w.channel.close()
             last = self.stats.pop(proc.pid, None)
             if last is not None:
-                self.retired.update(last["counts"])
-                for name, h in last.get("histograms", {}).items():
-                    old = self.retired_histograms.get(name)
-                    merged = stats.merge_histograms([h] if old is None else [old, h])
-                    if merged is not None:
-                        self.retired_histograms[name] = merged
+                self.retired.add(last)
         if gen.retired and not self._stopping:
             self.log.info(
                 f"worker {w.name} of generation {gen.number} exited ({_describe_exit(code)})",
@@ -623,7 +618,9 @@ class Supervisor:
             if figures:
                 processes[name] = figures
         return {
-            "retired_histograms": self.retired_histograms,
+            "retired_histograms": {
+                name: h.to_json() for name, h in self.retired.histograms.items()
+            },
             "restarts": self.restarts,
             "reloads": dict(self.reloads),
             "backends": {

@@ -66,7 +66,14 @@ from shardproxy.policy.routing import Router
 from shardproxy.policy.sampling import AccessSampler, ErrorBudget
 from shardproxy.protocol.errors import Reject
 from shardproxy.telemetry import logs
-from shardproxy.telemetry.stats import HANDSHAKE_BOUNDS, TUNNEL_BOUNDS, BucketCounts
+from shardproxy.telemetry.snapshot import (
+    HANDSHAKE_BOUNDS,
+    TUNNEL_BOUNDS,
+    BucketCounts,
+    SpaceUsage,
+    Tally,
+    WorkerSnapshot,
+)
 
 # ECS categorisation (event.category, event.type): a tunnel is a network
 # connection; ECS expects "connection" and "end" with "network" but not with
@@ -171,7 +178,7 @@ class Worker:
         self.admission = Admission(
             min(cfg.proxy.max_connections or by_fds, by_fds), lease_type=TunnelRecord
         )
-        self.counts: Counter[str] = Counter()  # totals for the stats snapshot
+        self.counts = Tally()  # totals for the stats snapshot
         self.passive_failures: Counter[str] = Counter()  # endpoint → since the last report
         self.handshake_seconds = BucketCounts(HANDSHAKE_BOUNDS)  # accept → 101 passed on
         self.tunnel_seconds = BucketCounts(TUNNEL_BOUNDS)  # 101 → closed
@@ -212,7 +219,7 @@ class Worker:
         record.forwarded_ip = h.request.forwarded_ip()
         self.handshake_seconds.observe(time.monotonic() - h.started)
         self.route_tunnels[record.route] += 1
-        self.counts["tunnels"] += 1
+        self.counts.tunnels += 1
         tunnel = self.relay.add(h.client, backend_fd, record, h.first_up, h.response.trailing)
         if self.draining and self._drain_deadlines is not None:
             self._close_going_away(tunnel, self._drain_deadlines)  # came up during a drain
@@ -224,7 +231,7 @@ class Worker:
         )
 
     def internal_error(self) -> None:
-        self.counts["internal_error"] += 1
+        self.counts.internal_error += 1
         if self.may_log("internal-error"):
             self.log.exception(
                 "internal error while handling a connection", **{"event.action": "internal-error"}
@@ -239,8 +246,7 @@ class Worker:
         """Count what the error budget left out; every
         SUPPRESSED_REPORT_EVERY seconds, say so in one event."""
         taken = self.error_budget.take_suppressed()
-        for action, n in taken.items():
-            self.counts[f"log_suppressed.{action}"] += n
+        self.counts.log_suppressed.update(taken)
         self._suppressed.update(taken)
         now = time.monotonic()
         if not self._suppressed or now < self._suppressed_report_at:
@@ -257,7 +263,7 @@ class Worker:
         self._suppressed_report_at = now + SUPPRESSED_REPORT_EVERY
 
     def rejected(self, h: Handshake, r: Reject) -> None:
-        self.counts[f"rejected.{r.reason}"] += 1
+        self.counts.rejected[r.reason] += 1
         if not self.may_log("request-rejected"):
             return
         fields: dict[str, Any] = {
@@ -284,7 +290,7 @@ class Worker:
         log(r.detail, **fields)
 
     def handshake_failed(self, h: Handshake, e: OSError) -> None:
-        self.counts["handshake_failed"] += 1
+        self.counts.handshake_failed += 1
         if not self.may_log("handshake-failed"):
             return
         self.log.info(
@@ -305,7 +311,7 @@ class Worker:
         self, pool: str, server: ServerState, endpoint: EndpointState, reason: str
     ) -> None:
         ep = endpoint.endpoint
-        self.counts["upstream.connect_failed"] += 1
+        self.counts.connect_failed += 1
         self.passive_failures[str(ep)] += 1  # the supervisor counts them as failed checks
         if not self.may_log("upstream-connect-failed"):
             return
@@ -330,7 +336,7 @@ class Worker:
     def relay_error(self) -> None:
         """A bug in the relay, contained to one tunnel (called inside the
         ``except``, so the trace is logged); its access event follows."""
-        self.counts["internal_error"] += 1
+        self.counts.internal_error += 1
         if self.may_log("internal-error"):
             self.log.exception(
                 "internal error while relaying a tunnel", **{"event.action": "internal-error"}
@@ -345,11 +351,12 @@ class Worker:
         up, down = stats.up, stats.down
         assert info.endpoint is not None and isinstance(info.space, TupleSpace)
         ep = info.endpoint.endpoint
-        self.counts["bytes.up"] += up.bytes
-        self.counts["bytes.down"] += down.bytes
-        self.counts["messages.up"] += up.messages
-        self.counts["messages.down"] += down.messages
-        self.counts[f"closed.{outcome}"] += 1
+        counts = self.counts
+        counts.bytes["up"] += up.bytes
+        counts.bytes["down"] += down.bytes
+        counts.messages["up"] += up.messages
+        counts.messages["down"] += down.messages
+        counts.closed[outcome] += 1
         if outcome == PING_TIMEOUT:
             self._ping_timed_out(info)
         error_by = None
@@ -415,7 +422,7 @@ class Worker:
         closes = [(up.close_order, "client", up), (down.close_order, "backend", down)]
         for order, side, flow in sorted(closes):
             if order and flow.close_code in BAD_STREAM_CODES:
-                self.counts[f"bad_stream.{side}.{flow.close_code}"] += 1
+                self.counts.bad_stream[(side, flow.close_code)] += 1
                 return side
         return None
 
@@ -425,7 +432,7 @@ class Worker:
         its own into that direction."""
         for name, flow in (("up", up), ("down", down)):
             if flow.frame_error is not None:
-                self.counts[f"frame_error.{name}"] += 1
+                self.counts.frame_error[name] += 1
 
     # -- drain --------------------------------------------------------------
 
@@ -452,7 +459,7 @@ class Worker:
     # -- pings (the engine sends them and ends silent clients) ---------------
 
     def _ping_timed_out(self, info: TunnelRecord) -> None:
-        self.counts["ping_timeout"] += 1
+        self.counts.ping_timeout += 1
         if not self.may_log("ping-timeout"):
             return
         self.log.info(
@@ -526,26 +533,24 @@ class Worker:
             with trio.move_on_after(self.config.lifecycle.drain_timeout):
                 await self.drain()
 
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "slot": self.slot,
-            "generation": self.generation,
-            "tunnels": len(self.relay),
-            "handshakes": len(self.handshake),
-            "capacity": self.capacity,
-            "counts": dict(self.counts),
-            "upstream": self.upstream.snapshot(),
-            "histograms": {
-                "handshake_seconds": self.handshake_seconds.to_dict(),
-                "tunnel_seconds": self.tunnel_seconds.to_dict(),
-            },
-            "routes": {_route_name(r): n for r, n in self.route_tunnels.items() if n},
-            "servers": {
-                f"{pool.name}/{server.name}": server.active
+    def snapshot(self) -> WorkerSnapshot:
+        return WorkerSnapshot(
+            slot=self.slot,
+            generation=self.generation,
+            tunnels=len(self.relay),
+            handshakes=len(self.handshake),
+            capacity=self.capacity,
+            counts=self.counts.freeze(),
+            upstream=tuple(SpaceUsage.from_json(space) for space in self.upstream.snapshot()),
+            handshake_seconds=self.handshake_seconds.freeze(),
+            tunnel_seconds=self.tunnel_seconds.freeze(),
+            routes={_route_name(r): n for r, n in self.route_tunnels.items() if n},
+            servers={
+                (pool.name, server.name): server.active
                 for pool in self.pools.values()
                 for server in pool.servers
             },
-        }
+        )
 
 
 async def serve(slot: int, control_fd: int, listen_fds: list[int]) -> None:

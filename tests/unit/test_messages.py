@@ -17,6 +17,7 @@ from shardproxy.control.messages import (
     decode,
     encode,
 )
+from shardproxy.telemetry.snapshot import Counts, WorkerSnapshot
 
 MESSAGES: list[Message] = [
     Start(
@@ -28,7 +29,10 @@ MESSAGES: list[Message] = [
     Retire((0, 2), None),
     Retire((), 30.0),
     Ready(0, 1234, 9968),
-    Stats({"slot": 0, "tunnels": 3, "counts": {"closed.closed": 1}}, {"10.0.0.1:80": 2}),
+    Stats(
+        WorkerSnapshot(0, 1, 3, 0, 100, Counts(closed={"closed": 1}), routes={"*/": 3}),
+        {"10.0.0.1:80": 2},
+    ),
 ]
 
 
