@@ -65,9 +65,10 @@ from shardproxy.config import Config, ConfigError, Endpoint, format_duration
 from shardproxy.control import addrplan
 from shardproxy.control.addrplan import Plan
 from shardproxy.control.admin import AdminRoutes, serve_admin
-from shardproxy.control.channel import Channel
+from shardproxy.control.channel import Channel, request_all
 from shardproxy.control.health import UP, HealthMonitor
 from shardproxy.control.messages import (
+    Ack,
     Drained,
     Message,
     Ready,
@@ -89,6 +90,8 @@ STOP_GRACE = 10.0  # seconds a worker gets beyond drain_timeout (or after SIGQUI
 RESTART_BACKOFF_MAX = 30.0
 STABLE_AFTER = 5.0  # a worker that ran this long resets the backoff
 READY_TIMEOUT = 30.0  # a new generation must be ready by then, or the reload is undone
+# Seconds the workers get to acknowledge an admin call's change (within admin.REQUEST_TIMEOUT).
+APPLY_TIMEOUT = 3.0
 
 
 class StartError(Exception):
@@ -604,8 +607,23 @@ class Supervisor:
                 "shardproxy.server": server,
             },
         )
-        await self._broadcast(self._drained_message())
-        return 200, {"pool": pool, "server": server, "admin": action}
+        # Answered once every worker has it: no new tunnel goes to a drained server after.
+        channels = {w.name: w.channel for w in self.workers.values()}
+        answers, unanswered = await request_all(channels, self._drained_message(), APPLY_TIMEOUT)
+        applied = sum(isinstance(answer, Ack) for answer in answers.values())
+        if unanswered:
+            self.log.warning(
+                f"server {server} of pool {pool}: workers {', '.join(unanswered)} did not "
+                f"acknowledge the {action} in {APPLY_TIMEOUT:g}s",
+                **{
+                    "event.action": "server-admin-unanswered",
+                    "shardproxy.pool": pool,
+                    "shardproxy.server": server,
+                    "shardproxy.workers": unanswered,
+                },
+            )
+        body = {"pool": pool, "server": server, "admin": action, "applied": applied}
+        return (202, {**body, "unanswered": unanswered}) if unanswered else (200, body)
 
     def _figures(self) -> dict[str, Any]:
         """The supervisor's own figures, for /metrics and /stats."""

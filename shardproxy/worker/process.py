@@ -53,7 +53,7 @@ import trio
 from shardproxy import config
 from shardproxy.config import Config, Endpoint, PortRange, RouteConfig
 from shardproxy.control.channel import Channel
-from shardproxy.control.messages import Drained, Health, Ready, Retire, Start, Stats
+from shardproxy.control.messages import Ack, Drained, Health, Ready, Request, Retire, Start, Stats
 from shardproxy.engine.api import CLOSED, DRAINED, PING_TIMEOUT, FlowStats, Keepalive, TunnelStats
 from shardproxy.engine.handshake import Handshake, HandshakeEngine
 from shardproxy.engine.relay import RelayEngine
@@ -609,7 +609,9 @@ async def _report(channel: Channel, worker: Worker) -> None:
 
 
 async def _watch_supervisor(channel: Channel, worker: Worker, nursery: trio.Nursery) -> None:
-    while (message := await channel.receive()) is not None:
+    """Apply what the supervisor sends; a request is answered once applied."""
+    while (received := await channel.receive()) is not None:
+        message = received.message if isinstance(received, Request) else received
         match message:
             case Health():
                 worker.set_health({config.parse_host_port(e) for e in message.down}, nursery)
@@ -619,6 +621,8 @@ async def _watch_supervisor(channel: Channel, worker: Worker, nursery: trio.Nurs
                 nursery.start_soon(_retire_then_stop, worker, message, nursery.cancel_scope)
             case _:
                 raise ValueError(f"the supervisor sent {message!r}")
+        if isinstance(received, Request):
+            await channel.reply(received, Ack())
     nursery.cancel_scope.cancel()  # the supervisor is gone
 
 
