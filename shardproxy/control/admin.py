@@ -9,6 +9,12 @@ Endpoints (JSON answers)::
     POST /servers/POOL/SERVER/drain        no new tunnels for it; its tunnels stay
     POST /servers/POOL/SERVER/ready        back in rotation
 
+A drain or ready is answered once every running worker acknowledged it
+(control/channel.py's requests): 200 with ``applied``, how many workers
+did, so that no new tunnel goes to a drained server after the answer. A
+worker that does not answer within a few seconds is named in
+``unanswered`` and the answer is 202; it never holds the call longer.
+
 With ``[admin] token`` set, every request but ``GET /healthz`` needs
 ``Authorization: Bearer TOKEN`` (else 401): load balancers' and keepalived's
 health checks mostly cannot send a header, and /healthz tells nothing but

@@ -9,6 +9,11 @@ on strings.
 supervisor → worker: :class:`Start` (first), :class:`Health`,
 :class:`Drained`, :class:`Retire`. worker → supervisor: :class:`Ready`,
 :class:`Stats`.
+
+A message that wants an answer travels in a :class:`Request` with an id;
+the answer (:class:`Ack`: applied) comes back in a :class:`Reply` with the
+same id. The supervisor sends :class:`Drained` as a request when an
+operator drains a server, so that it answers once every worker has it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any, ClassVar
+
+from shardproxy.telemetry.snapshot import WorkerSnapshot
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,28 +93,74 @@ class Stats:
     counts them as failed health checks)."""
 
     TYPE: ClassVar[str] = "stats"
-    snapshot: dict[str, Any]
+    snapshot: WorkerSnapshot
     passive_failures: dict[str, int]
 
 
-Message = Start | Health | Drained | Retire | Ready | Stats
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The answer to a request: its message was applied."""
+
+    TYPE: ClassVar[str] = "ack"
+
+
+Message = Start | Health | Drained | Retire | Ready | Stats | Ack
 _TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (Start, Health, Drained, Retire, Ready, Stats)
+    cls.TYPE: cls for cls in (Start, Health, Drained, Retire, Ready, Stats, Ack)
 }
 
 
-def encode(message: Message) -> bytes:
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A message that wants an answer: the other end sends a :class:`Reply`
+    with the same ``id`` (control/channel.py pairs them)."""
+
+    TYPE: ClassVar[str] = "request"
+    id: int
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The answer to the request ``id``."""
+
+    TYPE: ClassVar[str] = "reply"
+    id: int
+    message: Message
+
+
+Envelope = Request | Reply
+
+
+def encode(message: Message | Envelope) -> bytes:
+    return json.dumps(_to_json(message), separators=(",", ":")).encode() + b"\n"
+
+
+def decode(line: bytes) -> Message | Envelope:
+    """The message of one line; ValueError for anything else."""
+    data = json.loads(line)
+    if isinstance(data, dict) and data.get("type") in (Request.TYPE, Reply.TYPE):
+        envelope = Request if data.pop("type") == Request.TYPE else Reply
+        if set(data) != {"id", "message"} or not isinstance(data["id"], int):
+            raise ValueError(f"{envelope.TYPE} with fields {sorted(data)}, not ['id', 'message']")
+        return envelope(data["id"], _from_json(data["message"]))
+    return _from_json(data)
+
+
+def _to_json(message: Message | Envelope) -> dict[str, Any]:
+    if isinstance(message, Request | Reply):
+        return {"type": message.TYPE, "id": message.id, "message": _to_json(message.message)}
     fields = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
     if isinstance(message, Start):
         fields["upstream"] = dataclasses.asdict(message.upstream)
-    return json.dumps({"type": message.TYPE, **fields}, separators=(",", ":")).encode() + b"\n"
+    elif isinstance(message, Stats):
+        fields["snapshot"] = message.snapshot.to_json()
+    return {"type": message.TYPE, **fields}
 
 
-def decode(line: bytes) -> Message:
-    """The message of one line; ValueError for anything else."""
-    data = json.loads(line)
+def _from_json(data: Any) -> Message:
     if not isinstance(data, dict) or data.get("type") not in _TYPES:
-        raise ValueError(f"not a control message: {line[:80]!r}")
+        raise ValueError(f"not a control message: {str(data)[:80]}")
     cls = _TYPES[data.pop("type")]
     names = {f.name for f in dataclasses.fields(cls)}
     if set(data) != names:
@@ -122,4 +175,6 @@ def decode(line: bytes) -> Message:
         data["servers"] = tuple((pool, server) for pool, server in data["servers"])
     elif cls is Retire:
         data["sweep"] = tuple(data["sweep"])
+    elif cls is Stats:
+        data["snapshot"] = WorkerSnapshot.from_json(data["snapshot"])
     return cls(**data)

@@ -65,9 +65,10 @@ from shardproxy.config import Config, ConfigError, Endpoint, format_duration
 from shardproxy.control import addrplan
 from shardproxy.control.addrplan import Plan
 from shardproxy.control.admin import AdminRoutes, serve_admin
-from shardproxy.control.channel import Channel
+from shardproxy.control.channel import Channel, request_all
 from shardproxy.control.health import UP, HealthMonitor
 from shardproxy.control.messages import (
+    Ack,
     Drained,
     Message,
     Ready,
@@ -80,6 +81,7 @@ from shardproxy.host import runtime
 from shardproxy.host.rlimits import fd_capacity, raise_nofile_limit
 from shardproxy.host.sockopts import set_tcp_keepalive
 from shardproxy.telemetry import logs, metrics, stats
+from shardproxy.telemetry.snapshot import WorkerSnapshot
 
 LISTEN_BACKLOG = 65535  # the kernel caps it at net.core.somaxconn
 # The first drains (SIGINT too: Ctrl-C should not cut tunnels); a second, or SIGQUIT, stops at once.
@@ -88,6 +90,8 @@ STOP_GRACE = 10.0  # seconds a worker gets beyond drain_timeout (or after SIGQUI
 RESTART_BACKOFF_MAX = 30.0
 STABLE_AFTER = 5.0  # a worker that ran this long resets the backoff
 READY_TIMEOUT = 30.0  # a new generation must be ready by then, or the reload is undone
+# Seconds the workers get to acknowledge an admin call's change (within admin.REQUEST_TIMEOUT).
+APPLY_TIMEOUT = 3.0
 
 
 class StartError(Exception):
@@ -176,9 +180,8 @@ class Supervisor:
         self.gen: Generation  # set by prepare()
         self.sockets: dict[tuple[int, Endpoint], socket.socket] = {}  # (slot, address)
         self.workers: dict[int, WorkerProcess] = {}  # pid → every worker running
-        self.stats: dict[int, dict[str, Any]] = {}  # pid → its latest snapshot
-        self.retired: Counter[str] = Counter()  # counts of workers that exited
-        self.retired_histograms: dict[str, dict[str, Any]] = {}  # theirs, merged
+        self.stats: dict[int, WorkerSnapshot] = {}  # pid → its latest snapshot
+        self.retired = stats.Retired()  # what the workers that exited had counted
         self.ready = trio.Event()  # the first generation is ready
         self.health = HealthMonitor(cfg, self.log, self._broadcast)
         self.drained: set[tuple[str, str]] = set()  # (pool, server) an operator drained
@@ -503,12 +506,7 @@ class Supervisor:
             w.channel.close()
             last = self.stats.pop(proc.pid, None)
             if last is not None:
-                self.retired.update(last["counts"])
-                for name, h in last.get("histograms", {}).items():
-                    old = self.retired_histograms.get(name)
-                    merged = stats.merge_histograms([h] if old is None else [old, h])
-                    if merged is not None:
-                        self.retired_histograms[name] = merged
+                self.retired.add(last)
         if gen.retired and not self._stopping:
             self.log.info(
                 f"worker {w.name} of generation {gen.number} exited ({_describe_exit(code)})",
@@ -609,8 +607,23 @@ class Supervisor:
                 "shardproxy.server": server,
             },
         )
-        await self._broadcast(self._drained_message())
-        return 200, {"pool": pool, "server": server, "admin": action}
+        # Answered once every worker has it: no new tunnel goes to a drained server after.
+        channels = {w.name: w.channel for w in self.workers.values()}
+        answers, unanswered = await request_all(channels, self._drained_message(), APPLY_TIMEOUT)
+        applied = sum(isinstance(answer, Ack) for answer in answers.values())
+        if unanswered:
+            self.log.warning(
+                f"server {server} of pool {pool}: workers {', '.join(unanswered)} did not "
+                f"acknowledge the {action} in {APPLY_TIMEOUT:g}s",
+                **{
+                    "event.action": "server-admin-unanswered",
+                    "shardproxy.pool": pool,
+                    "shardproxy.server": server,
+                    "shardproxy.workers": unanswered,
+                },
+            )
+        body = {"pool": pool, "server": server, "admin": action, "applied": applied}
+        return (202, {**body, "unanswered": unanswered}) if unanswered else (200, body)
 
     def _figures(self) -> dict[str, Any]:
         """The supervisor's own figures, for /metrics and /stats."""
@@ -623,7 +636,9 @@ class Supervisor:
             if figures:
                 processes[name] = figures
         return {
-            "retired_histograms": self.retired_histograms,
+            "retired_histograms": {
+                name: h.to_json() for name, h in self.retired.histograms.items()
+            },
             "restarts": self.restarts,
             "reloads": dict(self.reloads),
             "backends": {

@@ -1,3 +1,4 @@
-"""What shardproxy tells operators: stats snapshots and histograms
-(``stats``), Prometheus metrics (``metrics``), ECS logs (``logs``) and the
-``shardproxy status`` view (``status``)."""
+"""What shardproxy tells operators: the workers' stats snapshots as types
+(``snapshot``), their aggregation (``stats``), Prometheus metrics
+(``metrics``), ECS logs (``logs``) and the ``shardproxy status`` view
+(``status``)."""

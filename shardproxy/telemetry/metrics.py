@@ -1,7 +1,8 @@
 """Prometheus metrics, from the workers' snapshots the supervisor keeps.
 
-:func:`families` turns plain data (the latest snapshot of every worker, the
-totals of workers that exited, the supervisor's own figures) into metric
+:func:`families` turns the latest snapshot of every worker
+(telemetry/snapshot.py), what the workers that exited had counted, and the
+supervisor's own figures into metric
 families; :func:`render` writes them in the text exposition format with
 ``prometheus_client`` (not by hand). Names follow Prometheus conventions:
 ``shardproxy_`` prefix, base units, ``_total`` for counters. Counters are
@@ -24,58 +25,54 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from shardproxy.telemetry.stats import merge_histograms, total_counts, upstream_usage
+from shardproxy.telemetry.snapshot import Counts, Histogram, WorkerSnapshot, merge_histograms
+from shardproxy.telemetry.stats import Retired, total_counts, upstream_usage
 
-# worker count name → (metric, help, label name, label value); label None = no label
-_COUNTERS: dict[str, tuple[str, str, str | None, str | None]] = {
-    "tunnels": (
-        "shardproxy_tunnels_opened_total",
-        "Tunnels established (101 passed on).",
-        None,
-        None,
-    ),
-    "bytes.up": ("shardproxy_bytes_total", "Bytes relayed by ended tunnels.", "direction", "up"),
-    "bytes.down": (
-        "shardproxy_bytes_total",
-        "Bytes relayed by ended tunnels.",
-        "direction",
-        "down",
-    ),
-    "messages.up": (
+# Counts field → (metric, help, label): one number (label None), or bytes
+# and messages by direction, both directions always there
+_ALWAYS: dict[str, tuple[str, str, str | None]] = {
+    "tunnels": ("shardproxy_tunnels_opened_total", "Tunnels established (101 passed on).", None),
+    "bytes": ("shardproxy_bytes_total", "Bytes relayed by ended tunnels.", "direction"),
+    "messages": (
         "shardproxy_messages_total",
         "WebSocket data messages relayed by ended tunnels.",
         "direction",
-        "up",
     ),
-    "messages.down": (
-        "shardproxy_messages_total",
-        "WebSocket data messages relayed by ended tunnels.",
-        "direction",
-        "down",
-    ),
-    "upstream.connect_failed": (
+    "connect_failed": (
         "shardproxy_upstream_connect_failures_total",
         "Upstream connects refused or timed out.",
-        None,
         None,
     ),
     "handshake_failed": (
         "shardproxy_handshake_failures_total",
         "Client connections that failed during the handshake.",
         None,
-        None,
     ),
     "ping_timeout": (
         "shardproxy_ping_timeouts_total",
         "Tunnels ended because the client did not answer the proxy's ping.",
-        None,
         None,
     ),
     "internal_error": (
         "shardproxy_internal_errors_total",
         "Connections ended by an error of the proxy's own (each is logged with its trace).",
         None,
-        None,
+    ),
+}
+# Counts field → (metric, help, label), a sample per label value counted
+_BY_LABEL: dict[str, tuple[str, str, str]] = {
+    "rejected": ("shardproxy_rejected_total", "Requests refused, by reason.", "reason"),
+    "closed": ("shardproxy_tunnels_closed_total", "Tunnels ended, by outcome.", "outcome"),
+    "log_suppressed": (
+        "shardproxy_log_events_suppressed_total",
+        "Events [log] error_rate left out of the log, by event.action.",
+        "action",
+    ),
+    "frame_error": (
+        "shardproxy_frame_errors_total",
+        "Tunnels whose framing the proxy lost (a frame header against RFC 6455 §5), "
+        "by direction: it could put no Ping or Close of its own into them.",
+        "direction",
     ),
 }
 
@@ -90,29 +87,29 @@ _PER_PROCESS: tuple[tuple[str, type[GaugeMetricFamily | CounterMetricFamily], st
 
 
 def families(
-    snapshots: Mapping[int, Mapping[str, Any]],
-    retired: Mapping[str, int],
+    snapshots: Mapping[int, WorkerSnapshot],
+    retired: Retired,
     supervisor: Mapping[str, Any],
 ) -> list[Metric]:
     """Every metric family. ``supervisor`` holds ``restarts``, ``reloads``
     (result → count), ``backends`` (endpoint → up?) and ``processes``
     (name → {rss, cpu_seconds, open_fds, max_fds})."""
     out: list[Metric] = []
-    out += _worker_gauges(snapshots)
+    out += _worker_gauges(snapshots.values())
     out += _counters(total_counts(snapshots.values(), retired))
     out += _upstream(snapshots.values())
     out += _current(snapshots.values())
-    out += _histograms(snapshots.values(), supervisor.get("retired_histograms", {}))
+    out += _histograms(snapshots.values(), retired.histograms)
     out += _supervisor(supervisor)
     return out
 
 
-def _current(snapshots: Iterable[Mapping[str, Any]]) -> list[Metric]:
+def _current(snapshots: Iterable[WorkerSnapshot]) -> list[Metric]:
     routes: Counter[str] = Counter()
-    servers: Counter[str] = Counter()
+    servers: Counter[tuple[str, str]] = Counter()
     for s in snapshots:
-        routes.update(s.get("routes", {}))
-        servers.update(s.get("servers", {}))
+        routes.update(s.routes)
+        servers.update(s.servers)
     by_route = GaugeMetricFamily(
         "shardproxy_route_tunnels", "Tunnels open now, per route.", labels=["route"]
     )
@@ -123,8 +120,7 @@ def _current(snapshots: Iterable[Mapping[str, Any]]) -> list[Metric]:
         "Upstream connections now (tunnels and connects under way), per server.",
         labels=["pool", "server"],
     )
-    for name, n in sorted(servers.items()):
-        pool, _, server = name.partition("/")
+    for (pool, server), n in sorted(servers.items()):
         by_server.add_metric([pool, server], n)
     return [by_route, by_server]
 
@@ -142,93 +138,75 @@ _HISTOGRAMS = {
 
 
 def _histograms(
-    snapshots: Iterable[Mapping[str, Any]], retired: Mapping[str, Mapping[str, Any]]
+    snapshots: Iterable[WorkerSnapshot], retired: Mapping[str, Histogram]
 ) -> list[Metric]:
     snapshots = list(snapshots)
     out: list[Metric] = []
     for key, (name, doc) in _HISTOGRAMS.items():
-        parts = [s["histograms"][key] for s in snapshots if key in s.get("histograms", {})]
+        parts = [s.histograms()[key] for s in snapshots]
         if key in retired:
             parts.append(retired[key])
         merged = merge_histograms(parts)
         if merged is None:
             continue
         cumulative, buckets = 0, []
-        for bound, n in zip([*merged["bounds"], float("inf")], merged["counts"], strict=True):
+        for bound, n in zip([*merged.bounds, float("inf")], merged.counts, strict=True):
             cumulative += n
             buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
-        out.append(HistogramMetricFamily(name, doc, buckets=buckets, sum_value=merged["sum"]))
+        out.append(HistogramMetricFamily(name, doc, buckets=buckets, sum_value=merged.sum))
     return out
 
 
-def _worker_gauges(snapshots: Mapping[int, Mapping[str, Any]]) -> list[Metric]:
-    gauges = {
-        "tunnels": GaugeMetricFamily(
-            "shardproxy_tunnels", "Tunnels open now.", labels=["worker", "generation"]
-        ),
-        "handshakes": GaugeMetricFamily(
-            "shardproxy_handshakes_in_flight",
-            "Connections between accept and 101 (or their answer).",
-            labels=["worker", "generation"],
-        ),
-        "capacity": GaugeMetricFamily(
-            "shardproxy_connections_capacity",
-            "Connections a worker may hold (RLIMIT_NOFILE or max_connections).",
-            labels=["worker", "generation"],
-        ),
-    }
-    for s in snapshots.values():
-        labels = [str(s.get("slot", "")), str(s.get("generation", 1))]
-        for key, family in gauges.items():
-            family.add_metric(labels, s.get(key, 0))
-    return list(gauges.values())
-
-
-def _counters(totals: Mapping[str, int]) -> list[Metric]:
-    found: dict[str, CounterMetricFamily] = {}
-
-    def family(name: str, doc: str, label: str | None) -> CounterMetricFamily:
-        if name not in found:
-            found[name] = CounterMetricFamily(name, doc, labels=[label] if label else [])
-        return found[name]
-
-    for key, (name, doc, label, value) in _COUNTERS.items():
-        family(name, doc, label).add_metric([value] if value else [], totals.get(key, 0))
-    rejected = family("shardproxy_rejected_total", "Requests refused, by reason.", "reason")
-    closed = family("shardproxy_tunnels_closed_total", "Tunnels ended, by outcome.", "outcome")
-    suppressed = family(
-        "shardproxy_log_events_suppressed_total",
-        "Events [log] error_rate left out of the log, by event.action.",
-        "action",
+def _worker_gauges(snapshots: Iterable[WorkerSnapshot]) -> list[Metric]:
+    labels = ["worker", "generation"]
+    tunnels = GaugeMetricFamily("shardproxy_tunnels", "Tunnels open now.", labels=labels)
+    handshakes = GaugeMetricFamily(
+        "shardproxy_handshakes_in_flight",
+        "Connections between accept and 101 (or their answer).",
+        labels=labels,
     )
-    frame_errors = family(
-        "shardproxy_frame_errors_total",
-        "Tunnels whose framing the proxy lost (a frame header against RFC 6455 §5), "
-        "by direction: it could put no Ping or Close of its own into them.",
-        "direction",
+    capacity = GaugeMetricFamily(
+        "shardproxy_connections_capacity",
+        "Connections a worker may hold (RLIMIT_NOFILE or max_connections).",
+        labels=labels,
     )
+    for s in snapshots:
+        worker = [str(s.slot), str(s.generation)]
+        tunnels.add_metric(worker, s.tunnels)
+        handshakes.add_metric(worker, s.handshakes)
+        capacity.add_metric(worker, s.capacity)
+    return [tunnels, handshakes, capacity]
+
+
+def _counters(totals: Counts) -> list[Metric]:
+    out: list[Metric] = []
+    for field, (name, doc, label) in _ALWAYS.items():
+        value = getattr(totals, field)
+        if label is None:
+            family = CounterMetricFamily(name, doc, labels=[])
+            family.add_metric([], value)
+        else:
+            family = CounterMetricFamily(name, doc, labels=[label])
+            for direction in ("up", "down"):
+                family.add_metric([direction], value.get(direction, 0))
+        out.append(family)
+    for field, (name, doc, label) in _BY_LABEL.items():
+        family = CounterMetricFamily(name, doc, labels=[label])
+        for value, n in sorted(getattr(totals, field).items()):
+            family.add_metric([value], n)
+        out.append(family)
     bad = CounterMetricFamily(
         "shardproxy_bad_stream_closes_total",
         "Tunnels a side closed with 1002 (protocol error) or 1007 (invalid data): "
         "streams that went bad, by the side that said so and the code.",
         labels=["side", "code"],
     )
-    by_kind = {
-        "rejected": rejected,
-        "closed": closed,
-        "log_suppressed": suppressed,
-        "frame_error": frame_errors,
-    }
-    for key, n in sorted(totals.items()):
-        kind, _, name = key.partition(".")
-        if kind in by_kind:
-            by_kind[kind].add_metric([name], n)
-        elif kind == "bad_stream":
-            bad.add_metric(name.split(".", 1), n)
-    return [*found.values(), bad]
+    for (side, code), n in sorted(totals.bad_stream.items(), key=lambda c: (c[0][0], str(c[0][1]))):
+        bad.add_metric([side, str(code)], n)
+    return [*out, bad]
 
 
-def _upstream(snapshots: Iterable[Mapping[str, Any]]) -> list[Metric]:
+def _upstream(snapshots: Iterable[WorkerSnapshot]) -> list[Metric]:
     labels = ["source", "endpoint"]
     used = GaugeMetricFamily(
         "shardproxy_upstream_tuples_used",

@@ -52,7 +52,7 @@ import trio
 from shardproxy import config
 from shardproxy.config import Config, Endpoint, PortRange, RouteConfig
 from shardproxy.control.channel import Channel
-from shardproxy.control.messages import Drained, Health, Ready, Retire, Start, Stats
+from shardproxy.control.messages import Ack, Drained, Health, Ready, Request, Retire, Start, Stats
 from shardproxy.engine.api import (
     CLOSED,
     DRAINED,
@@ -76,7 +76,14 @@ from shardproxy.policy.sampling import AccessSampler, ErrorBudget
 from shardproxy.protocol.errors import Reject
 from shardproxy.protocol.upgrade import UpgradeRequest
 from shardproxy.telemetry import logs
-from shardproxy.telemetry.stats import HANDSHAKE_BOUNDS, TUNNEL_BOUNDS, BucketCounts
+from shardproxy.telemetry.snapshot import (
+    HANDSHAKE_BOUNDS,
+    TUNNEL_BOUNDS,
+    BucketCounts,
+    SpaceUsage,
+    Tally,
+    WorkerSnapshot,
+)
 from shardproxy.worker.tunnels import TunnelIndex, TunnelRecord
 
 # ECS categorisation (event.category, event.type): a tunnel is a network
@@ -135,7 +142,7 @@ class Worker:
         self.admission = Admission(
             min(cfg.proxy.max_connections or by_fds, by_fds), lease_type=TunnelRecord
         )
-        self.counts: Counter[str] = Counter()  # totals for the stats snapshot
+        self.counts = Tally()  # totals for the stats snapshot
         self.passive_failures: Counter[str] = Counter()  # endpoint → since the last report
         self.handshake_seconds = BucketCounts(HANDSHAKE_BOUNDS)  # accept → 101 passed on
         self.tunnel_seconds = BucketCounts(TUNNEL_BOUNDS)  # 101 → closed
@@ -173,7 +180,7 @@ class Worker:
         record.forwarded_ip = u.request.forwarded_ip()
         self.handshake_seconds.observe(u.seconds)
         self.route_tunnels[record.route] += 1
-        self.counts["tunnels"] += 1
+        self.counts.tunnels += 1
         tunnel = self.relay.add(u.client_fd, u.backend_fd, record, u.to_backend, u.to_client, u.io)
         if not self.relay.alive(tunnel):  # its first bytes could not be written
             return
@@ -188,7 +195,7 @@ class Worker:
         )
 
     def internal_error(self) -> None:
-        self.counts["internal_error"] += 1
+        self.counts.internal_error += 1
         if self.may_log("internal-error"):
             self.log.exception(
                 "internal error while handling a connection", **{"event.action": "internal-error"}
@@ -203,8 +210,7 @@ class Worker:
         """Count what the error budget left out; every
         SUPPRESSED_REPORT_EVERY seconds, say so in one event."""
         taken = self.error_budget.take_suppressed()
-        for action, n in taken.items():
-            self.counts[f"log_suppressed.{action}"] += n
+        self.counts.log_suppressed.update(taken)
         self._suppressed.update(taken)
         now = time.monotonic()
         if not self._suppressed or now < self._suppressed_report_at:
@@ -223,7 +229,7 @@ class Worker:
     def rejected(
         self, lease: AdmissionLease, request: UpgradeRequest | None, r: Reject, seconds: float
     ) -> None:
-        self.counts[f"rejected.{r.reason}"] += 1
+        self.counts.rejected[r.reason] += 1
         if not self.may_log("request-rejected"):
             return
         fields: dict[str, Any] = {
@@ -249,7 +255,7 @@ class Worker:
         log(r.detail, **fields)
 
     def handshake_failed(self, lease: AdmissionLease, e: OSError) -> None:
-        self.counts["handshake_failed"] += 1
+        self.counts.handshake_failed += 1
         if not self.may_log("handshake-failed"):
             return
         self.log.info(
@@ -270,7 +276,7 @@ class Worker:
         self, pool: str, server: ServerState, endpoint: EndpointState, reason: str
     ) -> None:
         ep = endpoint.endpoint
-        self.counts["upstream.connect_failed"] += 1
+        self.counts.connect_failed += 1
         self.passive_failures[str(ep)] += 1  # the supervisor counts them as failed checks
         if not self.may_log("upstream-connect-failed"):
             return
@@ -295,7 +301,7 @@ class Worker:
     def relay_error(self) -> None:
         """A bug in the relay, contained to one tunnel (called inside the
         ``except``, so the trace is logged); its access event follows."""
-        self.counts["internal_error"] += 1
+        self.counts.internal_error += 1
         if self.may_log("internal-error"):
             self.log.exception(
                 "internal error while relaying a tunnel", **{"event.action": "internal-error"}
@@ -311,11 +317,12 @@ class Worker:
         up, down = stats.up, stats.down
         assert info.endpoint is not None and isinstance(info.space, TupleSpace)
         ep = info.endpoint.endpoint
-        self.counts["bytes.up"] += up.bytes
-        self.counts["bytes.down"] += down.bytes
-        self.counts["messages.up"] += up.messages
-        self.counts["messages.down"] += down.messages
-        self.counts[f"closed.{outcome}"] += 1
+        counts = self.counts
+        counts.bytes["up"] += up.bytes
+        counts.bytes["down"] += down.bytes
+        counts.messages["up"] += up.messages
+        counts.messages["down"] += down.messages
+        counts.closed[outcome] += 1
         if outcome == PING_TIMEOUT:
             self._ping_timed_out(info)
         error_by = None
@@ -381,7 +388,7 @@ class Worker:
         closes = [(up.close_order, "client", up), (down.close_order, "backend", down)]
         for order, side, flow in sorted(closes):
             if order and flow.close_code in BAD_STREAM_CODES:
-                self.counts[f"bad_stream.{side}.{flow.close_code}"] += 1
+                self.counts.bad_stream[(side, flow.close_code)] += 1
                 return side
         return None
 
@@ -391,7 +398,7 @@ class Worker:
         its own into that direction."""
         for name, flow in (("up", up), ("down", down)):
             if flow.frame_error is not None:
-                self.counts[f"frame_error.{name}"] += 1
+                self.counts.frame_error[name] += 1
 
     # -- drain --------------------------------------------------------------
 
@@ -416,7 +423,7 @@ class Worker:
     # -- pings (the engine sends them and ends silent clients) ---------------
 
     def _ping_timed_out(self, info: TunnelRecord) -> None:
-        self.counts["ping_timeout"] += 1
+        self.counts.ping_timeout += 1
         if not self.may_log("ping-timeout"):
             return
         self.log.info(
@@ -478,26 +485,24 @@ class Worker:
             with trio.move_on_after(self.config.lifecycle.drain_timeout):
                 await self.drain()
 
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "slot": self.slot,
-            "generation": self.generation,
-            "tunnels": len(self.relay),
-            "handshakes": len(self.handshake),
-            "capacity": self.capacity,
-            "counts": dict(self.counts),
-            "upstream": self.upstream.snapshot(),
-            "histograms": {
-                "handshake_seconds": self.handshake_seconds.to_dict(),
-                "tunnel_seconds": self.tunnel_seconds.to_dict(),
-            },
-            "routes": {_route_name(r): n for r, n in self.route_tunnels.items() if n},
-            "servers": {
-                f"{pool.name}/{server.name}": server.active
+    def snapshot(self) -> WorkerSnapshot:
+        return WorkerSnapshot(
+            slot=self.slot,
+            generation=self.generation,
+            tunnels=len(self.relay),
+            handshakes=len(self.handshake),
+            capacity=self.capacity,
+            counts=self.counts.freeze(),
+            upstream=tuple(SpaceUsage.from_json(space) for space in self.upstream.snapshot()),
+            handshake_seconds=self.handshake_seconds.freeze(),
+            tunnel_seconds=self.tunnel_seconds.freeze(),
+            routes={_route_name(r): n for r, n in self.route_tunnels.items() if n},
+            servers={
+                (pool.name, server.name): server.active
                 for pool in self.pools.values()
                 for server in pool.servers
             },
-        }
+        )
 
 
 async def serve(slot: int, control_fd: int, listen_fds: list[int]) -> None:
@@ -556,7 +561,9 @@ async def _report(channel: Channel, worker: Worker) -> None:
 
 
 async def _watch_supervisor(channel: Channel, worker: Worker, nursery: trio.Nursery) -> None:
-    while (message := await channel.receive()) is not None:
+    """Apply what the supervisor sends; a request is answered once applied."""
+    while (received := await channel.receive()) is not None:
+        message = received.message if isinstance(received, Request) else received
         match message:
             case Health():
                 worker.set_health({config.parse_host_port(e) for e in message.down})
@@ -566,6 +573,8 @@ async def _watch_supervisor(channel: Channel, worker: Worker, nursery: trio.Nurs
                 nursery.start_soon(_retire_then_stop, worker, message, nursery.cancel_scope)
             case _:
                 raise ValueError(f"the supervisor sent {message!r}")
+        if isinstance(received, Request):
+            await channel.reply(received, Ack())
     nursery.cancel_scope.cancel()  # the supervisor is gone
 
 

@@ -6,13 +6,16 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
 import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 from conftest import Proxy, free_port
@@ -61,7 +64,7 @@ def test_draining_a_server_by_hand_keeps_its_tunnels_and_sends_new_ones_elsewher
             assert b0.peers and b1.peers
             assert call(aport, "POST", "/servers/main/b0/drain") == (
                 200,
-                {"pool": "main", "server": "b0", "admin": "drain"},
+                {"pool": "main", "server": "b0", "admin": "drain", "applied": 2},
             )
             await asyncio.to_thread(
                 proxy.wait_for, lambda evs: proxy.actions("server-drain"), "server-drain"
@@ -90,6 +93,80 @@ def test_draining_a_server_by_hand_keeps_its_tunnels_and_sends_new_ones_elsewher
         assert call(aport, "POST", "/servers/main/nope/drain")[0] == 404
         assert call(aport, "GET", "/servers/main/b0/drain")[0] == 405
         assert call(aport, "GET", "/nothing")[0] == 404
+
+
+def answer(action: str, applied: int = 2, **more: Any) -> dict[str, Any]:
+    """The admin's answer to a drain or ready of main/b0."""
+    return {"pool": "main", "server": "b0", "admin": action, "applied": applied, **more}
+
+
+@contextmanager
+def stopped(proxy: Proxy, slot: int) -> Iterator[None]:
+    """Worker ``slot`` stopped (SIGSTOP): it reads nothing until the block ends."""
+    pids = proxy.wait_for(lambda evs: len(proxy.worker_pids()) == 2 and proxy.worker_pids(), "pids")
+    os.kill(pids[slot], signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pids[slot], signal.SIGCONT)
+
+
+async def open_and_close(url: str, n: int) -> None:
+    for i in range(n):
+        async with connect(url + "/echo", ping_interval=None) as ws:
+            await ws.send(f"x{i}")
+            assert await ws.recv() == f"x{i}"
+
+
+def test_once_a_drain_is_answered_no_worker_sends_a_new_tunnel_to_the_server(
+    start_proxy: Callable[..., Proxy],
+) -> None:
+    """No wait between the answer and the connections: every worker has
+    applied the drain before it comes (the answer says how many did)."""
+    aport = free_port()
+    with WsBackend() as b0, WsBackend() as b1:
+        proxy = start_proxy([b0.port, b1.port], extra=admin_config(aport))
+        asyncio.run(open_and_close(proxy.url, 4))  # both servers in use
+        assert b0.peers and b1.peers
+        for _ in range(3):
+            assert call(aport, "POST", "/servers/main/b0/drain") == (200, answer("drain"))
+            on_b0, on_b1 = len(b0.peers), len(b1.peers)
+            asyncio.run(asyncio.wait_for(open_and_close(proxy.url, 30), 60))
+            assert len(b0.peers) == on_b0 and len(b1.peers) == on_b1 + 30
+            assert call(aport, "POST", "/servers/main/b0/ready") == (200, answer("ready"))
+
+
+def test_the_answer_waits_for_a_worker_slow_to_apply_the_drain(
+    start_proxy: Callable[..., Proxy],
+) -> None:
+    aport = free_port()
+    with WsBackend() as b0, WsBackend() as b1:
+        proxy = start_proxy([b0.port, b1.port], extra=admin_config(aport))
+        with ThreadPoolExecutor(1) as pool, stopped(proxy, 1):
+            drain = pool.submit(call, aport, "POST", "/servers/main/b0/drain")
+            proxy.wait_for(lambda evs: proxy.actions("server-drain"), "server-drain")
+            assert not drain.done()  # sent to worker 1, which has not run since
+        assert drain.result(10) == (200, answer("drain"))
+        on_b0 = len(b0.peers)
+        asyncio.run(asyncio.wait_for(open_and_close(proxy.url, 30), 60))
+        assert len(b0.peers) == on_b0
+
+
+def test_a_worker_that_does_not_answer_is_named_and_does_not_hold_the_call(
+    start_proxy: Callable[..., Proxy],
+) -> None:
+    aport = free_port()
+    with WsBackend() as b0, WsBackend() as b1:
+        proxy = start_proxy([b0.port, b1.port], extra=admin_config(aport))
+        with stopped(proxy, 1):
+            status, body = call(aport, "POST", "/servers/main/b0/drain")
+        assert (status, body) == (202, answer("drain", applied=1, unanswered=["1"]))
+        (event,) = proxy.wait_for(
+            lambda evs: proxy.actions("server-admin-unanswered"), "server-admin-unanswered"
+        )
+        assert event["shardproxy"]["workers"] == ["1"]
+        # Its late answer is dropped; the channel goes on answering.
+        assert call(aport, "POST", "/servers/main/b0/ready") == (200, answer("ready"))
 
 
 def test_healthz_turns_503_while_draining(start_proxy: Callable[..., Proxy]) -> None:

@@ -17,6 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
 from shardproxy.telemetry import metrics
+from shardproxy.telemetry.snapshot import Counts, SpaceUsage, WorkerSnapshot
+from shardproxy.telemetry.stats import Retired
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -33,19 +35,21 @@ def total(found: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str
 
 
 def test_counters_add_the_retired_workers_and_never_go_back() -> None:
-    snap = {
-        "slot": 0,
-        "generation": 1,
-        "tunnels": 3,
-        "handshakes": 1,
-        "capacity": 100,
-        "counts": {"tunnels": 5, "rejected.no_route": 2, "closed.closed": 2, "bytes.up": 10},
-        "upstream": [{"source": "auto", "endpoint": "10.0.0.1:80", "used": 3, "capacity": 50}],
-    }
+    snap = WorkerSnapshot(
+        slot=0,
+        generation=1,
+        tunnels=3,
+        handshakes=1,
+        capacity=100,
+        counts=Counts(tunnels=5, rejected={"no_route": 2}, closed={"closed": 2}, bytes={"up": 10}),
+        upstream=(SpaceUsage("auto", "10.0.0.1:80", 3, 50),),
+    )
+    retired = Retired()
+    retired.add(WorkerSnapshot(1, 1, 0, 0, 0, Counts(tunnels=7, closed={"closed": 7})))
     text = metrics.render(
         metrics.families(
             {11: snap},
-            {"tunnels": 7, "closed.closed": 7},
+            retired,
             {
                 "restarts": 1,
                 "reloads": {"done": 2},

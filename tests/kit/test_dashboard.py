@@ -23,6 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
 from shardproxy.telemetry import metrics
+from shardproxy.telemetry.snapshot import WorkerSnapshot
+from shardproxy.telemetry.stats import Retired
 
 DASHBOARD = REPO / "deploy" / "grafana" / "shardproxy.json"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
@@ -139,8 +141,8 @@ def test_the_dashboard_is_a_grafana_dashboard_on_the_templated_datasource() -> N
 def test_the_check_catches_a_wrong_name_and_a_misused_type() -> None:
     """problems() is not vacuous: a typo, rate() of a gauge and a counter
     without rate() are each reported (against families built in-process)."""
-    snapshot = {"slot": 0, "generation": 1, "tunnels": 1, "handshakes": 0, "capacity": 10}
-    text = metrics.render(metrics.families({1: snapshot}, {}, {})).decode()
+    snapshot = WorkerSnapshot(slot=0, generation=1, tunnels=1, handshakes=0, capacity=10)
+    text = metrics.render(metrics.families({1: snapshot}, Retired(), {})).decode()
     good = load()
     baseline = set(problems(good, text))
 
