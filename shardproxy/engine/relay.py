@@ -178,14 +178,14 @@ PING_DUE = -1.0
 class Tunnel:
     """An established client⇄backend connection pair."""
 
-    # (8 slots fill the same 96-byte block as 7 did: ``io`` costs nothing.)
-    __slots__ = ("closing", "down", "held", "io", "ping_sent", "started", "token", "up")
+    # (No start time: a float would be one more object per tunnel; the
+    # engine keeps it per client descriptor, see RelayEngine._started.)
+    __slots__ = ("closing", "down", "held", "io", "ping_sent", "token", "up")
 
     def __init__(self, client_fd: int, backend_fd: int, token: Any, io: Transports) -> None:
         self.up = Flow(client_fd, backend_fd)  # client → backend
         self.down = Flow(backend_fd, client_fd)  # backend → client
         self.io = io  # how each side's bytes move (PLAIN_PAIR: shared by every plain tunnel)
-        self.started = time.monotonic()
         self.token = token  # the worker's, handed back with the tunnel's end
         self.closing = False  # the proxy is closing it (begin_close)
         # When our unanswered Ping was written (time.monotonic()); PING_DUE:
@@ -238,7 +238,10 @@ class RelayEngine:
         self._view = memoryview(self._buffer)
         self._buffers = [self._buffer]  # os.readv's argument, built once
         self._events = events
-        self._uses = array("I")  # per descriptor: tunnels it carried as a client (ids)
+        # Per descriptor: the tunnels it carried as a client (ids), and when
+        # its tunnel started (arrays: 12 bytes per descriptor, no object per tunnel).
+        self._uses = array("I")
+        self._started = array("d")
         self._keepalive = keepalive or Keepalive()
         # The ping round: every tunnel once per interval, spread over it.
         self._round: Spread[Tunnel] = Spread([], -math.inf, self._keepalive.interval)
@@ -289,8 +292,11 @@ class RelayEngine:
         """
         uses = self._uses
         if client_fd >= len(uses):
-            uses.extend([0] * (client_fd + 1024 - len(uses)))
+            more = client_fd + 1024 - len(uses)
+            uses.extend([0] * more)
+            self._started.extend([0.0] * more)
         uses[client_fd] += 1
+        self._started[client_fd] = time.monotonic()
         t = Tunnel(client_fd, backend_fd, token, io)
         self._tunnels[client_fd] = t
         self._tunnels[backend_fd] = t
@@ -760,5 +766,7 @@ class RelayEngine:
             io.backend.reset(t.backend_fd)
         io.client.close(t.client_fd)
         io.backend.close(t.backend_fd)
-        stats = TunnelStats(_flow_stats(t.up), _flow_stats(t.down), time.monotonic() - t.started)
+        stats = TunnelStats(
+            _flow_stats(t.up), _flow_stats(t.down), time.monotonic() - self._started[t.up.src]
+        )
         self._events.tunnel_closed(t.token, outcome, stats)
