@@ -75,6 +75,9 @@ def test_every_line_of_a_busy_run_is_valid_ecs(start_proxy: Callable[..., Proxy]
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
             s.sendall(b"GET /plain HTTP/1.1\r\nHost: x\r\nUser-Agent: curl/8.0\r\n\r\n")
             assert read_head(s).startswith(b"HTTP/1.1 426")
+        # The worker logs the refusal right after it answered: the answer can
+        # reach us first, and the kill below must not take the line with it.
+        proxy.wait_for(lambda _: proxy.actions("request-rejected"), what="the 426 logged")
         victim = proxy.worker_pids()[0]
         os.kill(victim, signal.SIGKILL)
         proxy.wait_for(
