@@ -155,7 +155,10 @@ class ShardProxy(TargetBase):
     def version(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name}
         r = self._cli("version")
-        out["version"] = r.stdout.strip()
+        lines = r.stdout.strip().splitlines() or [""]
+        out["version"] = lines[0]
+        engine = [line.split(":", 1)[1].strip() for line in lines if line.startswith("engine:")]
+        out["engine"] = engine[0] if engine else None
         git = ["git", "-C", str(REPO)]
         for key, args in (
             ("commit", ["rev-parse", "HEAD"]),

@@ -154,7 +154,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_version(args: argparse.Namespace) -> int:
+    from shardproxy.engine import choice
+
     print(f"shardproxy {__version__}")
+    print(f"engine: {choice.describe()}")
     return 0
 
 

@@ -53,6 +53,7 @@ from shardproxy import config
 from shardproxy.config import Config, Endpoint, PortRange, RouteConfig
 from shardproxy.control.channel import Channel
 from shardproxy.control.messages import Ack, Drained, Health, Ready, Request, Retire, Start, Stats
+from shardproxy.engine import choice
 from shardproxy.engine.api import (
     CLOSED,
     DRAINED,
@@ -542,6 +543,7 @@ async def serve(slot: int, control_fd: int, listen_fds: list[int]) -> None:
                     "shardproxy.capacity": worker.capacity,
                     "shardproxy.ports": str(ports),
                     "shardproxy.allocator": up.allocator,
+                    "shardproxy.engine": choice.ENGINE,
                 },
             )
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import subprocess
@@ -20,13 +21,23 @@ from shardproxy.control.addrplan import read_system_port_range
 ROOT = REPO
 
 
-def test_version() -> None:
+def test_version_names_the_engine() -> None:
     from shardproxy import __version__
 
-    out = subprocess.run(
-        [sys.executable, "-m", "shardproxy", "version"], capture_output=True, text=True, check=True
-    )
-    assert out.stdout.strip() == f"shardproxy {__version__}"
+    def version(**env: str) -> list[str]:
+        out = subprocess.run(
+            [sys.executable, "-m", "shardproxy", "version"],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, **env},
+        )
+        return out.stdout.strip().splitlines()
+
+    first, engine = version()
+    assert first == f"shardproxy {__version__}"
+    assert engine.startswith("engine: python (")
+    assert version(SHARDPROXY_PURE="1")[1] == "engine: python (SHARDPROXY_PURE=1)"
 
 
 def test_demo_serves_two_echo_backends_and_prints_a_pasteable_line() -> None:

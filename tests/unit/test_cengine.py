@@ -1,0 +1,119 @@
+"""The compiled frame tracker (engine/_cengine.c) against the Python one
+(protocol/frames.py), the reference: random and mutated frame sequences cut
+at random byte boundaries give both the same boundaries, message counts,
+close codes, errors and injection points (feed_to_boundary)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_frames import cut_points, split_at, streams
+
+from shardproxy.engine import choice
+from shardproxy.protocol.frames import FrameTracker
+
+REQUIRED = os.environ.get("SHARDPROXY_BUILD_EXTENSION", "").lower() in ("1", "yes", "true")
+compiled = choice.COMPILED if choice.COMPILED is not None else None
+
+pytestmark = pytest.mark.skipif(
+    compiled is None and not REQUIRED, reason="the compiled engine was not built here"
+)
+
+
+def test_the_extension_was_built_where_it_is_required() -> None:
+    # CI sets SHARDPROXY_BUILD_EXTENSION=yes: no silent fallback there.
+    assert compiled is not None, "SHARDPROXY_BUILD_EXTENSION=yes but _cengine does not import"
+    assert compiled.TRACKER_BYTES <= 48  # two per tunnel: the C relay's budget
+    expected = os.environ.get("SHARDPROXY_EXPECT_CENGINE")  # scripts/test-sanitized's build
+    if expected:
+        assert compiled.__file__ == expected
+
+
+def state(t: object) -> tuple[object, ...]:
+    return (t.messages, t.close_code, t.error, t.at_boundary)  # type: ignore[attr-defined]
+
+
+def both() -> tuple[FrameTracker, object]:
+    assert compiled is not None
+    return FrameTracker(), compiled.FrameTracker()
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_any_stream_cut_anywhere_gives_both_the_same_state(data: st.DataObject) -> None:
+    stream = data.draw(streams())
+    py, c = both()
+    for chunk in split_at(stream.data, data.draw(cut_points(stream))):
+        py.feed(chunk)
+        c.feed(memoryview(bytearray(chunk)))  # type: ignore[attr-defined]
+        assert state(py) == state(c)
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_mutated_streams_fail_the_same_way(data: st.DataObject) -> None:
+    raw = bytearray(data.draw(streams()).data)
+    for _ in range(data.draw(st.integers(1, 4))):  # a few bytes anywhere, headers included
+        if raw:
+            raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    raw += data.draw(st.binary(max_size=40))
+    py, c = both()
+    for chunk in split_at(bytes(raw), data.draw(st.lists(st.integers(0, len(raw)), max_size=20))):
+        py.feed(chunk)
+        c.feed(chunk)  # type: ignore[attr-defined]
+        assert state(py) == state(c)
+
+
+@given(st.binary(max_size=200), st.lists(st.integers(0, 200), max_size=10))
+def test_garbage_gives_both_the_same_verdict(raw: bytes, cuts: list[int]) -> None:
+    py, c = both()
+    for chunk in split_at(raw, [min(x, len(raw)) for x in cuts]):
+        py.feed(chunk)
+        c.feed(chunk)  # type: ignore[attr-defined]
+        assert state(py) == state(c)
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_injection_points_agree(data: st.DataObject) -> None:
+    """The relay asks feed_to_boundary where its own frame may go: both
+    trackers must name the same byte, chunk after chunk."""
+    stream = data.draw(streams())
+    py, c = both()
+    for chunk in split_at(stream.data, data.draw(cut_points(stream))):
+        if data.draw(st.booleans()):
+            k = py.feed_to_boundary(chunk)
+            assert c.feed_to_boundary(chunk) == k  # type: ignore[attr-defined]
+            assert state(py) == state(c)
+            if k >= 0:  # the rest of the chunk follows our frame
+                py.feed(chunk[k:])
+                c.feed(chunk[k:])  # type: ignore[attr-defined]
+        else:
+            py.feed(chunk)
+            c.feed(chunk)  # type: ignore[attr-defined]
+        assert state(py) == state(c)
+
+
+def test_the_longest_headers_and_lengths() -> None:
+    """64-bit lengths (the MSB refused), a masked Close cut in every place,
+    and a payload length that ends exactly at a chunk's end."""
+    cases = [
+        bytes([0x82, 127]) + (1 << 63).to_bytes(8, "big"),
+        bytes([0x82, 0xFF]) + (70000).to_bytes(8, "big") + b"mask",
+        bytes([0x88, 0x82]) + b"\x01\x02\x03\x04" + bytes([0x03 ^ 1, 0xE8 ^ 2]),
+        bytes([0x88, 0x81]) + b"\x01\x02\x03\x04" + b"x",
+        bytes([0x09, 0x00]),  # a fragmented Ping
+        bytes([0x89, 126, 0, 200]),  # a Ping over 125 bytes
+        bytes([0x00, 0x00]),  # a continuation outside a message
+        bytes([0x01, 0x00, 0x82, 0x00]),  # a new message inside one
+    ]
+    for raw in cases:
+        for cut in range(len(raw) + 1):
+            py, c = both()
+            for chunk in (raw[:cut], raw[cut:]):
+                py.feed(chunk)
+                c.feed(chunk)  # type: ignore[attr-defined]
+                assert state(py) == state(c), (raw, cut)
