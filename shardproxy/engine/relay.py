@@ -478,11 +478,18 @@ class RelayEngine:
         try:
             self._finish(t, INTERNAL_ERROR)
         except Exception:  # the tunnel's state is broken: drop it by hand
-            for flow in (t.up, t.down):
-                if self._tunnels.get(flow.src) is t:
-                    del self._tunnels[flow.src]
-                    with contextlib.suppress(OSError):
-                        os.close(flow.src)
+            for fd in (t.up.src, t.down.src):
+                if self._tunnels.get(fd) is t:
+                    del self._tunnels[fd]
+                # _finish may have closed it already; nothing was opened since
+                # (one thread), so EBADF is the only other answer.
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            # Its owner still hears of its end (its lease goes back), with
+            # what can be trusted of its figures: none.
+            empty = FlowStats(0, 0, None, 0, None)
+            duration = time.monotonic() - self._started[t.up.src]
+            self._events.tunnel_closed(t.token, INTERNAL_ERROR, TunnelStats(empty, empty, duration))
 
     # -- the per-event path -------------------------------------------------
 

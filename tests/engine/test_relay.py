@@ -30,6 +30,7 @@ from shardproxy.engine.api import (
     TunnelStats,
 )
 from shardproxy.engine.relay import PING_DUE, RelayEngine, Tunnel
+from shardproxy.engine.transport import PLAIN, PlainTransport, Transports
 from shardproxy.protocol.frames import close_frame
 
 
@@ -532,6 +533,35 @@ def test_a_bug_while_relaying_costs_one_tunnel_not_the_others() -> None:
         assert await trio.to_thread.run_sync(recv_exactly, other_backend, 13) == b"still relayed"
         for s in (client, backend, other_client, other_backend):
             s.close()
+
+    run(test)
+
+
+def test_a_bug_while_ending_a_broken_tunnel_still_closes_and_reports_it() -> None:
+    """Containment's own fallback: the tunnel's end fails too (here its
+    backend transport's close raises), and still both descriptors are
+    closed and its owner hears of its end once."""
+
+    class BrokenClose(PlainTransport):
+        @staticmethod
+        def close(fd: int) -> None:
+            raise RuntimeError("a transport bug")
+
+    async def test(h: Harness) -> None:
+        before = len(os.listdir("/proc/self/fd"))
+        client, backend, t = h.tunnel()
+        inside = h.inside(t)
+        inside.io = Transports(PLAIN, BrokenClose())
+        inside.down.parked = 12345  # type: ignore[assignment]  # a state no code of ours makes
+        h.engine._update(inside)
+        assert await h.wait_closed() == [INTERNAL_ERROR]
+        assert len(h.errors) == 1
+        assert h.closed[0][0] == "token" and not h.engine.alive(t)
+        with pytest.raises(ConnectionResetError):  # its fd was closed, after the reset
+            await trio.to_thread.run_sync(backend.recv, 100)
+        client.close()
+        backend.close()
+        assert len(os.listdir("/proc/self/fd")) == before  # nothing left open
 
     run(test)
 
