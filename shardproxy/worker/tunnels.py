@@ -48,12 +48,58 @@ class TunnelRecord(AdmissionLease):
         self._client_next: TunnelRecord | None = None
 
 
+class _Chains:
+    """Intrusive doubly linked lists of records, one list per key, through
+    two slots of each record (``prev_slot`` and ``next_slot``)."""
+
+    __slots__ = ("_heads", "_next", "_prev")
+
+    def __init__(self, prev_slot: str, next_slot: str) -> None:
+        self._heads: dict[Any, TunnelRecord] = {}  # key -> newest record
+        self._prev = prev_slot
+        self._next = next_slot
+
+    def holds(self, key: Any, record: TunnelRecord) -> bool:
+        return getattr(record, self._prev) is not None or self._heads.get(key) is record
+
+    def push(self, key: Any, record: TunnelRecord) -> None:
+        head = self._heads.get(key)
+        setattr(record, self._next, head)
+        if head is not None:
+            setattr(head, self._prev, record)
+        self._heads[key] = record
+
+    def unlink(self, key: Any, record: TunnelRecord) -> None:
+        prev, nxt = getattr(record, self._prev), getattr(record, self._next)
+        if nxt is not None:
+            setattr(nxt, self._prev, prev)
+        if prev is not None:
+            setattr(prev, self._next, nxt)
+        elif nxt is not None:
+            self._heads[key] = nxt
+        else:
+            del self._heads[key]
+        setattr(record, self._prev, None)
+        setattr(record, self._next, None)
+
+    def of(self, key: Any) -> list[TunnelRecord]:
+        out = []
+        record = self._heads.get(key)
+        while record is not None:
+            out.append(record)
+            record = getattr(record, self._next)
+        return out
+
+    def keys(self) -> Iterator[Any]:
+        return iter(self._heads)
+
+
 class TunnelIndex:
     """The open tunnels of a worker by endpoint and by client address."""
 
     def __init__(self) -> None:
-        self._by_endpoint: dict[Any, TunnelRecord] = {}  # EndpointState -> first record
-        self._by_client: dict[str, TunnelRecord] = {}  # client address -> first record
+        self._by_endpoint = _Chains("_endpoint_prev", "_endpoint_next")  # by EndpointState
+        self._by_client = _Chains("_client_prev", "_client_next")  # by client address
         self._count = 0
 
     def __len__(self) -> int:
@@ -63,62 +109,26 @@ class TunnelIndex:
         """Index ``record``, whose tunnel has relay id ``tunnel``. Its
         endpoint and client address must not change until :meth:`remove`."""
         record.tunnel = tunnel
-        head = self._by_endpoint.get(record.endpoint)
-        record._endpoint_next = head
-        if head is not None:
-            head._endpoint_prev = record
-        self._by_endpoint[record.endpoint] = record
-        head = self._by_client.get(record.client_ip)
-        record._client_next = head
-        if head is not None:
-            head._client_prev = record
-        self._by_client[record.client_ip] = record
+        self._by_endpoint.push(record.endpoint, record)
+        self._by_client.push(record.client_ip, record)
         self._count += 1
 
     def remove(self, record: TunnelRecord) -> None:
         """Take ``record`` out (nothing happens if it is not in)."""
-        if record._endpoint_prev is None and self._by_endpoint.get(record.endpoint) is not record:
+        if not self._by_endpoint.holds(record.endpoint, record):
             return
-        prev, nxt = record._endpoint_prev, record._endpoint_next
-        if nxt is not None:
-            nxt._endpoint_prev = prev
-        if prev is not None:
-            prev._endpoint_next = nxt
-        elif nxt is not None:
-            self._by_endpoint[record.endpoint] = nxt
-        else:
-            del self._by_endpoint[record.endpoint]
-        prev, nxt = record._client_prev, record._client_next
-        if nxt is not None:
-            nxt._client_prev = prev
-        if prev is not None:
-            prev._client_next = nxt
-        elif nxt is not None:
-            self._by_client[record.client_ip] = nxt
-        else:
-            del self._by_client[record.client_ip]
-        record._endpoint_prev = record._endpoint_next = None
-        record._client_prev = record._client_next = None
+        self._by_endpoint.unlink(record.endpoint, record)
+        self._by_client.unlink(record.client_ip, record)
         self._count -= 1
 
     def of_endpoint(self, endpoint: Any) -> list[TunnelRecord]:
         """The tunnels to ``endpoint`` (an EndpointState), newest first."""
-        out = []
-        record = self._by_endpoint.get(endpoint)
-        while record is not None:
-            out.append(record)
-            record = record._endpoint_next
-        return out
+        return self._by_endpoint.of(endpoint)
 
     def of_client(self, client_ip: str) -> list[TunnelRecord]:
         """The tunnels of one client address, newest first."""
-        out = []
-        record = self._by_client.get(client_ip)
-        while record is not None:
-            out.append(record)
-            record = record._client_next
-        return out
+        return self._by_client.of(client_ip)
 
     def clients(self) -> Iterator[str]:
         """Every client address that holds a tunnel."""
-        return iter(self._by_client)
+        return self._by_client.keys()

@@ -16,7 +16,7 @@ from shardproxy.engine import choice
 from shardproxy.protocol.frames import FrameTracker
 
 REQUIRED = os.environ.get("SHARDPROXY_BUILD_EXTENSION", "").lower() in ("1", "yes", "true")
-compiled = choice.COMPILED if choice.COMPILED is not None else None
+compiled = choice.COMPILED
 
 pytestmark = pytest.mark.skipif(
     compiled is None and not REQUIRED, reason="the compiled engine was not built here"
