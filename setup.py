@@ -50,7 +50,8 @@ setup(
     ext_modules=[
         Extension(
             "shardproxy.engine._cengine",
-            ["shardproxy/engine/_cengine.c"],
+            ["shardproxy/engine/_cengine.c", "shardproxy/engine/_chttp.c"],
+            depends=["shardproxy/engine/_chttp.h"],
             extra_compile_args=CFLAGS,
         )
     ],

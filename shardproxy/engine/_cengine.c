@@ -22,6 +22,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_chttp.h"
+
 /* -- the frame tracker core (RFC 6455 §5.2) ------------------------------ */
 
 #define SP_CONTINUATION 0x0
@@ -394,7 +396,8 @@ PyInit__cengine(void)
         Py_DECREF(module);
         return NULL;
     }
-    if (PyModule_AddIntConstant(module, "TRACKER_BYTES", (long)sizeof(sp_tracker)) < 0) {
+    if (PyModule_AddIntConstant(module, "TRACKER_BYTES", (long)sizeof(sp_tracker)) < 0
+        || sp_http_add(module) < 0) {
         Py_DECREF(module);
         return NULL;
     }
