@@ -15,8 +15,10 @@ from typing import Any
 import psutil
 import pytest
 import tomli_w
+from engines import ENGINES, current
 from peers import parse_json_lines
 
+from shardproxy.engine.choice import COMPILED
 from shardproxy.host.rlimits import raise_nofile_limit
 
 START_TIMEOUT = 20.0
@@ -201,3 +203,26 @@ def _no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
     ):
         monkeypatch.delenv(name, raising=False)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+# -- both engines ------------------------------------------------------------
+# A module whose tests must run once per engine says
+# ``pytestmark = pytest.mark.usefixtures("relay_engine")``; the harnesses
+# build their engines from ``engines.current``. A white-box test of the
+# Python engine's own objects is marked ``python_engine_only``.
+
+
+@pytest.fixture(params=ENGINES)
+def relay_engine(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The engine a test runs: each of ENGINES in turn."""
+    name: str = request.param
+    if name == "compiled":
+        if COMPILED is None:
+            pytest.skip("the compiled engine was not built")
+        if request.node.get_closest_marker("python_engine_only"):
+            pytest.skip("white-box test of the Python engine")
+    current.name = name
+    try:
+        yield name
+    finally:
+        current.name = "python"

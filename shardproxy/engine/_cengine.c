@@ -373,6 +373,1250 @@ static PyTypeObject TrackerType = {
     .tp_getset = Tracker_getset,
 };
 
+/* -- the relay (engine/relay.py's RelayEngine) ------------------------------
+ *
+ * Every established tunnel of a worker in one epoll set, with the Python
+ * engine's semantics line for line (its module notes say why each step is
+ * as it is); the functions below name the Python methods they mirror. What
+ * differs, and why:
+ *
+ * - A tunnel is one C struct (sp_tunnel, ~190 bytes with both directions'
+ *   frame trackers) and two slots of a table indexed by descriptor; parked
+ *   bytes, a held Pong header and the Close frames of a closing tunnel live
+ *   in separate allocations that exist only while they are needed.
+ * - An ended tunnel is marked dead and freed when the call into the engine
+ *   returns (sp_sweep), never in the middle of handling it: every step
+ *   checks t->dead where the Python one checks self._alive(t).
+ * - The end of a tunnel is recorded in a list (token, outcome, both
+ *   directions' figures, duration) that the Python side takes after each
+ *   call (Relay.take_closed) and hands to TunnelEvents.tunnel_closed: the
+ *   events come in batches and no Python runs inside the per-event path.
+ * - The ping round sweeps the descriptor table evenly over the interval
+ *   (descriptor i of the n there were when the round began is due at
+ *   start + interval * i / n) instead of a list of the round's tunnels: no
+ *   memory per tunnel, and the same bound (a tunnel is pinged within two
+ *   intervals of its start, then once per interval).
+ * - Written Pings are checked from a FIFO, not a heap: every check is due
+ *   ``timeout`` after it was queued, so queue order is due order.
+ * - FIN and RST go out with shutdown(2) and setsockopt(2) on the descriptor:
+ *   no socket object, so no getsockname.
+ * - An allocation that fails ends that tunnel (both sides reset, outcome
+ *   INTERNAL_ERROR) and is counted (Relay.internal_errors), which the Python
+ *   side reports as relay_error().
+ */
+
+#include <errno.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define SP_BUFFER 65536
+#define SP_MAX_EVENTS 1024
+#define SP_PING_BATCH 0.01   /* seconds: a round's pings go out in batches */
+#define SP_PING_DUE (-1.0)   /* ping_sent: our Ping waits for frame boundaries */
+#define SP_FD_BITS 32
+
+enum { SP_OPEN = 0, SP_SHUT = 1, SP_CLOSING = 2 };     /* sp_flow.state */
+enum { SP_INJ_NONE = 0, SP_INJ_PING, SP_INJ_CLOSE };   /* sp_flow.inject */
+/* Outcomes: indexes into the tuple of names the Python side passes in. */
+enum { SP_CLOSED = 0, SP_CLIENT_RESET, SP_BACKEND_RESET, SP_STOPPED, SP_DRAINED,
+       SP_PING_TIMEOUT, SP_INTERNAL_ERROR, SP_OUTCOMES };
+
+typedef struct {
+    uint32_t len, off;        /* data[off:off + len] waits for dst */
+    uint8_t data[];
+} sp_parked;
+
+typedef struct {
+    sp_tracker tr;
+    uint64_t nbytes;
+    sp_parked *parked;        /* NULL: nothing waits (Flow.parked is None) */
+    uint32_t close_order;     /* 0 until a Close went by (Flow.close_order) */
+    int32_t src;
+    uint8_t state, mask, inject;
+} sp_flow;
+
+#define SP_MAX_CLOSE 135      /* 2 + 4 (mask) + 2 (code) + 123 (reason), with room */
+#define SP_MAX_HELD 64        /* a Pong of ours cut short: header + 27 bytes */
+
+typedef struct {              /* what few tunnels need at a time */
+    uint8_t held_len, close_len[2];
+    uint8_t held[SP_MAX_HELD];
+    uint8_t close[2][SP_MAX_CLOSE];  /* [0] to the client, [1] to the backend */
+} sp_extra;
+
+typedef struct sp_tunnel {
+    sp_flow up, down;         /* client → backend, backend → client */
+    PyObject *token;          /* owned; moves into the closed record */
+    double started, ping_sent;
+    sp_extra *x;
+    uint8_t closing, dead;
+} sp_tunnel;
+
+typedef struct {
+    uint64_t id;
+    uint64_t seen;            /* client bytes when the Ping was written, or last looked at */
+    double sent, due;
+} sp_check;
+
+typedef struct {
+    PyObject_HEAD
+    int epfd;
+    sp_tunnel **by_fd;        /* both descriptors of every tunnel */
+    uint32_t *uses;           /* per client descriptor: tunnels it carried */
+    size_t cap;
+    size_t count;
+    uint8_t *buf;             /* one read buffer for every tunnel; + room for a held header */
+    PyObject *closed;         /* list of the ends not taken yet */
+    PyObject *outcomes;       /* tuple of SP_OUTCOMES names */
+    sp_tunnel **dead;         /* ended in this call, freed by sp_sweep */
+    size_t ndead, capdead;
+    double interval, timeout;
+    double round_start;
+    size_t round_next, round_n;
+    sp_check *checks;         /* FIFO ring */
+    size_t check_head, check_len, check_cap;
+    uint8_t ping[2 + 125];
+    size_t ping_len;
+    uint8_t payload[125];
+    size_t payload_len;
+    uint32_t close_seq;
+    uint64_t internal_errors;
+} Relay;
+
+static double
+sp_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);  /* time.monotonic()'s clock */
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static int sp_finish(Relay *e, sp_tunnel *t, int outcome);
+
+static inline sp_flow *
+sp_other(sp_tunnel *t, sp_flow *f)
+{
+    return f == &t->up ? &t->down : &t->up;
+}
+
+static inline int
+sp_dst(sp_tunnel *t, sp_flow *f)
+{
+    return sp_other(t, f)->src;
+}
+
+static inline int
+sp_reading(const sp_flow *f)
+{
+    return f->state != SP_SHUT && f->parked == NULL;
+}
+
+static inline uint64_t
+sp_id(Relay *e, sp_tunnel *t)
+{
+    uint32_t fd = (uint32_t)t->up.src;
+    return (uint64_t)e->uses[fd] << SP_FD_BITS | fd;
+}
+
+static sp_tunnel *
+sp_lookup(Relay *e, uint64_t id)
+{
+    uint64_t fd = id & 0xFFFFFFFFu;
+    if (fd >= e->cap)
+        return NULL;
+    sp_tunnel *t = e->by_fd[fd];
+    if (t == NULL || t->dead || (uint64_t)t->up.src != fd || e->uses[fd] != id >> SP_FD_BITS)
+        return NULL;
+    return t;
+}
+
+/* Flow.feed with the _close_seen hook: number the first Close. */
+static void
+sp_flow_feed(Relay *e, sp_flow *f, const uint8_t *data, size_t n)
+{
+    int had = f->tr.close_code >= 0;
+    sp_feed(&f->tr, data, n);
+    if (!had && f->tr.close_code >= 0)
+        f->close_order = ++e->close_seq;
+}
+
+static int64_t
+sp_flow_to_boundary(Relay *e, sp_flow *f, const uint8_t *data, size_t n)
+{
+    int had = f->tr.close_code >= 0;
+    int64_t k = sp_feed_to_boundary(&f->tr, data, n);
+    if (!had && f->tr.close_code >= 0)
+        f->close_order = ++e->close_seq;
+    return k;
+}
+
+static void
+sp_internal(Relay *e, sp_tunnel *t)
+{
+    e->internal_errors++;
+    sp_finish(e, t, SP_INTERNAL_ERROR);
+}
+
+/* RelayEngine._update */
+static void
+sp_update(Relay *e, sp_tunnel *t)
+{
+    sp_flow *flows[2] = {&t->up, &t->down};
+    for (int i = 0; i < 2; i++) {
+        sp_flow *src = flows[i], *other = flows[1 - i];
+        uint8_t mask = (uint8_t)((sp_reading(src) ? EPOLLIN : 0) | (other->parked ? EPOLLOUT : 0));
+        if (mask == src->mask)
+            continue;
+        struct epoll_event ev = {.events = mask, .data = {.fd = src->src}};
+        int op = src->mask == 0 ? EPOLL_CTL_ADD : mask == 0 ? EPOLL_CTL_DEL : EPOLL_CTL_MOD;
+        if (epoll_ctl(e->epfd, op, src->src, &ev) < 0) {
+            sp_internal(e, t);
+            return;
+        }
+        src->mask = mask;
+    }
+}
+
+/* Park data[0:n] after whatever is parked already (RelayEngine._write's
+ * rest, and _send_more). */
+static int
+sp_park(Relay *e, sp_tunnel *t, sp_flow *f, const uint8_t *data, size_t n)
+{
+    sp_parked *old = f->parked;
+    size_t have = old ? old->len : 0;
+    sp_parked *p = malloc(sizeof(sp_parked) + have + n);
+    if (p == NULL) {
+        sp_internal(e, t);
+        return -1;
+    }
+    if (old)
+        memcpy(p->data, old->data + old->off, have);
+    memcpy(p->data + have, data, n);
+    p->off = 0;
+    p->len = (uint32_t)(have + n);
+    free(old);
+    f->parked = p;
+    return 0;
+}
+
+/* RelayEngine._write (nothing parked on f) */
+static void
+sp_write(Relay *e, sp_tunnel *t, sp_flow *f, const uint8_t *data, size_t n)
+{
+    ssize_t w = send(sp_dst(t, f), data, n, MSG_NOSIGNAL);
+    if (w < 0) {
+        if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+            sp_finish(e, t, f == &t->up ? SP_BACKEND_RESET : SP_CLIENT_RESET);
+            return;
+        }
+        w = 0;
+    }
+    if ((size_t)w < n && sp_park(e, t, f, data + w, n - (size_t)w) == 0)
+        sp_update(e, t);
+}
+
+/* RelayEngine._send_more */
+static void
+sp_send_more(Relay *e, sp_tunnel *t, sp_flow *f, const uint8_t *data, size_t n)
+{
+    if (n == 0)
+        return;
+    if (f->parked)
+        sp_park(e, t, f, data, n);
+    else
+        sp_write(e, t, f, data, n);
+}
+
+static inline int
+sp_client_between_frames(sp_tunnel *t)
+{
+    return sp_at_boundary(&t->up.tr) && !(t->x && t->x->held_len);
+}
+
+/* RelayEngine._may_inject */
+static inline int
+sp_may_inject(sp_tunnel *t, sp_flow *f)
+{
+    if (!f->inject || !sp_at_boundary(&f->tr))
+        return 0;
+    return f->inject != SP_INJ_PING || sp_client_between_frames(t);
+}
+
+static void
+sp_check_push(Relay *e, uint64_t id, uint64_t seen, double sent, double due)
+{
+    if (e->check_len == e->check_cap) {
+        size_t cap = e->check_cap ? e->check_cap * 2 : 256;
+        sp_check *ring = malloc(cap * sizeof(sp_check));
+        if (ring == NULL) {
+            e->internal_errors++;  /* the Ping goes unchecked: the tunnel lives on */
+            return;
+        }
+        for (size_t i = 0; i < e->check_len; i++)
+            ring[i] = e->checks[(e->check_head + i) % e->check_cap];
+        free(e->checks);
+        e->checks = ring;
+        e->check_head = 0;
+        e->check_cap = cap;
+    }
+    e->checks[(e->check_head + e->check_len) % e->check_cap] =
+        (sp_check){.id = id, .seen = seen, .sent = sent, .due = due};
+    e->check_len++;
+}
+
+/* RelayEngine._inject */
+static void
+sp_inject(Relay *e, sp_tunnel *t, sp_flow *f)
+{
+    int kind = f->inject;
+    f->inject = SP_INJ_NONE;
+    if (kind == SP_INJ_PING) {
+        double now = sp_now();
+        t->ping_sent = now;
+        sp_check_push(e, sp_id(e, t), t->up.nbytes, now, now + e->timeout);
+        sp_write(e, t, f, e->ping, e->ping_len);
+        return;
+    }
+    f->state = SP_CLOSING;
+    int i = f == &t->up;
+    sp_write(e, t, f, t->x->close[i], t->x->close_len[i]);
+}
+
+/* RelayEngine._check_closed */
+static void
+sp_check_closed(Relay *e, sp_tunnel *t)
+{
+    sp_flow *flows[2] = {&t->up, &t->down};
+    for (int i = 0; i < 2; i++) {
+        sp_flow *f = flows[i];
+        if (f->inject || f->parked)
+            return;
+        if (f->state != SP_SHUT && f->tr.close_code < 0)
+            return;
+    }
+    sp_finish(e, t, SP_DRAINED);
+}
+
+/* RelayEngine._write_to_boundary */
+static int64_t
+sp_write_to_boundary(Relay *e, sp_tunnel *t, sp_flow *f, const uint8_t *data, size_t n)
+{
+    int64_t k = sp_flow_to_boundary(e, f, data, n);
+    if (k < 0) {
+        sp_write(e, t, f, data, n);
+        return -1;
+    }
+    if (k) {
+        sp_write(e, t, f, data, (size_t)k);
+        if (t->dead)
+            return -1;
+    }
+    return k;
+}
+
+/* RelayEngine._pump_closing */
+static void
+sp_pump_closing(Relay *e, sp_tunnel *t, sp_flow *f, const uint8_t *data, size_t n)
+{
+    if (f->state == SP_CLOSING) {
+        sp_flow_feed(e, f, data, n);
+    } else if (!f->inject) {
+        sp_flow_feed(e, f, data, n);
+        sp_write(e, t, f, data, n);
+        return;
+    } else {
+        int64_t k = sp_write_to_boundary(e, t, f, data, n);
+        if (k < 0)
+            return;
+        sp_flow_feed(e, f, data + k, n - (size_t)k);  /* the dropped rest */
+        if (!f->parked) {
+            sp_inject(e, t, f);
+            if (t->dead)
+                return;
+        } else {
+            f->state = SP_CLOSING;  /* sp_flush writes our Close after the parked bytes */
+        }
+    }
+    sp_check_closed(e, t);
+}
+
+/* RelayEngine._pump_ping */
+static void
+sp_pump_ping(Relay *e, sp_tunnel *t, sp_flow *f, const uint8_t *data, size_t n)
+{
+    if (!sp_client_between_frames(t)) {
+        sp_flow_feed(e, f, data, n);
+        sp_write(e, t, f, data, n);
+        return;
+    }
+    int64_t k = sp_write_to_boundary(e, t, f, data, n);
+    if (k < 0)
+        return;
+    if (!f->parked) {
+        sp_inject(e, t, f);
+        if (t->dead)
+            return;
+    }
+    if ((size_t)k < n) {
+        sp_flow_feed(e, f, data + k, n - (size_t)k);
+        sp_send_more(e, t, f, data + k, n - (size_t)k);
+    }
+}
+
+/* RelayEngine._pump_before_ping */
+static void
+sp_pump_before_ping(Relay *e, sp_tunnel *t, sp_flow *f, const uint8_t *data, size_t n)
+{
+    sp_flow_feed(e, f, data, n);
+    sp_write(e, t, f, data, n);
+    if (!t->dead && !t->down.parked && sp_may_inject(t, &t->down))
+        sp_inject(e, t, &t->down);
+}
+
+/* protocol.frames.peek_frame: 1 with the frame's opcode, header and
+ * payload length, 0 while its header is not all there. */
+static int
+sp_peek(const uint8_t *data, size_t pos, size_t n, int *opcode, size_t *header, uint64_t *length)
+{
+    size_t avail = n - pos;
+    if (avail < 2)
+        return 0;
+    uint8_t b1 = data[pos + 1];
+    uint64_t len = b1 & SP_LENGTH;
+    size_t head = (b1 & SP_MASK) ? 6 : 2;
+    if (len >= 126) {
+        size_t ext = len == 126 ? 2 : 8;
+        if (avail < head + ext)
+            return 0;
+        len = 0;
+        for (size_t i = 0; i < ext; i++)
+            len = len << 8 | data[pos + 2 + i];
+        head += ext;
+    } else if (avail < head) {
+        return 0;
+    }
+    *opcode = data[pos] & SP_OPCODE;
+    *header = head;
+    *length = len;
+    return 1;
+}
+
+static int
+sp_hold(Relay *e, sp_tunnel *t, const uint8_t *data, size_t n)
+{
+    if (t->x == NULL) {
+        t->x = calloc(1, sizeof(sp_extra));
+        if (t->x == NULL) {
+            sp_internal(e, t);
+            return -1;
+        }
+    }
+    memmove(t->x->held, data, n);  /* data may be the held bytes themselves */
+    t->x->held_len = (uint8_t)n;
+    return 0;
+}
+
+/* RelayEngine._pump_pong: from the client while our Ping is unanswered. */
+static void
+sp_pump_pong(Relay *e, sp_tunnel *t, sp_flow *f, const uint8_t *chunk, size_t n)
+{
+    const uint8_t *data = chunk;
+    if (t->x && t->x->held_len) {
+        /* e->buf has SP_MAX_HELD bytes of room before the chunk (sp_pump
+         * reads at e->buf + SP_MAX_HELD) */
+        size_t h = t->x->held_len;
+        memcpy((uint8_t *)chunk - h, t->x->held, h);
+        data = chunk - h;
+        n += h;
+        t->x->held_len = 0;
+    }
+    size_t pos = 0, start = 0;
+    while (pos < n) {
+        if (!sp_at_boundary(&f->tr)) {
+            int64_t k = sp_flow_to_boundary(e, f, data + pos, n - pos);
+            pos = k < 0 ? n : pos + (size_t)k;
+            continue;
+        }
+        int opcode;
+        size_t header;
+        uint64_t length;
+        if (!sp_peek(data, pos, n, &opcode, &header, &length)) {
+            if (sp_hold(e, t, data + pos, n - pos) < 0)
+                return;
+            n = pos;
+            break;
+        }
+        uint64_t end = (uint64_t)pos + header + length;
+        if (opcode == SP_PONG && length == e->payload_len) {
+            if (end > n) {
+                if (sp_hold(e, t, data + pos, n - pos) < 0)
+                    return;
+                n = pos;
+                break;
+            }
+            int ours = 1;
+            const uint8_t *p = data + pos + header;
+            const uint8_t *key = (data[pos + 1] & SP_MASK) ? p - 4 : NULL;
+            for (size_t i = 0; i < length && ours; i++)
+                ours = (uint8_t)(p[i] ^ (key ? key[i % 4] : 0)) == e->payload[i];
+            if (ours) {
+                sp_send_more(e, t, f, data + start, pos - start);
+                if (t->dead)
+                    return;
+                sp_flow_feed(e, f, data + pos, (size_t)(end - pos));  /* counted, not passed on */
+                t->ping_sent = 0.0;
+                sp_flow_feed(e, f, data + end, n - (size_t)end);
+                start = (size_t)end;
+                break;
+            }
+        }
+        size_t stop = end < n ? (size_t)end : n;
+        sp_flow_feed(e, f, data + pos, stop - pos);
+        pos = stop;
+    }
+    if (!t->dead && n > start)
+        sp_send_more(e, t, f, data + start, n - start);
+}
+
+/* RelayEngine._shut: pass the source's FIN on. */
+static void
+sp_shut(Relay *e, sp_tunnel *t, sp_flow *f)
+{
+    f->state = SP_SHUT;
+    f->inject = SP_INJ_NONE;
+    if (f == &t->down && t->ping_sent == SP_PING_DUE)
+        t->ping_sent = 0.0;
+    if (f == &t->up && t->x && t->x->held_len) {  /* an unfinished frame: the client's last bytes */
+        uint8_t held[SP_MAX_HELD];
+        size_t h = t->x->held_len;
+        memcpy(held, t->x->held, h);
+        t->x->held_len = 0;
+        sp_send_more(e, t, f, held, h);
+        if (t->dead)
+            return;
+    }
+    shutdown(sp_dst(t, f), SHUT_WR);  /* an error: the destination is gone, its events end it */
+    if (t->up.state == SP_SHUT && t->down.state == SP_SHUT) {
+        sp_finish(e, t, t->closing ? SP_DRAINED : SP_CLOSED);
+    } else if (t->closing) {
+        sp_check_closed(e, t);
+        if (!t->dead)
+            sp_update(e, t);
+    } else {
+        sp_update(e, t);
+    }
+}
+
+/* RelayEngine._pump: one read from the flow's source. */
+static void
+sp_pump(Relay *e, sp_tunnel *t, sp_flow *f)
+{
+    uint8_t *chunk = e->buf + SP_MAX_HELD;
+    ssize_t got = read(f->src, chunk, SP_BUFFER);
+    if (got < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+            return;
+        sp_finish(e, t, f == &t->up ? SP_CLIENT_RESET : SP_BACKEND_RESET);
+        return;
+    }
+    if (got == 0) {
+        sp_shut(e, t, f);
+        return;
+    }
+    size_t n = (size_t)got;
+    f->nbytes += n;
+    if (t->closing) {
+        sp_pump_closing(e, t, f, chunk, n);
+    } else if (f->inject) {
+        sp_pump_ping(e, t, f, chunk, n);
+    } else if (t->ping_sent != 0.0 && f == &t->up) {
+        if (t->ping_sent == SP_PING_DUE)
+            sp_pump_before_ping(e, t, f, chunk, n);
+        else
+            sp_pump_pong(e, t, f, chunk, n);
+    } else {
+        sp_flow_feed(e, f, chunk, n);
+        sp_write(e, t, f, chunk, n);
+    }
+}
+
+/* RelayEngine._flush */
+static void
+sp_flush(Relay *e, sp_tunnel *t, sp_flow *f)
+{
+    sp_parked *p = f->parked;
+    ssize_t w = send(sp_dst(t, f), p->data + p->off, p->len, MSG_NOSIGNAL);
+    if (w < 0) {
+        if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+            sp_finish(e, t, f == &t->up ? SP_BACKEND_RESET : SP_CLIENT_RESET);
+            return;
+        }
+        w = 0;
+    }
+    if ((size_t)w < p->len) {
+        p->off += (uint32_t)w;
+        p->len -= (uint32_t)w;
+        return;
+    }
+    free(p);
+    f->parked = NULL;
+    if (f->inject && (f->state == SP_CLOSING || sp_may_inject(t, f))) {
+        sp_inject(e, t, f);
+        if (t->dead)
+            return;
+    }
+    if (t->closing) {
+        sp_check_closed(e, t);
+        if (t->dead)
+            return;
+    }
+    sp_update(e, t);
+}
+
+/* RelayEngine._dispatch */
+static void
+sp_dispatch(Relay *e, int fd, uint32_t ev)
+{
+    if ((size_t)fd >= e->cap)
+        return;
+    sp_tunnel *t = e->by_fd[fd];
+    if (t == NULL || t->dead)  /* ended earlier in this round */
+        return;
+    sp_flow *src = fd == t->up.src ? &t->up : &t->down;
+    sp_flow *into = sp_other(t, src);  /* the flow whose destination is fd */
+    if (into->parked && (ev & (EPOLLOUT | EPOLLERR | EPOLLHUP))) {
+        sp_flush(e, t, into);
+        if (t->dead)
+            return;
+    }
+    if (sp_reading(src)) {
+        if (ev & (EPOLLIN | EPOLLERR | EPOLLHUP))
+            sp_pump(e, t, src);
+    } else if (ev & EPOLLERR) {
+        /* paused or finished, and the socket failed */
+        sp_finish(e, t, src == &t->up ? SP_CLIENT_RESET : SP_BACKEND_RESET);
+    }
+}
+
+static PyObject *
+sp_flow_stats(const sp_flow *f)
+{
+    PyObject *code = f->tr.close_code >= 0 ? PyLong_FromLong(f->tr.close_code) : Py_NewRef(Py_None);
+    PyObject *error = sp_error_text(&f->tr);
+    PyObject *r = NULL;
+    if (code && error)
+        r = Py_BuildValue("(KKOIO)", (unsigned long long)f->nbytes,
+                          (unsigned long long)f->tr.messages, code, f->close_order, error);
+    Py_XDECREF(code);
+    Py_XDECREF(error);
+    return r;
+}
+
+static void
+sp_reset(int fd)
+{
+    struct linger l = {.l_onoff = 1, .l_linger = 0};
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof(l));
+}
+
+/* RelayEngine._finish: close both sockets (an abort passed on as an
+ * abort) and record the end. Always returns -1. */
+static int
+sp_finish(Relay *e, sp_tunnel *t, int outcome)
+{
+    if (t->dead)
+        return -1;
+    t->dead = 1;
+    e->by_fd[t->up.src] = NULL;
+    e->by_fd[t->down.src] = NULL;
+    e->count--;
+    if (outcome == SP_CLIENT_RESET || outcome == SP_INTERNAL_ERROR)
+        sp_reset(t->down.src);
+    if (outcome == SP_BACKEND_RESET || outcome == SP_INTERNAL_ERROR)
+        sp_reset(t->up.src);
+    close(t->up.src);  /* no EPOLL_CTL_DEL first: closing removes it (epoll(7) Q6) */
+    close(t->down.src);
+    if (e->ndead == e->capdead) {
+        size_t cap = e->capdead ? e->capdead * 2 : 64;
+        sp_tunnel **d = realloc(e->dead, cap * sizeof(sp_tunnel *));
+        if (d == NULL) {  /* cannot defer: nothing refers to it past this point but our callers */
+            e->internal_errors++;
+        } else {
+            e->dead = d;
+            e->capdead = cap;
+        }
+    }
+    if (e->ndead < e->capdead)
+        e->dead[e->ndead++] = t;
+    PyObject *up = sp_flow_stats(&t->up), *down = sp_flow_stats(&t->down);
+    PyObject *rec = NULL;
+    if (up && down)
+        rec = Py_BuildValue("(OONNd)", t->token, PyTuple_GET_ITEM(e->outcomes, outcome), up, down,
+                            sp_now() - t->started);
+    else {
+        Py_XDECREF(up);
+        Py_XDECREF(down);
+    }
+    if (rec == NULL || PyList_Append(e->closed, rec) < 0) {
+        PyErr_Clear();
+        e->internal_errors++;
+    }
+    Py_XDECREF(rec);
+    Py_CLEAR(t->token);
+    return -1;
+}
+
+static void
+sp_free_tunnel(sp_tunnel *t)
+{
+    Py_XDECREF(t->token);
+    free(t->up.parked);
+    free(t->down.parked);
+    free(t->x);
+    free(t);
+}
+
+/* Free the tunnels that ended during a call into the engine. */
+static void
+sp_sweep(Relay *e)
+{
+    for (size_t i = 0; i < e->ndead; i++)
+        sp_free_tunnel(e->dead[i]);
+    e->ndead = 0;
+}
+
+/* RelayEngine._schedule_ping */
+static int
+sp_schedule_ping(Relay *e, sp_tunnel *t)
+{
+    if (t->ping_sent != 0.0 || t->closing || t->down.state != SP_OPEN)
+        return 0;
+    t->ping_sent = SP_PING_DUE;
+    t->down.inject = SP_INJ_PING;
+    if (!t->down.parked && sp_may_inject(t, &t->down))
+        sp_inject(e, t, &t->down);
+    return 1;
+}
+
+/* RelayEngine._begin_close; the frames are built by the caller. */
+static void
+sp_begin_close(Relay *e, sp_tunnel *t, const uint8_t *to_client, size_t nc,
+               const uint8_t *to_backend, size_t nb)
+{
+    if (t->closing)
+        return;
+    if (t->x == NULL && (t->x = calloc(1, sizeof(sp_extra))) == NULL) {
+        sp_internal(e, t);
+        return;
+    }
+    t->closing = 1;
+    if (t->ping_sent == SP_PING_DUE) {  /* replaced by our Close below */
+        t->ping_sent = 0.0;
+        t->down.inject = SP_INJ_NONE;
+    }
+    memcpy(t->x->close[0], to_client, nc);
+    t->x->close_len[0] = (uint8_t)nc;
+    memcpy(t->x->close[1], to_backend, nb);
+    t->x->close_len[1] = (uint8_t)nb;
+    sp_flow *flows[2] = {&t->down, &t->up};
+    for (int i = 0; i < 2; i++) {
+        sp_flow *f = flows[i];
+        if (f->state == SP_SHUT || f->tr.close_code >= 0)
+            continue;
+        f->inject = SP_INJ_CLOSE;
+        if (!f->parked && sp_at_boundary(&f->tr)) {
+            sp_inject(e, t, f);
+            if (t->dead)
+                return;
+        }
+    }
+    sp_check_closed(e, t);
+}
+
+/* RelayEngine._ping_round: the descriptors of the round that fell due. */
+static void
+sp_ping_round(Relay *e, double now)
+{
+    if (now >= e->round_start + e->interval) {
+        e->round_start = now;
+        e->round_next = 0;
+        e->round_n = e->cap;
+    }
+    while (e->round_next < e->round_n
+           && e->round_start + e->interval * (double)e->round_next / (double)e->round_n <= now) {
+        size_t fd = e->round_next++;
+        sp_tunnel *t = fd < e->cap ? e->by_fd[fd] : NULL;
+        if (t && !t->dead && (size_t)t->up.src == fd)
+            sp_schedule_ping(e, t);
+    }
+}
+
+/* The checks of written Pings that fell due (RelayEngine.process). */
+static void
+sp_ping_checks(Relay *e, double now)
+{
+    size_t todo = e->check_len;  /* those queued again below are due later */
+    while (todo-- && e->check_len && e->checks[e->check_head].due <= now) {
+        sp_check c = e->checks[e->check_head];
+        e->check_head = (e->check_head + 1) % e->check_cap;
+        e->check_len--;
+        sp_tunnel *t = sp_lookup(e, c.id);
+        if (t == NULL || t->ping_sent != c.sent)  /* ended, or answered */
+            continue;
+        if (t->up.nbytes != c.seen) {
+            /* the client sent bytes since: alive; look again a timeout later */
+            sp_check_push(e, c.id, t->up.nbytes, c.sent, now + e->timeout);
+            continue;
+        }
+        sp_finish(e, t, SP_PING_TIMEOUT);
+    }
+}
+
+/* -- the Python type over it ------------------------------------------------ */
+
+static int
+Relay_init(Relay *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"outcomes", "interval", "timeout", "ping_payload", NULL};
+    PyObject *outcomes;
+    Py_buffer payload;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!ddy*", kwlist, &PyTuple_Type, &outcomes,
+                                     &self->interval, &self->timeout, &payload))
+        return -1;
+    if (PyTuple_GET_SIZE(outcomes) != SP_OUTCOMES || payload.len > 125 || self->epfd >= 0) {
+        PyBuffer_Release(&payload);
+        PyErr_SetString(PyExc_ValueError, "Relay(outcomes: 7 names, ..., ping_payload ≤ 125 bytes), once");
+        return -1;
+    }
+    memcpy(self->payload, payload.buf, (size_t)payload.len);
+    self->payload_len = (size_t)payload.len;
+    PyBuffer_Release(&payload);
+    self->ping[0] = SP_FIN | 0x9;
+    self->ping[1] = (uint8_t)self->payload_len;
+    memcpy(self->ping + 2, self->payload, self->payload_len);
+    self->ping_len = 2 + self->payload_len;
+    Py_INCREF(outcomes);
+    self->outcomes = outcomes;
+    self->closed = PyList_New(0);
+    self->buf = malloc(SP_MAX_HELD + SP_BUFFER);
+    if (self->closed == NULL || self->buf == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->round_start = -1e300;
+    self->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (self->epfd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    (void)args;
+    (void)kwds;
+    Relay *self = (Relay *)type->tp_alloc(type, 0);
+    if (self)
+        self->epfd = -1;
+    return (PyObject *)self;
+}
+
+/* RelayEngine.close: every tunnel ends (STOPPED), then the epoll set. */
+static void
+sp_close_all(Relay *e)
+{
+    for (size_t fd = 0; fd < e->cap; fd++) {
+        sp_tunnel *t = e->by_fd[fd];
+        if (t && (size_t)t->up.src == fd)
+            sp_finish(e, t, SP_STOPPED);
+    }
+    sp_sweep(e);
+    if (e->epfd >= 0)
+        close(e->epfd);
+    e->epfd = -1;
+}
+
+static void
+Relay_dealloc(Relay *self)
+{
+    if (self->closed)  /* not closed by its owner: end the tunnels quietly */
+        sp_close_all(self);
+    Py_XDECREF(self->closed);
+    Py_XDECREF(self->outcomes);
+    free(self->by_fd);
+    free(self->uses);
+    free(self->buf);
+    free(self->dead);
+    free(self->checks);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+sp_grow(Relay *e, size_t fd)
+{
+    if (fd < e->cap)
+        return 0;
+    size_t cap = fd + 1024;
+    sp_tunnel **by_fd = realloc(e->by_fd, cap * sizeof(sp_tunnel *));
+    if (by_fd == NULL)
+        return -1;
+    e->by_fd = by_fd;
+    uint32_t *uses = realloc(e->uses, cap * sizeof(uint32_t));
+    if (uses == NULL)
+        return -1;  /* by_fd is bigger than cap says: harmless */
+    e->uses = uses;
+    memset(e->by_fd + e->cap, 0, (cap - e->cap) * sizeof(sp_tunnel *));
+    memset(e->uses + e->cap, 0, (cap - e->cap) * sizeof(uint32_t));
+    e->cap = cap;
+    return 0;
+}
+
+static int
+sp_ready(Relay *e)
+{
+    if (e->epfd < 0) {
+        PyErr_SetString(PyExc_ValueError, "the relay is closed");
+        return -1;
+    }
+    return 0;
+}
+
+/* Relay.add(client_fd, backend_fd, token, to_backend, to_client) -> id */
+static PyObject *
+Relay_add(Relay *self, PyObject *args)
+{
+    int cfd, bfd;
+    PyObject *token;
+    Py_buffer first[2];
+    if (sp_ready(self) < 0 || !PyArg_ParseTuple(args, "iiOy*y*", &cfd, &bfd, &token, &first[0], &first[1]))
+        return NULL;
+    PyObject *result = NULL;
+    if (cfd < 0 || bfd < 0 || cfd == bfd) {
+        PyErr_SetString(PyExc_ValueError, "two distinct descriptors");
+        goto done;
+    }
+    if (((size_t)cfd < self->cap && self->by_fd[cfd]) || ((size_t)bfd < self->cap && self->by_fd[bfd])) {
+        PyErr_SetString(PyExc_ValueError, "a descriptor of a tunnel already open");
+        goto done;
+    }
+    sp_tunnel *t = calloc(1, sizeof(sp_tunnel));
+    if (t == NULL || sp_grow(self, (size_t)(cfd > bfd ? cfd : bfd)) < 0) {
+        free(t);
+        PyErr_NoMemory();
+        goto done;
+    }
+    sp_tracker_init(&t->up.tr);
+    sp_tracker_init(&t->down.tr);
+    t->up.src = cfd;
+    t->down.src = bfd;
+    t->token = Py_NewRef(token);
+    t->started = sp_now();
+    self->uses[cfd]++;
+    self->by_fd[cfd] = self->by_fd[bfd] = t;
+    self->count++;
+    uint64_t id = sp_id(self, t);
+    sp_flow *flows[2] = {&t->up, &t->down};
+    for (int i = 0; i < 2; i++) {
+        size_t n = (size_t)first[i].len;
+        if (n && !t->dead) {  /* a failed write ends the tunnel */
+            sp_flow_feed(self, flows[i], first[i].buf, n);
+            flows[i]->nbytes += n;
+            sp_write(self, t, flows[i], first[i].buf, n);
+        }
+    }
+    if (!t->dead)
+        sp_update(self, t);
+    sp_sweep(self);
+    result = PyLong_FromUnsignedLongLong(id);
+done:
+    PyBuffer_Release(&first[0]);
+    PyBuffer_Release(&first[1]);
+    return result;
+}
+
+/* Relay.poll() -> events handled: one epoll_wait(0) round. */
+static PyObject *
+Relay_poll(Relay *self, PyObject *Py_UNUSED(ignored))
+{
+    struct epoll_event evs[SP_MAX_EVENTS];
+    if (sp_ready(self) < 0)
+        return NULL;
+    int n = epoll_wait(self->epfd, evs, SP_MAX_EVENTS, 0);
+    if (n < 0) {
+        if (errno == EINTR)
+            return PyLong_FromLong(0);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    for (int i = 0; i < n; i++)
+        sp_dispatch(self, evs[i].data.fd, evs[i].events);
+    sp_sweep(self);
+    return PyLong_FromLong(n);
+}
+
+/* Relay.process(now): the keepalive's timers. */
+static PyObject *
+Relay_process(Relay *self, PyObject *arg)
+{
+    double now = PyFloat_AsDouble(arg);
+    if (now == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (sp_ready(self) < 0)
+        return NULL;
+    if (self->interval > 0)
+        sp_ping_round(self, now);
+    sp_ping_checks(self, now);
+    sp_sweep(self);
+    Py_RETURN_NONE;
+}
+
+/* Relay.next_wake(now) -> float | None: the keepalive's next timer. */
+static PyObject *
+Relay_next_wake(Relay *self, PyObject *arg)
+{
+    double now = PyFloat_AsDouble(arg);
+    if (now == -1.0 && PyErr_Occurred())
+        return NULL;
+    int have = 0;
+    double wake = 0.0;
+    if (self->check_len) {
+        wake = self->checks[self->check_head].due;
+        have = 1;
+    }
+    if (self->interval > 0) {
+        double ping = self->round_next < self->round_n
+            ? self->round_start + self->interval * (double)self->round_next / (double)self->round_n
+            : self->round_start + self->interval;
+        if (ping < now + SP_PING_BATCH)
+            ping = now + SP_PING_BATCH;
+        wake = have && wake < ping ? wake : ping;
+        have = 1;
+    }
+    if (!have)
+        Py_RETURN_NONE;
+    return PyFloat_FromDouble(wake);
+}
+
+static int
+sp_parse_id(PyObject *arg, uint64_t *id)
+{
+    *id = PyLong_AsUnsignedLongLongMask(arg);
+    return (*id == (uint64_t)-1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+static PyObject *
+Relay_begin_close(Relay *self, PyObject *args)
+{
+    PyObject *arg;
+    Py_buffer to_client, to_backend;
+    uint64_t id;
+    if (!PyArg_ParseTuple(args, "Oy*y*", &arg, &to_client, &to_backend))
+        return NULL;
+    PyObject *result = NULL;
+    if (to_client.len > SP_MAX_CLOSE || to_backend.len > SP_MAX_CLOSE) {
+        PyErr_SetString(PyExc_ValueError, "a Close frame is at most 131 bytes");
+    } else if (sp_parse_id(arg, &id) == 0) {
+        sp_tunnel *t = sp_lookup(self, id);
+        if (t)
+            sp_begin_close(self, t, to_client.buf, (size_t)to_client.len, to_backend.buf,
+                           (size_t)to_backend.len);
+        sp_sweep(self);
+        result = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&to_client);
+    PyBuffer_Release(&to_backend);
+    return result;
+}
+
+static PyObject *
+Relay_ping(Relay *self, PyObject *arg)
+{
+    uint64_t id;
+    if (sp_parse_id(arg, &id) < 0)
+        return NULL;
+    sp_tunnel *t = sp_lookup(self, id);
+    int done = t != NULL && sp_schedule_ping(self, t);
+    sp_sweep(self);
+    return PyBool_FromLong(done);
+}
+
+static PyObject *
+Relay_end(Relay *self, PyObject *args)
+{
+    PyObject *arg;
+    int outcome;
+    uint64_t id;
+    if (!PyArg_ParseTuple(args, "Oi", &arg, &outcome) || sp_parse_id(arg, &id) < 0)
+        return NULL;
+    if (outcome < 0 || outcome >= SP_OUTCOMES) {
+        PyErr_SetString(PyExc_ValueError, "an outcome's index");
+        return NULL;
+    }
+    sp_tunnel *t = sp_lookup(self, id);
+    if (t)
+        sp_finish(self, t, outcome);
+    sp_sweep(self);
+    Py_RETURN_NONE;
+}
+
+/* (alive, closing) of a tunnel: closing is 1 once begin_close ran. */
+static PyObject *
+Relay_state(Relay *self, PyObject *arg)
+{
+    uint64_t id;
+    if (sp_parse_id(arg, &id) < 0)
+        return NULL;
+    sp_tunnel *t = sp_lookup(self, id);
+    return Py_BuildValue("(ii)", t != NULL, t != NULL && t->closing);
+}
+
+/* Relay.inspect(id) -> None | (seconds, up, down, parked up, parked down,
+ * closing, ping (0 none, 1 due, 2 sent), at boundary up, at boundary down,
+ * held): engine/api.py's TunnelView, in a tuple. */
+static PyObject *
+Relay_inspect(Relay *self, PyObject *arg)
+{
+    uint64_t id;
+    if (sp_parse_id(arg, &id) < 0)
+        return NULL;
+    sp_tunnel *t = sp_lookup(self, id);
+    if (t == NULL)
+        Py_RETURN_NONE;
+    PyObject *up = sp_flow_stats(&t->up), *down = sp_flow_stats(&t->down);
+    if (up == NULL || down == NULL) {
+        Py_XDECREF(up);
+        Py_XDECREF(down);
+        return NULL;
+    }
+    int ping = t->ping_sent == 0.0 ? 0 : t->ping_sent == SP_PING_DUE ? 1 : 2;
+    return Py_BuildValue("(dNNIIiiiii)", sp_now() - t->started, up, down,
+                         t->up.parked ? t->up.parked->len : 0u,
+                         t->down.parked ? t->down.parked->len : 0u, (int)t->closing, ping,
+                         sp_at_boundary(&t->up.tr), sp_at_boundary(&t->down.tr),
+                         t->x ? (int)t->x->held_len : 0);
+}
+
+static PyObject *
+Relay_token(Relay *self, PyObject *arg)
+{
+    uint64_t id;
+    if (sp_parse_id(arg, &id) < 0)
+        return NULL;
+    sp_tunnel *t = sp_lookup(self, id);
+    return Py_NewRef(t ? t->token : Py_None);
+}
+
+static PyObject *
+Relay_tunnels(Relay *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *out = PyList_New(0);
+    for (size_t fd = 0; out && fd < self->cap; fd++) {
+        sp_tunnel *t = self->by_fd[fd];
+        if (t == NULL || t->dead || (size_t)t->up.src != fd)
+            continue;
+        PyObject *pair = Py_BuildValue("(KO)", (unsigned long long)sp_id(self, t), t->token);
+        if (pair == NULL || PyList_Append(out, pair) < 0)
+            Py_CLEAR(out);
+        Py_XDECREF(pair);
+    }
+    return out;
+}
+
+/* The ends recorded since the last call: [(token, outcome, up, down, duration)]. */
+static PyObject *
+Relay_take_closed(Relay *self, PyObject *Py_UNUSED(ignored))
+{
+    if (PyList_GET_SIZE(self->closed) == 0)
+        return PyList_New(0);
+    PyObject *fresh = PyList_New(0);
+    if (fresh == NULL)
+        return NULL;
+    PyObject *taken = self->closed;
+    self->closed = fresh;
+    return taken;
+}
+
+static PyObject *
+Relay_close(Relay *self, PyObject *Py_UNUSED(ignored))
+{
+    sp_close_all(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Relay_fileno(Relay *self, PyObject *Py_UNUSED(ignored))
+{
+    if (sp_ready(self) < 0)
+        return NULL;
+    return PyLong_FromLong(self->epfd);
+}
+
+static Py_ssize_t
+Relay_len(Relay *self)
+{
+    return (Py_ssize_t)self->count;
+}
+
+static PyObject *
+Relay_get_internal_errors(Relay *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromUnsignedLongLong(self->internal_errors);
+}
+
+/* Bytes of C memory the relay holds for one idle tunnel: its struct and
+ * its two descriptors' table slots (malloc's own overhead excluded). */
+static PyObject *
+Relay_get_tunnel_bytes(Relay *self, void *Py_UNUSED(closure))
+{
+    (void)self;
+    return PyLong_FromSize_t(sizeof(sp_tunnel) + 2 * (sizeof(sp_tunnel *) + sizeof(uint32_t)));
+}
+
+static PyMethodDef Relay_methods[] = {
+    {"add", (PyCFunction)Relay_add, METH_VARARGS, "add(client_fd, backend_fd, token, to_backend, to_client) -> id"},
+    {"poll", (PyCFunction)Relay_poll, METH_NOARGS, "One epoll_wait(0) round; the events handled."},
+    {"process", (PyCFunction)Relay_process, METH_O, "process(now): the keepalive's timers."},
+    {"next_wake", (PyCFunction)Relay_next_wake, METH_O, "next_wake(now) -> float | None"},
+    {"begin_close", (PyCFunction)Relay_begin_close, METH_VARARGS, "begin_close(id, to_client, to_backend)"},
+    {"ping", (PyCFunction)Relay_ping, METH_O, "ping(id) -> bool"},
+    {"end", (PyCFunction)Relay_end, METH_VARARGS, "end(id, outcome index)"},
+    {"state", (PyCFunction)Relay_state, METH_O, "state(id) -> (alive, closing)"},
+    {"token", (PyCFunction)Relay_token, METH_O, "token(id) -> token | None"},
+    {"inspect", (PyCFunction)Relay_inspect, METH_O, "inspect(id) -> tuple | None (TunnelView)"},
+    {"tunnels", (PyCFunction)Relay_tunnels, METH_NOARGS, "[(id, token)]"},
+    {"take_closed", (PyCFunction)Relay_take_closed, METH_NOARGS, "[(token, outcome, up, down, duration)]"},
+    {"close", (PyCFunction)Relay_close, METH_NOARGS, "End every tunnel (STOPPED) and close the epoll set."},
+    {"fileno", (PyCFunction)Relay_fileno, METH_NOARGS, "The epoll descriptor."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Relay_getset[] = {
+    {"internal_errors", (getter)Relay_get_internal_errors, NULL, "allocations that failed", NULL},
+    {"tunnel_bytes", (getter)Relay_get_tunnel_bytes, NULL, "C bytes per idle tunnel", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PySequenceMethods Relay_as_sequence = {
+    .sq_length = (lenfunc)Relay_len,
+};
+
+static PyTypeObject RelayType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shardproxy.engine._cengine.Relay",
+    .tp_doc = "The relay's C core (engine/crelay.py wraps it as a TunnelEngine).",
+    .tp_basicsize = sizeof(Relay),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = Relay_new,
+    .tp_init = (initproc)Relay_init,
+    .tp_dealloc = (destructor)Relay_dealloc,
+    .tp_methods = Relay_methods,
+    .tp_getset = Relay_getset,
+    .tp_as_sequence = &Relay_as_sequence,
+};
+
 /* -- the module ----------------------------------------------------------- */
 
 static struct PyModuleDef cengine_module = {
@@ -385,7 +1629,7 @@ static struct PyModuleDef cengine_module = {
 PyMODINIT_FUNC
 PyInit__cengine(void)
 {
-    if (PyType_Ready(&TrackerType) < 0)
+    if (PyType_Ready(&TrackerType) < 0 || PyType_Ready(&RelayType) < 0)
         return NULL;
     PyObject *module = PyModule_Create(&cengine_module);
     if (module == NULL)
@@ -393,6 +1637,12 @@ PyInit__cengine(void)
     Py_INCREF(&TrackerType);
     if (PyModule_AddObject(module, "FrameTracker", (PyObject *)&TrackerType) < 0) {
         Py_DECREF(&TrackerType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&RelayType);
+    if (PyModule_AddObject(module, "Relay", (PyObject *)&RelayType) < 0) {
+        Py_DECREF(&RelayType);
         Py_DECREF(module);
         return NULL;
     }

@@ -1,9 +1,532 @@
-/* The HTTP/1.x head parser in C: protocol/http1.py's twin (stub). */
+/*
+ * The HTTP/1.x head parser in C: protocol/http1.py's twin (head_end,
+ * parse_request, parse_response, _fields), for the C handshake engine
+ * (issue 14), which calls the core below (declared in _chttp.h) with no
+ * Python object at all, and for the Python functions at the end of the file,
+ * which exist so that the tests can hold the two parsers to one answer.
+ *
+ * http1.py is the reference, byte for byte: for ANY bytes, valid heads or
+ * not, both give the same result or the same HeadError message
+ * (tests/unit/test_chttp.py: differential property tests). So the core
+ * follows http1.py's bytes operations where they say more than RFC 9112's
+ * grammar does, and every one of them is named where it is mirrored:
+ *
+ * - parse_request drops every leading CR and LF, in any mix
+ *   (head.lstrip(b"\r\n"); §2.2 asks for at least one empty line);
+ * - the start line ends at the first CRLF; with none, find's -1 makes it the
+ *   head but its last byte (head[:-1]);
+ * - the header lines are head[line_end + 2 : -4] (whatever the last four
+ *   bytes are; an empty slice when the start line reaches into them), split
+ *   on CRLF: a CRLF at the end of that slice makes a last, empty line, which
+ *   is invalid like any line without a colon;
+ * - a request line is split on every space (exactly three parts), a status
+ *   line partitioned at its first two;
+ * - the patterns' exact classes: tokens are RFC 9110 §5.6.2 tchars (the
+ *   request-target also takes \x80-\xff, not space or DEL), the version is
+ *   HTTP/<digit>.<digit>, the status three ASCII digits (int() of them, so
+ *   "007" is 7), and _CTL is every control but HTAB, DEL included;
+ * - a value is stripped of spaces and tabs at both ends, then searched for
+ *   controls.
+ *
+ * The bound: Python takes any number of header lines, and the core keeps
+ * the spans of the first SP_HTTP_FIELDS (100) inline in its result, so that
+ * a parse allocates nothing. Beyond them it still walks and checks every
+ * line to the end of the head, so an invalid line is reported as such
+ * wherever it is, as Python reports it, and only a head Python accepts is
+ * answered SP_HTTP_TOO_MANY, with nfields the real count. The caller then
+ * decides; sp_parse_fields into room for nfields gives it every line. The
+ * Python functions here do exactly that, so they never show the bound (the
+ * tests cross it). The C handshake should too, to stay the Python engine's
+ * twin: its heads are bounded by proxy.max_header_bytes (16 KiB by default),
+ * a few thousand lines at most; answering 431 instead would be a difference
+ * between the engines to document and test.
+ *
+ * The Python functions take any bytes-like object (bytes, bytearray,
+ * memoryview) and return bytes; http1.py given a bytearray returns
+ * bytearrays, which compare equal. HeadError is http1.py's own class,
+ * imported at the first error (protocol imports nothing of ours, so there is
+ * no cycle to fear, but the module's import need not pay for it either).
+ */
+
+#define PY_SSIZE_T_CLEAN
 #include "_chttp.h"
+
+#include <string.h>
+
+#define SP_NONE SIZE_MAX  /* bytes.find's -1 */
+#define SP_QUOTED 40      /* f"invalid header line {line[:40]!r}" */
+
+static const char *const sp_http_texts[] = {
+    [SP_HTTP_OK] = "no error",
+    [SP_HTTP_REQUEST_LINE] = "request line is not 'method target version'",
+    [SP_HTTP_METHOD] = "invalid method",
+    [SP_HTTP_TARGET] = "invalid request target",
+    [SP_HTTP_VERSION] = "invalid HTTP version",
+    [SP_HTTP_STATUS_VERSION] = "invalid HTTP version in the status line",
+    [SP_HTTP_STATUS] = "invalid status code",
+    [SP_HTTP_REASON] = "invalid reason phrase",
+    [SP_HTTP_FOLDING] = "obsolete line folding is not allowed",
+    [SP_HTTP_LINE] = "invalid header line",
+    [SP_HTTP_FIELD_CHAR] = "invalid character in header",
+    [SP_HTTP_TOO_MANY] = "too many header lines",
+};
+
+static int
+sp_fail(int code, const char **error)
+{
+    *error = sp_http_texts[code];
+    return code;
+}
+
+static struct sp_span
+sp_span(size_t off, size_t end)
+{
+    return (struct sp_span){off, end - off};
+}
+
+/* -- http1.py's patterns ---------------------------------------------------- */
+
+/* _TOKEN's class: RFC 9110 §5.6.2 tchar. */
+static int
+sp_tchar(uint8_t c)
+{
+    if ((c >= '0' && c <= '9') || (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z'))
+        return 1;
+    switch (c) {
+    case '!': case '#': case '$': case '%': case '&': case '\'': case '*': case '+':
+    case '-': case '.': case '^': case '_': case '`': case '|': case '~':
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+/* _TOKEN.fullmatch */
+static int
+sp_is_token(const uint8_t *p, size_t n)
+{
+    if (n == 0)
+        return 0;
+    for (size_t i = 0; i < n; i++)
+        if (!sp_tchar(p[i]))
+            return 0;
+    return 1;
+}
+
+/* _TARGET.fullmatch: visible ASCII and obs-text, at least one. */
+static int
+sp_is_target(const uint8_t *p, size_t n)
+{
+    if (n == 0)
+        return 0;
+    for (size_t i = 0; i < n; i++)
+        if (!((p[i] >= 0x21 && p[i] <= 0x7e) || p[i] >= 0x80))
+            return 0;
+    return 1;
+}
+
+/* _CTL.search: a control other than HTAB (RFC 9110 §5.5), DEL included. */
+static int
+sp_has_ctl(const uint8_t *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (p[i] <= 0x08 || (p[i] >= 0x0a && p[i] <= 0x1f) || p[i] == 0x7f)
+            return 1;
+    return 0;
+}
+
+static int
+sp_digit(uint8_t c)
+{
+    return c >= '0' && c <= '9';
+}
+
+/* _VERSION.fullmatch: HTTP/<digit>.<digit> */
+static int
+sp_is_version(const uint8_t *p, size_t n)
+{
+    return n == 8 && memcmp(p, "HTTP/", 5) == 0 && sp_digit(p[5]) && p[6] == '.'
+           && sp_digit(p[7]);
+}
+
+/* -- bytes methods ------------------------------------------------------------ */
+
+/* Where byte c first is in p[from, to), or SP_NONE. */
+static size_t
+sp_find(const uint8_t *p, size_t from, size_t to, uint8_t c)
+{
+    if (from >= to)
+        return SP_NONE;
+    const uint8_t *at = memchr(p + from, c, to - from);
+    return at == NULL ? SP_NONE : (size_t)(at - p);
+}
+
+/* p[from:to].find(b"\r\n"), as an offset into p, or SP_NONE: the LF must be
+ * inside the slice too. */
+static size_t
+sp_find_crlf(const uint8_t *p, size_t from, size_t to)
+{
+    while (from + 1 < to) {
+        size_t cr = sp_find(p, from, to - 1, '\r');
+        if (cr == SP_NONE)
+            return SP_NONE;
+        if (p[cr + 1] == '\n')
+            return cr;
+        from = cr + 1;
+    }
+    return SP_NONE;
+}
+
+int64_t
+sp_head_end(const uint8_t *buffer, size_t n, size_t start)
+{
+    if (n < 4 || start > n - 4)
+        return -1;
+    for (size_t i = start, last = n - 4; i <= last; i++) {
+        i = sp_find(buffer, i, last + 1, '\r');
+        if (i == SP_NONE)
+            return -1;
+        if (memcmp(buffer + i, "\r\n\r\n", 4) == 0)
+            return (int64_t)(i + 4);
+    }
+    return -1;
+}
+
+/* head[line_end + 2 : -4], with head starting at `from` of the buffer (the
+ * request's lstrip) and line_end SP_NONE for find's -1. */
+static struct sp_span
+sp_body(size_t n, size_t from, size_t line_end)
+{
+    size_t len = n - from;
+    size_t start = line_end == SP_NONE ? 1 : line_end - from + 2;
+    size_t stop = len >= 4 ? len - 4 : 0;
+    if (start >= stop)
+        return sp_span(n, n);
+    return sp_span(from + start, from + stop);
+}
+
+/* -- _fields ------------------------------------------------------------------ */
+
+/* One header line, head[a, b). */
+static int
+sp_field(const uint8_t *head, size_t a, size_t b, struct sp_field *field,
+         struct sp_span *error_at)
+{
+    /* name, colon, value = line.partition(b":") */
+    size_t colon = sp_find(head, a, b, ':');
+    if (colon == SP_NONE || !sp_is_token(head + a, colon - a)) {
+        if (b > a && (head[a] == ' ' || head[a] == '\t'))
+            return SP_HTTP_FOLDING; /* RFC 9112 §5.2 */
+        *error_at = sp_span(a, b - a > SP_QUOTED ? a + SP_QUOTED : b);
+        return SP_HTTP_LINE;
+    }
+    size_t v = colon + 1, w = b; /* value.strip(b" \t") */
+    while (v < w && (head[v] == ' ' || head[v] == '\t'))
+        v++;
+    while (w > v && (head[w - 1] == ' ' || head[w - 1] == '\t'))
+        w--;
+    if (sp_has_ctl(head + v, w - v)) {
+        *error_at = sp_span(a, colon);
+        return SP_HTTP_FIELD_CHAR;
+    }
+    field->name = sp_span(a, colon);
+    field->value = sp_span(v, w);
+    return SP_HTTP_OK;
+}
+
+int
+sp_parse_fields(const uint8_t *head, struct sp_span body, struct sp_field *fields,
+                size_t cap, size_t *count, struct sp_span *error_at, const char **error)
+{
+    *count = 0;
+    if (body.len == 0) /* if not body: return fields */
+        return SP_HTTP_OK;
+    size_t end = body.off + body.len;
+    for (size_t pos = body.off;;) { /* body.split(b"\r\n") */
+        size_t crlf = sp_find_crlf(head, pos, end);
+        struct sp_field field;
+        int code = sp_field(head, pos, crlf == SP_NONE ? end : crlf, &field, error_at);
+        if (code != SP_HTTP_OK)
+            return sp_fail(code, error);
+        if (*count < cap)
+            fields[*count] = field;
+        ++*count;
+        if (crlf == SP_NONE)
+            break;
+        pos = crlf + 2;
+    }
+    return *count > cap ? sp_fail(SP_HTTP_TOO_MANY, error) : SP_HTTP_OK;
+}
+
+/* -- parse_request, parse_response ---------------------------------------------- */
+
+/* head[:line_end] of the head that starts at `from`: all but its last byte
+ * when find gave -1. */
+static size_t
+sp_line_end(size_t n, size_t from, size_t crlf)
+{
+    if (crlf != SP_NONE)
+        return crlf;
+    return n > from ? n - 1 : from;
+}
+
+int
+sp_parse_request(const uint8_t *head, size_t n, struct sp_request *out, const char **error)
+{
+    out->nfields = 0;
+    out->error_at = sp_span(0, 0);
+    size_t s = 0; /* head.lstrip(b"\r\n") */
+    while (s < n && (head[s] == '\r' || head[s] == '\n'))
+        s++;
+    size_t crlf = sp_find_crlf(head, s, n);
+    size_t end = sp_line_end(n, s, crlf);
+    /* parts = head[:line_end].split(b" "), len(parts) == 3 */
+    size_t sp1 = sp_find(head, s, end, ' ');
+    size_t sp2 = sp1 == SP_NONE ? SP_NONE : sp_find(head, sp1 + 1, end, ' ');
+    if (sp2 == SP_NONE || sp_find(head, sp2 + 1, end, ' ') != SP_NONE)
+        return sp_fail(SP_HTTP_REQUEST_LINE, error);
+    if (!sp_is_token(head + s, sp1 - s))
+        return sp_fail(SP_HTTP_METHOD, error);
+    if (!sp_is_target(head + sp1 + 1, sp2 - sp1 - 1))
+        return sp_fail(SP_HTTP_TARGET, error);
+    if (!sp_is_version(head + sp2 + 1, end - sp2 - 1))
+        return sp_fail(SP_HTTP_VERSION, error);
+    out->method = sp_span(s, sp1);
+    out->target = sp_span(sp1 + 1, sp2);
+    out->version = sp_span(sp2 + 6, end); /* version[5:] */
+    out->body = sp_body(n, s, crlf);
+    return sp_parse_fields(head, out->body, out->fields, SP_HTTP_FIELDS, &out->nfields,
+                           &out->error_at, error);
+}
+
+int
+sp_parse_response(const uint8_t *head, size_t n, struct sp_response *out, const char **error)
+{
+    out->nfields = 0;
+    out->error_at = sp_span(0, 0);
+    size_t crlf = sp_find_crlf(head, 0, n);
+    size_t end = sp_line_end(n, 0, crlf);
+    /* version, _, rest = line.partition(b" "); status, _, reason = rest.partition(b" ") */
+    size_t sp1 = sp_find(head, 0, end, ' ');
+    size_t version_end = sp1 == SP_NONE ? end : sp1;
+    size_t rest = sp1 == SP_NONE ? end : sp1 + 1;
+    size_t sp2 = sp_find(head, rest, end, ' ');
+    size_t status_end = sp2 == SP_NONE ? end : sp2;
+    size_t reason = sp2 == SP_NONE ? end : sp2 + 1;
+    if (!sp_is_version(head, version_end))
+        return sp_fail(SP_HTTP_STATUS_VERSION, error);
+    const uint8_t *status = head + rest;
+    if (status_end - rest != 3 || !sp_digit(status[0]) || !sp_digit(status[1])
+        || !sp_digit(status[2]))
+        return sp_fail(SP_HTTP_STATUS, error);
+    if (sp_has_ctl(head + reason, end - reason))
+        return sp_fail(SP_HTTP_REASON, error);
+    out->version = sp_span(5, version_end);
+    out->status = (unsigned)(status[0] - '0') * 100 + (unsigned)(status[1] - '0') * 10
+                  + (unsigned)(status[2] - '0');
+    out->reason = sp_span(reason, end);
+    out->body = sp_body(n, 0, crlf);
+    return sp_parse_fields(head, out->body, out->fields, SP_HTTP_FIELDS, &out->nfields,
+                           &out->error_at, error);
+}
+
+/* -- the Python functions (http1.py's, for the differential tests) ----------- */
+
+static PyObject *head_error; /* http1.HeadError, once imported */
+
+static PyObject *
+sp_bytes(const uint8_t *head, struct sp_span span)
+{
+    return PyBytes_FromStringAndSize((const char *)head + span.off, (Py_ssize_t)span.len);
+}
+
+/* Raises http1.HeadError with http1.py's message. Returns NULL. */
+static PyObject *
+sp_raise(const uint8_t *head, int code, const char *error, struct sp_span at)
+{
+    if (head_error == NULL) {
+        PyObject *http1 = PyImport_ImportModule("shardproxy.protocol.http1");
+        if (http1 == NULL)
+            return NULL;
+        head_error = PyObject_GetAttrString(http1, "HeadError");
+        Py_DECREF(http1);
+        if (head_error == NULL)
+            return NULL;
+    }
+    PyObject *quoted = NULL, *message;
+    if (code == SP_HTTP_LINE) { /* f"invalid header line {line[:40]!r}" */
+        if ((quoted = sp_bytes(head, at)) == NULL)
+            return NULL;
+        message = PyUnicode_FromFormat("%s %R", error, quoted);
+    } else if (code == SP_HTTP_FIELD_CHAR) { /* f"... {name.decode('latin-1')}" */
+        quoted = PyUnicode_DecodeLatin1((const char *)head + at.off, (Py_ssize_t)at.len, NULL);
+        if (quoted == NULL)
+            return NULL;
+        message = PyUnicode_FromFormat("%s %U", error, quoted);
+    } else {
+        message = PyUnicode_FromString(error);
+    }
+    Py_XDECREF(quoted);
+    if (message != NULL) {
+        PyErr_SetObject(head_error, message);
+        Py_DECREF(message);
+    }
+    return NULL;
+}
+
+static PyObject *
+sp_fields_list(const uint8_t *head, const struct sp_field *fields, size_t count)
+{
+    PyObject *list = PyList_New((Py_ssize_t)count);
+    if (list == NULL)
+        return NULL;
+    for (size_t i = 0; i < count; i++) {
+        PyObject *name = sp_bytes(head, fields[i].name);
+        PyObject *value = sp_bytes(head, fields[i].value);
+        PyObject *pair = name && value ? PyTuple_Pack(2, name, value) : NULL;
+        Py_XDECREF(name);
+        Py_XDECREF(value);
+        if (pair == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, pair);
+    }
+    return list;
+}
+
+/* The header lines as _fields's list: from the parse's own room or, past
+ * SP_HTTP_FIELDS, from a second walk into room for all of them (see the
+ * bound in the head comment). */
+static PyObject *
+sp_fields(const uint8_t *head, const struct sp_field *fields, size_t count, struct sp_span body)
+{
+    if (count <= SP_HTTP_FIELDS)
+        return sp_fields_list(head, fields, count);
+    struct sp_field *all = PyMem_New(struct sp_field, count);
+    if (all == NULL)
+        return PyErr_NoMemory();
+    size_t again;
+    struct sp_span at;
+    const char *error;
+    PyObject *list = NULL;
+    if (sp_parse_fields(head, body, all, count, &again, &at, &error) == SP_HTTP_OK
+        && again == count)
+        list = sp_fields_list(head, all, count);
+    else
+        PyErr_SetString(PyExc_SystemError, "_chttp: the header lines' second walk disagrees");
+    PyMem_Free(all);
+    return list;
+}
+
+/* (a, b, c, d), taking the references; NULL if any is (its error set). */
+static PyObject *
+sp_tuple4(PyObject *a, PyObject *b, PyObject *c, PyObject *d)
+{
+    PyObject *t = a && b && c && d ? PyTuple_Pack(4, a, b, c, d) : NULL;
+    Py_XDECREF(a);
+    Py_XDECREF(b);
+    Py_XDECREF(c);
+    Py_XDECREF(d);
+    return t;
+}
+
+static PyObject *
+http_parse_request(PyObject *module, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"head", NULL};
+    Py_buffer view;
+    (void)module;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*:parse_request", kwlist, &view))
+        return NULL;
+    const uint8_t *head = view.buf;
+    struct sp_request r;
+    const char *error;
+    PyObject *result;
+    int code = sp_parse_request(head, (size_t)view.len, &r, &error);
+    if (code == SP_HTTP_OK || code == SP_HTTP_TOO_MANY)
+        result = sp_tuple4(sp_bytes(head, r.method), sp_bytes(head, r.target),
+                           sp_bytes(head, r.version), sp_fields(head, r.fields, r.nfields, r.body));
+    else
+        result = sp_raise(head, code, error, r.error_at);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+static PyObject *
+http_parse_response(PyObject *module, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"head", NULL};
+    Py_buffer view;
+    (void)module;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*:parse_response", kwlist, &view))
+        return NULL;
+    const uint8_t *head = view.buf;
+    struct sp_response r;
+    const char *error;
+    PyObject *result;
+    int code = sp_parse_response(head, (size_t)view.len, &r, &error);
+    if (code == SP_HTTP_OK || code == SP_HTTP_TOO_MANY)
+        result = sp_tuple4(sp_bytes(head, r.version), PyLong_FromUnsignedLong(r.status),
+                           sp_bytes(head, r.reason), sp_fields(head, r.fields, r.nfields, r.body));
+    else
+        result = sp_raise(head, code, error, r.error_at);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+static PyObject *
+http_head_end(PyObject *module, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"buffer", "start", NULL};
+    Py_buffer view;
+    PyObject *start_arg = Py_None;
+    (void)module;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*|O:head_end", kwlist, &view, &start_arg))
+        return NULL;
+    /* buffer.find(END, start): start is a slice index, clipped, from the end
+     * when negative, and None is 0 */
+    Py_ssize_t start = 0;
+    if (start_arg != Py_None) {
+        if (!PyIndex_Check(start_arg)) {
+            PyErr_SetString(PyExc_TypeError,
+                            "slice indices must be integers or None or have an __index__ method");
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+        start = PyNumber_AsSsize_t(start_arg, NULL);
+        if (start == -1 && PyErr_Occurred()) {
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+    }
+    if (start < 0)
+        start = start < -view.len ? 0 : start + view.len;
+    int64_t end = sp_head_end(view.buf, (size_t)view.len, (size_t)start);
+    PyBuffer_Release(&view);
+    return PyLong_FromLongLong((long long)end);
+}
+
+static PyMethodDef sp_http_methods[] = {
+    {"head_end", (PyCFunction)(void (*)(void))http_head_end, METH_VARARGS | METH_KEYWORDS,
+     "head_end($module, /, buffer, start=0)\n--\n\n"
+     "protocol.http1.head_end in C: the offset just past the empty line ending\n"
+     "the head, or -1 if not there yet."},
+    {"parse_request", (PyCFunction)(void (*)(void))http_parse_request,
+     METH_VARARGS | METH_KEYWORDS,
+     "parse_request($module, /, head)\n--\n\n"
+     "protocol.http1.parse_request in C: (method, target, version, headers).\n"
+     "Raises protocol.http1.HeadError."},
+    {"parse_response", (PyCFunction)(void (*)(void))http_parse_response,
+     METH_VARARGS | METH_KEYWORDS,
+     "parse_response($module, /, head)\n--\n\n"
+     "protocol.http1.parse_response in C: (version, status, reason, headers).\n"
+     "Raises protocol.http1.HeadError."},
+    {NULL, NULL, 0, NULL},
+};
 
 int
 sp_http_add(PyObject *module)
 {
-    (void)module;
-    return 0;
+    return PyModule_AddFunctions(module, sp_http_methods);
 }

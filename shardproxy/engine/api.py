@@ -63,6 +63,24 @@ class TunnelStats:
     duration: float  # seconds, from the 101 to the end
 
 
+PING_STATES = ("none", "due", "sent")  # TunnelView.ping
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelView:
+    """What an engine can tell of one open tunnel (TunnelEngine.inspect):
+    its figures so far, and where its state machine stands."""
+
+    seconds: float  # since the 101
+    up: FlowStats  # client → backend, so far
+    down: FlowStats
+    parked: tuple[int, int]  # bytes waiting for their destination (up, down); >0: source paused
+    closing: bool  # begin_close ran
+    ping: str  # PING_STATES: none; due (waiting for frame boundaries); sent (unanswered)
+    at_boundary: tuple[bool, bool]  # each direction between frames (up, down)
+    held: int  # client bytes kept back while looking for our Pong
+
+
 @dataclass(frozen=True, slots=True)
 class Keepalive:
     """The proxy's WebSocket pings to clients; interval 0: none."""
@@ -115,6 +133,9 @@ class TunnelEngine(Protocol):
 
     def token(self, tunnel: int) -> Any:
         """The token the tunnel was added with; None once it ended."""
+
+    def inspect(self, tunnel: int) -> TunnelView | None:
+        """The tunnel as it stands; None once it ended."""
 
     def tunnels(self) -> Sequence[tuple[int, Any]]:
         """(id, token) of every open tunnel."""

@@ -1,11 +1,11 @@
 """Which engine a worker runs, chosen once at import.
 
 The compiled engine (``engine/_cengine.c``) is built by ``pip install``
-where a compiler exists; ``SHARDPROXY_PURE=1`` refuses it. Today it holds
-the C frame tracker only (issue 14 builds the relay and handshake engines
-on it), so every worker runs the Python engines whatever was built, and
-:func:`describe` says so in ``shardproxy version`` and in the worker-ready
-event.
+where a compiler exists; ``SHARDPROXY_PURE=1`` refuses it. Where it was
+built, workers relay their tunnels with it (``engine/crelay.py``); the
+handshake engine is still the Python one (issue 14 compiles it next).
+:func:`describe` says which engine runs, in ``shardproxy version`` and in
+the worker-ready event; ``engine/factory.py`` builds the chosen engines.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def _load() -> ModuleType | None:
 
 
 COMPILED: ModuleType | None = _load()
-ENGINE = "python"  # the engines the workers run: "python" until the C ones are complete
+# The engines the workers run: "compiled" (the C relay) or "python".
+ENGINE = "python" if COMPILED is None else "compiled"
 
 
 def describe() -> str:
@@ -36,4 +37,4 @@ def describe() -> str:
         return "python (SHARDPROXY_PURE=1)"
     if COMPILED is None:
         return "python (the compiled module was not built)"
-    return "python (compiled module built: frame tracker only, the C engines are not complete)"
+    return "compiled (the relay in C; handshakes in the Python engine)"

@@ -5,7 +5,8 @@ passed in as ``now``). :func:`run_epoll` drives it from a single trio task:
 it sleeps in trio until the epoll descriptor is readable (trio's own epoll
 reports a nested epoll fd readable when any of its descriptors is ready) or
 the engine's next timer is due (:class:`Timers`, items at given times, and
-:class:`Spread`, items evenly over a span), then takes what is ready, events before
+:class:`Spread`, items evenly over a span; :class:`Closes`, a relay's
+WebSocket closes under way), then takes what is ready, events before
 timers (a worker that is behind must not time out a read whose event is
 already waiting), and keeps polling with a plain checkpoint between busy
 rounds (no re-arming of trio's wait, one syscall fewer per round); after a
@@ -23,6 +24,7 @@ import itertools
 import select
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import trio
@@ -132,3 +134,61 @@ async def run_epoll(
             if len(events) < BUSY_ROUND:
                 break
             await trio.lowlevel.checkpoint()
+
+
+@dataclass(frozen=True, slots=True)
+class CloseWave(Generic[T]):
+    """Tunnels to close over a span, and how (TunnelEngine.close_spread)."""
+
+    tunnels: Spread[T]
+    code: int
+    reason: bytes
+    wait: float | None
+
+
+class Closes(Generic[T]):
+    """A relay's WebSocket closes under way: waves spread over a span
+    (drains, servers gone) and the bound of each closing tunnel's wait.
+    The relay checks that a tunnel it is handed still stands."""
+
+    __slots__ = ("_waits", "_waves")
+
+    def __init__(self) -> None:
+        self._waves: list[CloseWave[T]] = []
+        self._waits: Timers[T] = Timers()
+
+    def __bool__(self) -> bool:
+        return bool(self._waves or self._waits)
+
+    def spread(
+        self,
+        tunnels: Sequence[T],
+        now: float,
+        span: float,
+        code: int,
+        reason: bytes,
+        wait: float | None,
+    ) -> None:
+        if tunnels:
+            self._waves.append(CloseWave(Spread(tunnels, now, span), code, reason, wait))
+
+    def wait(self, when: float, tunnel: T) -> None:
+        """End ``tunnel`` at ``when`` if it is still closing then."""
+        self._waits.add(when, tunnel)
+
+    def due_closes(self, now: float) -> Iterator[tuple[T, CloseWave[T]]]:
+        """The tunnels of every wave that fell due, each with its wave."""
+        for wave in self._waves:
+            for tunnel in wave.tunnels.pop_due(now):
+                yield tunnel, wave
+        self._waves = [wave for wave in self._waves if not wave.tunnels.done]
+
+    def due_waits(self, now: float) -> Iterator[T]:
+        """The closing tunnels whose wait ran out."""
+        if self._waits.due(now):
+            for _, tunnel in self._waits.pop_due(now):
+                yield tunnel
+
+    def next_due(self) -> float | None:
+        times = [self._waits.next_due(), *(w.tunnels.next_due() for w in self._waves)]
+        return min((when for when in times if when is not None), default=None)

@@ -79,7 +79,6 @@ import select
 import time
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from shardproxy.engine.api import (
@@ -94,8 +93,9 @@ from shardproxy.engine.api import (
     Keepalive,
     TunnelEvents,
     TunnelStats,
+    TunnelView,
 )
-from shardproxy.engine.loop import Spread, Timers, run_epoll
+from shardproxy.engine.loop import Closes, Spread, Timers, run_epoll
 from shardproxy.engine.transport import PLAIN_PAIR, Transports
 from shardproxy.protocol.frames import (
     PONG,
@@ -206,16 +206,6 @@ def _flow_stats(flow: Flow) -> FlowStats:
     return FlowStats(flow.nbytes, flow.messages, flow.close_code, flow.close_order, flow.error)
 
 
-@dataclass(frozen=True, slots=True)
-class _CloseWave:
-    """Tunnels to close over a span, and how (RelayEngine.close_spread)."""
-
-    tunnels: Spread[Tunnel]
-    code: int
-    reason: bytes
-    wait: float | None
-
-
 class RelayEngine:
     """Moves bytes for every tunnel of one worker from a single trio task:
     the Python implementation of :class:`~shardproxy.engine.api.TunnelEngine`.
@@ -247,8 +237,7 @@ class RelayEngine:
         self._round: Spread[Tunnel] = Spread([], -math.inf, self._keepalive.interval)
         # Closes spread over a span (drains, servers gone), and the
         # close_wait of every closing tunnel that has one.
-        self._waves: list[_CloseWave] = []
-        self._close_waits: Timers[Tunnel] = Timers()
+        self._closes: Closes[Tunnel] = Closes()
         # Written Pings to check: (tunnel, when written, client bytes then).
         self._ping_checks: Timers[tuple[Tunnel, float, int]] = Timers()
         # Our Pings carry this payload; a client's Pong with it is ours to
@@ -322,12 +311,8 @@ class RelayEngine:
         close_waits that ran out."""
         if self._keepalive.interval:
             self._ping_round(now)
-        if self._waves:
-            self._close_waves(now)
-        if self._close_waits.due(now):
-            for _, t in self._close_waits.pop_due(now):
-                if self._alive(t):  # the peers did not finish the close handshake in time
-                    self._finish(t, STOPPED)
+        if self._closes:
+            self._close_due(now)
         if not self._ping_checks.due(now):
             return
         timeout = self._keepalive.timeout
@@ -351,12 +336,13 @@ class RelayEngine:
             if self._alive(t):
                 self._schedule_ping(t)
 
-    def _close_waves(self, now: float) -> None:
-        for wave in self._waves:
-            for t in wave.tunnels.pop_due(now):
-                if self._alive(t):
-                    self._begin_close(t, wave.code, wave.reason, wave.wait, now)
-        self._waves = [wave for wave in self._waves if not wave.tunnels.done]
+    def _close_due(self, now: float) -> None:
+        for t, wave in self._closes.due_closes(now):
+            if self._alive(t):
+                self._begin_close(t, wave.code, wave.reason, wave.wait, now)
+        for t in self._closes.due_waits(now):
+            if self._alive(t):  # the peers did not finish the close handshake in time
+                self._finish(t, STOPPED)
 
     def _next_wake(self, now: float) -> float | None:
         # Called once per loop round: the common case (no pings, no closes
@@ -368,10 +354,10 @@ class RelayEngine:
                 ping = self._round.start + self._keepalive.interval  # the next round
             ping = max(ping, now + PING_BATCH)  # pings in batches, not a wakeup each
             wake = ping if wake is None else min(wake, ping)
-        if self._waves or self._close_waits:
-            due = [self._close_waits.next_due(), *(w.tunnels.next_due() for w in self._waves)]
-            times = [when for when in (wake, *due) if when is not None]
-            wake = min(times) if times else None
+        if self._closes:
+            due = self._closes.next_due()
+            if due is not None:
+                wake = due if wake is None else min(wake, due)
         return wake
 
     # -- by tunnel id ------------------------------------------------------------
@@ -400,8 +386,9 @@ class RelayEngine:
         alive = [t for t in map(self._tunnel, tunnels) if t is not None]
         if not alive:
             return
-        self._waves.append(_CloseWave(Spread(alive, time.monotonic(), span), code, reason, wait))
-        self._close_waves(time.monotonic())
+        now = time.monotonic()
+        self._closes.spread(alive, now, span, code, reason, wait)
+        self._close_due(now)
 
     def _begin_close(
         self, t: Tunnel, code: int, reason: bytes, wait: float | None, now: float
@@ -410,9 +397,10 @@ class RelayEngine:
             return
         t.closing = True
         if wait is not None:
-            self._close_waits.add(now + wait, t)
+            self._closes.wait(now + wait, t)
         if t.ping_sent == PING_DUE:  # replaced by our Close below
             t.ping_sent = 0.0
+            t.down.inject = None
         frames = (
             (t.down, close_frame(code, reason)),
             (t.up, close_frame(code, reason, os.urandom(4))),
@@ -451,6 +439,22 @@ class RelayEngine:
         """The token the tunnel was added with; None once it ended."""
         t = self._tunnel(tunnel)
         return None if t is None else t.token
+
+    def inspect(self, tunnel: int) -> TunnelView | None:
+        t = self._tunnel(tunnel)
+        if t is None:
+            return None
+        ping = "none" if not t.ping_sent else "due" if t.ping_sent == PING_DUE else "sent"
+        return TunnelView(
+            time.monotonic() - self._started[t.up.src],
+            _flow_stats(t.up),
+            _flow_stats(t.down),
+            (len(t.up.parked or b""), len(t.down.parked or b"")),
+            t.closing,
+            ping,
+            (t.up.at_boundary, t.down.at_boundary),
+            len(t.held),
+        )
 
     def end(self, tunnel: int, outcome: str = STOPPED) -> None:
         """Close the tunnel now, if it is still open."""

@@ -65,8 +65,8 @@ from shardproxy.engine.api import (
     TunnelStats,
     Upgraded,
 )
+from shardproxy.engine.factory import relay_engine
 from shardproxy.engine.handshake import HandshakeEngine
-from shardproxy.engine.relay import RelayEngine
 from shardproxy.engine.upstream import TupleSpace, Upstream
 from shardproxy.host.rlimits import fd_capacity, raise_nofile_limit
 from shardproxy.policy.admission import Admission, AdmissionLease
@@ -135,7 +135,7 @@ class Worker:
         self.pools = {p.name: PoolRegistry(p) for p in cfg.pools}
         keepalive = cfg.keepalive
         # Typed by their interfaces (engine/api.py): the worker uses nothing else.
-        self.relay: TunnelEngine = RelayEngine(
+        self.relay: TunnelEngine = relay_engine(
             self, Keepalive(keepalive.ping_interval, keepalive.ping_timeout)
         )
         self.tunnels = TunnelIndex()  # the relay's tunnels by endpoint and client address

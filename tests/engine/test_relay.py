@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import trio
+from engines import current
 
 from shardproxy.engine.api import (
     BACKEND_RESET,
@@ -28,10 +29,12 @@ from shardproxy.engine.api import (
     STOPPED,
     Keepalive,
     TunnelStats,
+    TunnelView,
 )
-from shardproxy.engine.relay import PING_DUE, RelayEngine, Tunnel
 from shardproxy.engine.transport import PLAIN, PlainTransport, Transports
 from shardproxy.protocol.frames import close_frame
+
+pytestmark = pytest.mark.usefixtures("relay_engine")
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -49,7 +52,7 @@ class Harness:
     def __init__(self, keepalive: Keepalive | None = None) -> None:
         self.closed: list[tuple[Any, str, TunnelStats]] = []
         self.errors: list[BaseException | None] = []
-        self.engine = RelayEngine(self, keepalive)
+        self.engine = current.relay(self, keepalive)
 
     def tunnel_closed(self, token: Any, outcome: str, stats: TunnelStats) -> None:
         self.closed.append((token, outcome, stats))
@@ -67,8 +70,15 @@ class Harness:
             s.settimeout(10)
         return client, backend, tid
 
-    def inside(self, tid: int) -> Tunnel:
-        """White-box: the Python engine's own object for a live tunnel."""
+    def view(self, tid: int) -> TunnelView:
+        """A live tunnel as its engine sees it."""
+        t = self.engine.inspect(tid)
+        assert t is not None
+        return t
+
+    def inside(self, tid: int) -> Any:
+        """White-box: the Python engine's own object for a live tunnel
+        (tests marked python_engine_only)."""
         t = self.engine._tunnel(tid)
         assert t is not None
         return t
@@ -178,9 +188,8 @@ def test_slow_reader_parks_at_most_one_read_and_loses_nothing() -> None:
 
         await trio.to_thread.run_sync(flood)
         assert sent < total, "the backend was never held back"
-        down = h.inside(t).down
-        assert down.parked is not None and len(down.parked) <= 65536
-        assert not down.reading  # the source is paused while bytes are parked
+        parked = h.view(t).parked[1]
+        assert 0 < parked <= 65536  # and the source is paused while bytes are parked
 
         received = bytearray()
 
@@ -213,7 +222,7 @@ def test_frames_are_tracked_per_direction() -> None:
         client, backend, t = h.tunnel(to_backend=text)
         await trio.to_thread.run_sync(client.sendall, ping + text + close)
         await trio.to_thread.run_sync(recv_exactly, backend, 2 * len(text) + len(ping) + len(close))
-        assert h.inside(t).up.at_boundary
+        assert h.view(t).at_boundary[0]
         h.engine.end(t)
         up, down = h.stats().up, h.stats().down
         assert (up.messages, up.close_code, up.close_order > 0) == (2, 4321, True)
@@ -359,12 +368,12 @@ def test_close_spread_closes_one_tunnel_at_once_and_the_rest_in_turn() -> None:
         tunnels = [h.tunnel() for _ in range(4)]
         ids = [t for _, _, t in tunnels]
         h.engine.close_spread(ids, 0.6, 1001, b"going away", None)
-        assert [h.inside(t).closing for t in ids] == [True, False, False, False]
+        assert [h.view(t).closing for t in ids] == [True, False, False, False]
         order = []
         for client, _, t in tunnels:  # they come in the order given
             await trio.to_thread.run_sync(recv_exactly, client, len(GOING_AWAY))
             order.append(t)
-            assert all(h.inside(x).closing for x in order)
+            assert all(h.view(x).closing for x in order)
         assert order == ids
         for client, backend, _ in tunnels:
             client.close()
@@ -415,7 +424,7 @@ def test_our_pong_is_taken_out_of_the_stream_and_nothing_else(bytewise: bool) ->
             await trio.to_thread.run_sync(client.sendall, stream)
         expected = before + theirs + after
         assert await trio.to_thread.run_sync(recv_exactly, backend, len(expected)) == expected
-        assert h.inside(t).ping_sent == 0.0 and h.inside(t).held == b""
+        assert (h.view(t).ping, h.view(t).held) == ("none", 0)
         h.engine.end(t)
         assert h.stats().up.messages == 2
         client.close()
@@ -455,25 +464,25 @@ def test_a_ping_waits_for_the_client_to_finish_its_frame() -> None:
         await trio.to_thread.run_sync(client.sendall, theirs[:30])
         await trio.to_thread.run_sync(recv_exactly, backend, 30)
         assert h.engine.ping(t)
-        assert h.inside(t).ping_sent == PING_DUE  # due, not written
+        assert h.view(t).ping == "due"  # due, not written
         assert not h.engine.ping(t)  # one at a time, even before it is written
         # The stream towards the client is between frames, yet no Ping: the
         # backend's message arrives alone.
         await trio.to_thread.run_sync(backend.sendall, echo)
         assert await trio.to_thread.run_sync(recv_exactly, client, len(echo)) == echo
-        assert h.inside(t).ping_sent == PING_DUE
+        assert h.view(t).ping == "due"
         # The client's frame ends: now the Ping goes, and its timeout starts.
         await trio.to_thread.run_sync(client.sendall, theirs[30:])
         ping = bytes([0x89, len(h.engine.ping_payload)]) + h.engine.ping_payload
         assert await trio.to_thread.run_sync(recv_exactly, client, len(ping)) == ping
         assert await trio.to_thread.run_sync(recv_exactly, backend, len(theirs) - 30)
-        assert h.inside(t).ping_sent > 0  # written: its timeout runs from now
+        assert h.view(t).ping == "sent"  # written: its timeout runs from now
         await trio.to_thread.run_sync(client.sendall, masked(0xA, h.engine.ping_payload))
         await trio.to_thread.run_sync(backend.sendall, echo)  # a round trip: Pong read
         await trio.to_thread.run_sync(recv_exactly, client, len(echo))
         await trio.to_thread.run_sync(client.sendall, theirs)
         assert await trio.to_thread.run_sync(recv_exactly, backend, len(theirs)) == theirs
-        assert h.inside(t).ping_sent == 0.0
+        assert h.view(t).ping == "none"
         client.close()
         backend.close()
 
@@ -500,19 +509,20 @@ def test_a_ping_waits_for_both_directions_and_is_dropped_by_a_close() -> None:
         # The client's frame ends while the backend is inside its next one.
         await trio.to_thread.run_sync(client.sendall, theirs[10:])
         await trio.to_thread.run_sync(recv_exactly, backend, len(theirs) - 10)
-        assert h.inside(t).ping_sent == PING_DUE
+        assert h.view(t).ping == "due"
         # A drain now: our Close takes the Ping's place, after the frame.
         h.engine.begin_close(t, 1001, b"going away")
         await trio.to_thread.run_sync(backend.sendall, big[100:])
         expected = big[100:] + GOING_AWAY
         assert await trio.to_thread.run_sync(recv_exactly, client, len(expected)) == expected
-        assert h.inside(t).ping_sent == 0.0  # never written
+        assert h.view(t).ping == "none"  # never written
         client.close()
         backend.close()
 
     run(test)
 
 
+@pytest.mark.python_engine_only
 def test_a_bug_while_relaying_costs_one_tunnel_not_the_others() -> None:
     """Like the handshake engine, the relay contains an exception of its own
     to the tunnel it happened on: that one is reset both ways, the rest go on."""
@@ -537,6 +547,7 @@ def test_a_bug_while_relaying_costs_one_tunnel_not_the_others() -> None:
     run(test)
 
 
+@pytest.mark.python_engine_only
 def test_a_bug_while_ending_a_broken_tunnel_still_closes_and_reports_it() -> None:
     """Containment's own fallback: the tunnel's end fails too (here its
     backend transport's close raises), and still both descriptors are

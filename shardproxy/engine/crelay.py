@@ -1,0 +1,258 @@
+"""The compiled relay: :class:`CompiledRelayEngine`, a
+:class:`~shardproxy.engine.api.TunnelEngine` over the C core in
+``engine/_cengine.c`` (``Relay``).
+
+The C core does the per-event work of ``engine/relay.py`` with the same
+semantics (reads, writes, parking, frame tracking, Close and Ping injection
+at frame boundaries, our Pong taken out, FIN and RST passed on, the
+keepalive's pings and checks); each tunnel is a C struct. This module keeps
+what is rare and what needs Python: the trio loop around it, the Close
+frames' construction, close waves and their waits (loop.Closes), and the
+hand-over of ended tunnels to :class:`~shardproxy.engine.api.TunnelEvents`,
+which the core records during a call and this module delivers after it, in
+a batch.
+
+Transports: the core moves bytes with the system calls themselves, so it
+takes the tunnels whose two sides are plain TCP (``PLAIN_PAIR``); a tunnel
+with any other transport goes to a Python :class:`RelayEngine` inside this
+one, and its id carries :data:`_PYTHON_ID` so that the two id spaces never
+meet. Both run in the same trio task's nursery.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from shardproxy.engine.api import (
+    BACKEND_RESET,
+    CLIENT_RESET,
+    CLOSED,
+    DRAINED,
+    INTERNAL_ERROR,
+    PING_STATES,
+    PING_TIMEOUT,
+    STOPPED,
+    FlowStats,
+    Keepalive,
+    TunnelEvents,
+    TunnelStats,
+    TunnelView,
+)
+from shardproxy.engine.choice import COMPILED
+from shardproxy.engine.loop import BUSY_ROUND, Closes
+from shardproxy.engine.relay import RelayEngine
+from shardproxy.engine.transport import PLAIN_PAIR, Transports
+from shardproxy.protocol.frames import close_frame
+
+# The core's outcome indexes, in its order (_cengine.c: SP_CLOSED ...).
+OUTCOMES = (CLOSED, CLIENT_RESET, BACKEND_RESET, STOPPED, DRAINED, PING_TIMEOUT, INTERNAL_ERROR)
+_OUTCOME_INDEX = {name: i for i, name in enumerate(OUTCOMES)}
+# Ids of the tunnels of the Python engine inside (the core's ids stay below 2**63).
+_PYTHON_ID = 1 << 63
+
+
+class CompiledRelayEngine:
+    """The relay engine of one worker, compiled: the same contract as
+    :class:`~shardproxy.engine.relay.RelayEngine` (see engine/api.py)."""
+
+    def __init__(self, events: TunnelEvents, keepalive: Keepalive | None = None) -> None:
+        if COMPILED is None:
+            raise RuntimeError("the compiled engine was not built (engine/choice.py)")
+        self._events = events
+        keepalive = keepalive or Keepalive()
+        self.ping_payload = b"shardproxy:" + os.urandom(8).hex().encode()
+        self._core = COMPILED.Relay(
+            OUTCOMES, keepalive.interval, keepalive.timeout, self.ping_payload
+        )
+        self._python = RelayEngine(events, keepalive)  # for transports other than plain
+        self._closes: Closes[int] = Closes()
+        self._internal_errors = 0
+
+    def __len__(self) -> int:
+        return len(self._core) + len(self._python)
+
+    # -- the TunnelEngine interface ------------------------------------------
+
+    def add(
+        self,
+        client_fd: int,
+        backend_fd: int,
+        token: Any,
+        to_backend: bytes,
+        to_client: bytes,
+        io: Transports = PLAIN_PAIR,
+    ) -> int:
+        if io is not PLAIN_PAIR:
+            tunnel = self._python.add(client_fd, backend_fd, token, to_backend, to_client, io)
+            return tunnel | _PYTHON_ID
+        try:
+            return int(self._core.add(client_fd, backend_fd, token, to_backend, to_client))
+        finally:
+            self._deliver()
+
+    def begin_close(self, tunnel: int, code: int, reason: bytes, wait: float | None = None) -> None:
+        if tunnel & _PYTHON_ID:
+            self._python.begin_close(tunnel ^ _PYTHON_ID, code, reason, wait)
+            return
+        self._begin_close(tunnel, code, reason, wait, time.monotonic())
+
+    def _begin_close(
+        self, tunnel: int, code: int, reason: bytes, wait: float | None, now: float
+    ) -> None:
+        alive, closing = self._core.state(tunnel)
+        if not alive or closing:
+            return
+        to_client = close_frame(code, reason)
+        to_backend = close_frame(code, reason, os.urandom(4))
+        try:
+            self._core.begin_close(tunnel, to_client, to_backend)
+        finally:
+            self._deliver()
+        if wait is not None and self._core.state(tunnel)[0]:
+            self._closes.wait(now + wait, tunnel)
+
+    def close_spread(
+        self, tunnels: Sequence[int], span: float, code: int, reason: bytes, wait: float | None
+    ) -> None:
+        ours = [t for t in tunnels if not t & _PYTHON_ID and self._core.state(t)[0]]
+        theirs = [t ^ _PYTHON_ID for t in tunnels if t & _PYTHON_ID]
+        if theirs:
+            self._python.close_spread(theirs, span, code, reason, wait)
+        if ours:
+            now = time.monotonic()
+            self._closes.spread(ours, now, span, code, reason, wait)
+            self._close_due(now)
+
+    def ping(self, tunnel: int) -> bool:
+        if tunnel & _PYTHON_ID:
+            return self._python.ping(tunnel ^ _PYTHON_ID)
+        try:
+            return bool(self._core.ping(tunnel))
+        finally:
+            self._deliver()
+
+    def end(self, tunnel: int, outcome: str = STOPPED) -> None:
+        if tunnel & _PYTHON_ID:
+            self._python.end(tunnel ^ _PYTHON_ID, outcome)
+            return
+        try:
+            self._core.end(tunnel, _OUTCOME_INDEX[outcome])
+        finally:
+            self._deliver()
+
+    def alive(self, tunnel: int) -> bool:
+        if tunnel & _PYTHON_ID:
+            return self._python.alive(tunnel ^ _PYTHON_ID)
+        return bool(self._core.state(tunnel)[0])
+
+    def token(self, tunnel: int) -> Any:
+        if tunnel & _PYTHON_ID:
+            return self._python.token(tunnel ^ _PYTHON_ID)
+        return self._core.token(tunnel)
+
+    def inspect(self, tunnel: int) -> TunnelView | None:
+        if tunnel & _PYTHON_ID:
+            return self._python.inspect(tunnel ^ _PYTHON_ID)
+        seen = self._core.inspect(tunnel)
+        if seen is None:
+            return None
+        seconds, up, down, parked_up, parked_down, closing, ping, *boundary, held = seen
+        return TunnelView(
+            seconds,
+            FlowStats(*up),
+            FlowStats(*down),
+            (parked_up, parked_down),
+            bool(closing),
+            PING_STATES[ping],
+            (bool(boundary[0]), bool(boundary[1])),
+            held,
+        )
+
+    def tunnels(self) -> list[tuple[int, Any]]:
+        theirs = [(t | _PYTHON_ID, token) for t, token in self._python.tunnels()]
+        return self._core.tunnels() + theirs
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._python.run)
+            await self._run()
+
+    def close(self) -> None:
+        try:
+            self._core.close()
+        finally:
+            self._deliver()
+            self._python.close()
+
+    # -- the loop ---------------------------------------------------------------
+
+    async def _run(self) -> None:
+        """loop.run_epoll's rhythm: sleep in trio until the core's epoll set
+        is readable or a timer is due, then poll rounds until one is quiet."""
+        core = self._core
+        epoll_fd = core.fileno()
+        while True:
+            now = time.monotonic()
+            wake = self._next_wake(now)
+            if wake is None:
+                await trio.lowlevel.wait_readable(epoll_fd)
+            else:
+                with trio.move_on_at(trio.current_time() + max(0.0, wake - now)):
+                    await trio.lowlevel.wait_readable(epoll_fd)
+            while True:
+                try:
+                    handled = core.poll()
+                finally:
+                    self._deliver()
+                self.process(time.monotonic())
+                if handled < BUSY_ROUND:
+                    break
+                await trio.lowlevel.checkpoint()
+
+    def process(self, now: float) -> None:
+        """The timers: the keepalive's (in the core), the close waves that
+        fell due and the close waits that ran out."""
+        try:
+            self._core.process(now)
+        finally:
+            self._deliver()
+        if self._closes:
+            self._close_due(now)
+
+    def _close_due(self, now: float) -> None:
+        for tunnel, wave in self._closes.due_closes(now):
+            self._begin_close(tunnel, wave.code, wave.reason, wave.wait, now)
+        for tunnel in self._closes.due_waits(now):
+            if self._core.state(tunnel)[0]:  # the peers did not finish the close handshake in time
+                self.end(tunnel, STOPPED)
+
+    def _next_wake(self, now: float) -> float | None:
+        wake: float | None = self._core.next_wake(now)
+        if self._closes:
+            due = self._closes.next_due()
+            if due is not None:
+                wake = due if wake is None else min(wake, due)
+        return wake
+
+    def _deliver(self) -> None:
+        """Hand the tunnels that ended during the last call to the events,
+        and report an allocation that failed as a contained bug."""
+        core = self._core
+        errors = core.internal_errors
+        if errors != self._internal_errors:
+            self._internal_errors = errors
+            try:
+                raise MemoryError("the compiled relay could not allocate for a tunnel")
+            except MemoryError:
+                self._events.relay_error()
+        closed = core.take_closed()
+        while closed:
+            for token, outcome, up, down, duration in closed:
+                stats = TunnelStats(FlowStats(*up), FlowStats(*down), duration)
+                self._events.tunnel_closed(token, outcome, stats)
+            closed = core.take_closed()  # those the events' calls ended
