@@ -23,7 +23,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-COLORS = {"shardproxy": "#1f77b4", "haproxy": "#d62728", "nginx": "#2ca02c", "direct": "#7f7f7f"}
+COLORS = {
+    "shardproxy": "#1f77b4",
+    "shardproxy-pure": "#9467bd",
+    "haproxy": "#d62728",
+    "nginx": "#2ca02c",
+    "direct": "#7f7f7f",
+}
 DPI = 120
 
 

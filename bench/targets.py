@@ -84,12 +84,18 @@ class ShardProxy(TargetBase):
         base = [script] if script else [sys.executable, "-m", "shardproxy"]
         return [*base, "run", "-c", str(self.config_path)]
 
+    def env(self) -> dict[str, str]:
+        """The environment shardproxy runs in (the compiled engine where built)."""
+        env = child_env()
+        env.pop("SHARDPROXY_PURE", None)
+        return env
+
     def _cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         """``shardproxy ARGS`` to completion, its output captured."""
         return subprocess.run(
             [*self.command()[:-3], *args],
             cwd=REPO,
-            env=child_env(),
+            env=self.env(),
             capture_output=True,
             text=True,
             timeout=60,
@@ -105,7 +111,7 @@ class ShardProxy(TargetBase):
         self.proc = subprocess.Popen(
             self.command(),
             cwd=REPO,
-            env=child_env(),
+            env=self.env(),
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
@@ -275,10 +281,21 @@ class Target(Protocol):
     def stop(self, timeout: float = 30.0) -> dict[str, Any]: ...
 
 
-TARGETS = ("shardproxy", "haproxy", "nginx", "direct")
+class ShardProxyPure(ShardProxy):
+    """shardproxy on its Python engines (SHARDPROXY_PURE=1): the reference
+    and fallback, measured beside the compiled one in the same run."""
+
+    name = "shardproxy-pure"
+
+    def env(self) -> dict[str, str]:
+        return {**super().env(), "SHARDPROXY_PURE": "1"}
+
+
+TARGETS = ("shardproxy", "shardproxy-pure", "haproxy", "nginx", "direct")
 
 _CLASSES: dict[str, type[ShardProxy] | type[HAProxy] | type[Nginx] | type[Direct]] = {
     "shardproxy": ShardProxy,
+    "shardproxy-pure": ShardProxyPure,
     "haproxy": HAProxy,
     "nginx": Nginx,
     "direct": Direct,

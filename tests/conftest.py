@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -18,7 +19,7 @@ import tomli_w
 from engines import ENGINES, current
 from peers import parse_json_lines
 
-from shardproxy.engine.choice import COMPILED
+from shardproxy.engine.choice import COMPILED, ENGINE
 from shardproxy.host.rlimits import raise_nofile_limit
 
 START_TIMEOUT = 20.0
@@ -99,6 +100,13 @@ class Proxy:
             ),
             what="every worker ready",
         )
+        expected = "python" if os.environ.get("SHARDPROXY_PURE") == "1" else ENGINE
+        engines = {
+            e.get("shardproxy", {}).get("engine")
+            for e in self.actions("worker-ready")
+            if e.get("process", {}).get("name") == "worker"
+        }
+        assert engines == {expected}, f"workers run {engines}, not {expected!r}"
 
     @property
     def url(self) -> str:
@@ -213,8 +221,24 @@ def _no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(params=ENGINES)
+def proxy_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The engine the proxies a test starts run: each of ENGINES in turn
+    (SHARDPROXY_PURE=1 for the Python one). :class:`Proxy` checks that
+    every worker says it runs the engine asked for."""
+    name: str = request.param
+    if name == "compiled":
+        if COMPILED is None:
+            pytest.skip("the compiled engine was not built")
+        monkeypatch.delenv("SHARDPROXY_PURE", raising=False)
+    else:
+        monkeypatch.setenv("SHARDPROXY_PURE", "1")
+    return name
+
+
+@pytest.fixture(params=ENGINES)
 def relay_engine(request: pytest.FixtureRequest) -> Iterator[str]:
-    """The engine a test runs: each of ENGINES in turn."""
+    """The engine a test runs: each of ENGINES in turn; no descriptor may be
+    left open after it (the engine closes what it was given)."""
     name: str = request.param
     if name == "compiled":
         if COMPILED is None:
@@ -222,7 +246,11 @@ def relay_engine(request: pytest.FixtureRequest) -> Iterator[str]:
         if request.node.get_closest_marker("python_engine_only"):
             pytest.skip("white-box test of the Python engine")
     current.name = name
+    before = len(os.listdir("/proc/self/fd"))
     try:
         yield name
     finally:
         current.name = "python"
+    gc.collect()  # sockets a failed test's traceback held
+    after = len(os.listdir("/proc/self/fd"))
+    assert after == before, f"{after - before} descriptors left open by the {name} engine's test"

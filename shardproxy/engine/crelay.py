@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -49,6 +49,9 @@ from shardproxy.engine.relay import RelayEngine
 from shardproxy.engine.transport import PLAIN_PAIR, Transports
 from shardproxy.protocol.frames import close_frame
 
+if TYPE_CHECKING:
+    from shardproxy.engine._cengine import Relay
+
 # The core's outcome indexes, in its order (_cengine.c: SP_CLOSED ...).
 OUTCOMES = (CLOSED, CLIENT_RESET, BACKEND_RESET, STOPPED, DRAINED, PING_TIMEOUT, INTERNAL_ERROR)
 _OUTCOME_INDEX = {name: i for i, name in enumerate(OUTCOMES)}
@@ -66,7 +69,7 @@ class CompiledRelayEngine:
         self._events = events
         keepalive = keepalive or Keepalive()
         self.ping_payload = b"shardproxy:" + os.urandom(8).hex().encode()
-        self._core = COMPILED.Relay(
+        self._core: Relay = COMPILED.Relay(
             OUTCOMES, keepalive.interval, keepalive.timeout, self.ping_payload
         )
         self._python = RelayEngine(events, keepalive)  # for transports other than plain

@@ -12,6 +12,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from conftest import Proxy
 from ecs import definitions, problems
 from peers import WsBackend, read_head
@@ -58,6 +59,7 @@ def _lines(proxy: Proxy) -> list[dict[str, Any]]:
     return docs
 
 
+@pytest.mark.usefixtures("proxy_engine")  # on both engines
 def test_every_line_of_a_busy_run_is_valid_ecs(start_proxy: Callable[..., Proxy]) -> None:
     with WsBackend() as backend:
         proxy = start_proxy([backend.port], extra='\n[log]\nstats_interval = "1s"\n')

@@ -140,6 +140,7 @@ def test_a_server_that_goes_down_gets_no_new_tunnels_until_it_is_back(
         assert not proxy.actions("request-rejected")
 
 
+@pytest.mark.usefixtures("proxy_engine")  # on both engines
 def test_on_server_down_close_sends_its_tunnels_a_close_1001(
     start_proxy: Callable[..., Proxy],
 ) -> None:

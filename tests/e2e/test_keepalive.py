@@ -34,6 +34,9 @@ from wsproto.events import (
     TextMessage,
 )
 
+# Every test here runs on both engines (conftest.proxy_engine).
+pytestmark = pytest.mark.usefixtures("proxy_engine")
+
 
 @pytest.fixture
 def backend() -> Any:

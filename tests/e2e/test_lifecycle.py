@@ -17,6 +17,9 @@ from peers import WsBackend
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
+# Every test here runs on both engines (conftest.proxy_engine).
+pytestmark = pytest.mark.usefixtures("proxy_engine")
+
 TUNNELS = 500
 SPREAD = 5.0
 

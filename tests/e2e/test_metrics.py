@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from conftest import Proxy, free_port
 from peers import WsBackend, WsClient, read_head, read_until_closed
 from prometheus_client.parser import text_string_to_metric_families
@@ -83,6 +84,7 @@ def get(port: int, path: str) -> tuple[int, str, bytes]:
     return r.status, r.getheader("content-type") or "", body
 
 
+@pytest.mark.usefixtures("proxy_engine")  # on both engines
 def test_metrics_follow_the_traffic(start_proxy: Callable[..., Proxy]) -> None:
     aport = free_port()
     with WsBackend() as backend:
@@ -140,6 +142,7 @@ def test_metrics_follow_the_traffic(start_proxy: Callable[..., Proxy]) -> None:
         del held  # the proxy's stop ends them
 
 
+@pytest.mark.usefixtures("proxy_engine")  # on both engines
 def test_streams_that_went_bad_are_in_the_access_event_and_counted(
     start_proxy: Callable[..., Proxy],
 ) -> None:

@@ -20,6 +20,9 @@ from websockets.exceptions import ConnectionClosed
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import BytesMessage, Request, TextMessage
 
+# Every test here runs on both engines (conftest.proxy_engine).
+pytestmark = pytest.mark.usefixtures("proxy_engine")
+
 
 def run(coro: Any) -> Any:
     return asyncio.run(asyncio.wait_for(coro, 60))

@@ -16,6 +16,9 @@ from conftest import Proxy, free_port
 from peers import WsBackend
 from websockets.asyncio.client import ClientConnection, connect
 
+# Every test here runs on both engines (conftest.proxy_engine).
+pytestmark = pytest.mark.usefixtures("proxy_engine")
+
 TUNNELS = 500
 
 

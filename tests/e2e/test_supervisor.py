@@ -44,6 +44,7 @@ def _peer_worker(proxy: Proxy, ws: ClientConnection) -> int:
     raise AssertionError(f"no worker holds {local}")
 
 
+@pytest.mark.usefixtures("proxy_engine")  # on both engines
 def test_killed_worker_is_restarted_and_others_keep_their_tunnels(
     backend: WsBackend, start_proxy: Callable[..., Proxy]
 ) -> None:
@@ -162,6 +163,7 @@ def echoes_through(proxy: Proxy) -> bool:
     return bool(asyncio.run(asyncio.wait_for(echo(), 20)))
 
 
+@pytest.mark.usefixtures("proxy_engine")  # on both engines
 def test_connections_queued_for_a_dead_worker_are_served_by_its_replacement(
     backend: WsBackend, start_proxy: Callable[..., Proxy]
 ) -> None:

@@ -72,7 +72,7 @@ class Harness:
 
     def view(self, tid: int) -> TunnelView:
         """A live tunnel as its engine sees it."""
-        t = self.engine.inspect(tid)
+        t: TunnelView | None = self.engine.inspect(tid)
         assert t is not None
         return t
 
@@ -531,7 +531,7 @@ def test_a_bug_while_relaying_costs_one_tunnel_not_the_others() -> None:
         client, backend, t = h.tunnel()
         other_client, other_backend, _ = h.tunnel()
         inside = h.inside(t)
-        inside.down.parked = 12345  # type: ignore[assignment]  # a state no code of ours makes
+        inside.down.parked = 12345  # a state no code of ours makes
         h.engine._update(inside)  # now waits for the client to be writable: _flush fails
         assert await h.wait_closed() == [INTERNAL_ERROR]
         assert len(h.errors) == 1 and isinstance(h.errors[0], TypeError)
@@ -563,7 +563,7 @@ def test_a_bug_while_ending_a_broken_tunnel_still_closes_and_reports_it() -> Non
         client, backend, t = h.tunnel()
         inside = h.inside(t)
         inside.io = Transports(PLAIN, BrokenClose())
-        inside.down.parked = 12345  # type: ignore[assignment]  # a state no code of ours makes
+        inside.down.parked = 12345  # a state no code of ours makes
         h.engine._update(inside)
         assert await h.wait_closed() == [INTERNAL_ERROR]
         assert len(h.errors) == 1

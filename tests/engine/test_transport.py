@@ -11,6 +11,7 @@ import socket
 from collections import Counter
 from collections.abc import Sequence
 
+import pytest
 import trio
 from peers import RawServer, read_head, upgrade_head
 from test_handshake_engine import Harness as HandshakeHarness
@@ -23,6 +24,8 @@ from test_relay import run as run_relay
 from shardproxy.engine.api import CLOSED
 from shardproxy.engine.transport import PLAIN, PLAIN_PAIR, Transports, pair
 from shardproxy.protocol.frames import close_frame
+
+pytestmark = pytest.mark.usefixtures("relay_engine")
 
 KEY = 0x5A
 _XOR = bytes(b ^ KEY for b in range(256))

@@ -48,6 +48,7 @@ def test_every_case_has_its_direct_outcome_through_the_proxy(tmp_path: Path) -> 
             assert pinged == 0, (agent.name, pinged)
 
 
+@pytest.mark.usefixtures("proxy_engine")  # on both engines
 def test_the_pongs_of_autobahns_client_stop_at_the_proxy(
     start_proxy: Callable[..., Proxy],
 ) -> None:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 import trio
 from conftest import Proxy, free_port
 from peers import WsBackend, WsClient, read_head, upgrade_head
@@ -24,6 +25,9 @@ from peers import WsBackend, WsClient, read_head, upgrade_head
 from shardproxy.config import Endpoint, HealthConfig
 from shardproxy.control.health import run_check
 from shardproxy.protocol.proxyproto import encode_v2, encode_v2_local
+
+# Every test here runs on both engines (conftest.proxy_engine).
+pytestmark = pytest.mark.usefixtures("proxy_engine")
 
 TRUSTED = "127.0.0.1"  # the address HAProxy and the tests' trusted clients connect from
 CLIENT = "127.0.0.9"  # the client HAProxy speaks for

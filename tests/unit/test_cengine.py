@@ -8,9 +8,9 @@ from __future__ import annotations
 import os
 
 import pytest
+from framestreams import cut_points, split_at, streams
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_frames import cut_points, split_at, streams
 
 from shardproxy.engine import choice
 from shardproxy.protocol.frames import FrameTracker
