@@ -106,6 +106,8 @@ def _figures(
             "window_s": round(window, 4),
             "handshakes_per_s": round(done / window, 1),
             "target_cpu_us_per_handshake": per_unit_us(cpu, "target", done),
+            "target_user_us_per_handshake": per_unit_us(cpu, "target", done, "user_s"),
+            "target_kernel_us_per_handshake": per_unit_us(cpu, "target", done, "system_s"),
             "target_cpu_cores": scenario.cores(cpu, "target"),
             "loadgen_cpu_us_per_handshake": per_unit_us(cpu, "loadgen", done),
             "loadgen_cpu_cores": scenario.cores(cpu, "loadgen"),

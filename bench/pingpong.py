@@ -117,6 +117,8 @@ def _figures(
             "window_s": cpu["seconds"],
             "messages_per_s": round(rate, 1),
             "target_cpu_us_per_round_trip": per_unit_us(cpu, "target", trips),
+            "target_user_us_per_round_trip": per_unit_us(cpu, "target", trips, "user_s"),
+            "target_kernel_us_per_round_trip": per_unit_us(cpu, "target", trips, "system_s"),
             "target_cpu_cores": scenario.cores(cpu, "target"),
             "loadgen_cpu_us_per_round_trip": per_unit_us(cpu, "loadgen", trips),
             "loadgen_cpu_cores": scenario.cores(cpu, "loadgen"),

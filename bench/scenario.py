@@ -152,15 +152,15 @@ def without_histograms(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # -- CPU ----------------------------------------------------------------------
 
 
-def _cpu(procs: Iterable[psutil.Process]) -> dict[int, float]:
-    """User + system CPU seconds of each process still alive (children not included)."""
+def _cpu(procs: Iterable[psutil.Process]) -> dict[int, tuple[float, float]]:
+    """(user, system) CPU seconds of each process still alive (children not included)."""
     out = {}
     for p in procs:
         try:
             t = p.cpu_times()
         except psutil.Error:
             continue
-        out[p.pid] = t.user + t.system
+        out[p.pid] = (t.user, t.system)
     return out
 
 
@@ -181,7 +181,7 @@ class CpuMeter:
 
     def __init__(self, groups: dict[str, Callable[[], list[psutil.Process]]]) -> None:
         self.groups = groups
-        self.before: dict[str, dict[int, float]] = {}
+        self.before: dict[str, dict[int, tuple[float, float]]] = {}
         self.started = 0.0
         self.busy = 0.0
 
@@ -196,11 +196,20 @@ class CpuMeter:
         out: dict[str, Any] = {"seconds": round(wall, 4), "groups": {}}
         for g, f in self.groups.items():
             before, after = self.before[g], _cpu(f())
-            per = {pid: after[pid] - before.get(pid, 0.0) for pid in after}
+            split = {
+                pid: (
+                    user - before.get(pid, (0.0, 0.0))[0],
+                    system - before.get(pid, (0.0, 0.0))[1],
+                )
+                for pid, (user, system) in after.items()
+            }
+            per = {pid: user + system for pid, (user, system) in split.items()}
             total = sum(per.values())
             out["groups"][g] = {
                 "processes": len(after),
                 "cpu_s": round(total, 3),
+                "user_s": round(sum(user for user, _ in split.values()), 3),
+                "system_s": round(sum(system for _, system in split.values()), 3),
                 "cores": round(total / wall, 3) if wall > 0 else None,
                 "per_process_s": {str(pid): round(s, 3) for pid, s in per.items()},
                 "gone": [pid for pid in before if pid not in after],
@@ -219,12 +228,14 @@ def cores(cpu: dict[str, Any], group: str) -> float | None:
     return float(g["cores"]) if g and g["processes"] and g["cores"] is not None else None
 
 
-def per_unit_us(cpu: dict[str, Any], group: str, units: int) -> float | None:
-    """CPU µs of ``group`` per unit of work; None without processes or work."""
+def per_unit_us(cpu: dict[str, Any], group: str, units: int, part: str = "cpu_s") -> float | None:
+    """CPU µs of ``group`` per unit of work (``part``: "cpu_s" all of it,
+    "user_s" or "system_s" the user or kernel share); None without
+    processes or work."""
     g = cpu["groups"].get(group)
-    if not g or not g["processes"] or not units:
+    if not g or not g["processes"] or not units or part not in g:
         return None
-    return round(float(g["cpu_s"]) / units * 1e6, 2)
+    return round(float(g[part]) / units * 1e6, 2)
 
 
 # -- the kernel's view --------------------------------------------------------

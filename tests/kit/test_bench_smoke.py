@@ -102,6 +102,8 @@ def test_pingpong_4_tunnels(tmp_path: Path) -> None:
     assert f["round_trips"] > 0
     assert f["round_trips"] == sum(g["round_trips"] for g in r["loadgens"])
     assert f["target_cpu_us_per_round_trip"] is not None
+    split = f["target_user_us_per_round_trip"] + f["target_kernel_us_per_round_trip"]
+    assert abs(split - f["target_cpu_us_per_round_trip"]) < 0.05  # the two shares make the whole
     check_latency(f["latency_us"], f["round_trips"])
     assert r["parameters"]["size_bytes"] == 64
     assert r["target_log"]["tunnel_outcomes"] == {"closed": 4}
