@@ -215,7 +215,7 @@ def _no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # -- both engines ------------------------------------------------------------
 # A module whose tests must run once per engine says
-# ``pytestmark = pytest.mark.usefixtures("relay_engine")``; the harnesses
+# ``pytestmark = pytest.mark.usefixtures("engine_kind")``; the harnesses
 # build their engines from ``engines.current``. A white-box test of the
 # Python engine's own objects is marked ``python_engine_only``.
 
@@ -236,7 +236,7 @@ def proxy_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 
 
 @pytest.fixture(params=ENGINES)
-def relay_engine(request: pytest.FixtureRequest) -> Iterator[str]:
+def engine_kind(request: pytest.FixtureRequest) -> Iterator[str]:
     """The engine a test runs: each of ENGINES in turn; no descriptor may be
     left open after it (the engine closes what it was given)."""
     name: str = request.param

@@ -1,13 +1,15 @@
 """Which engine a test runs: the Python reference or the compiled one.
 
-tests/conftest.py's ``relay_engine`` fixture runs a test once per engine and sets
+tests/conftest.py's ``engine_kind`` fixture runs a test once per engine and sets
 :data:`current`; the engine harnesses build their engines from it."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from shardproxy.engine import choice
 from shardproxy.engine.relay import RelayEngine
+from shardproxy.protocol import http1
 
 ENGINES = ("python", "compiled")
 
@@ -26,6 +28,11 @@ class _Current:
     @property
     def relay(self) -> Any:
         return relay_class(self.name)
+
+    @property
+    def parsers(self) -> http1.HeadParsers:
+        """The HTTP head parsers the handshake engine is given."""
+        return http1.PARSERS if self.name == "python" else choice.PARSERS
 
 
 current = _Current()

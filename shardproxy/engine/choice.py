@@ -2,8 +2,9 @@
 
 The compiled engine (``engine/_cengine.c``) is built by ``pip install``
 where a compiler exists; ``SHARDPROXY_PURE=1`` refuses it. Where it was
-built, workers relay their tunnels with it (``engine/crelay.py``); the
-handshake engine is still the Python one (issue 14 compiles it next).
+built, workers relay their tunnels with it (``engine/crelay.py``) and the
+handshake engine parses HTTP heads with its parser (:data:`PARSERS`); the
+handshake engine itself is still the Python one (issue 14 compiles it next).
 :func:`describe` says which engine runs, in ``shardproxy version`` and in
 the worker-ready event; ``engine/factory.py`` builds the chosen engines.
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
+
+from shardproxy.protocol import http1
 
 PURE = os.environ.get("SHARDPROXY_PURE", "") == "1"
 
@@ -27,6 +30,12 @@ def _load() -> ModuleType | None:
 
 
 COMPILED: ModuleType | None = _load()
+# The HTTP head parsers the handshake engine uses: the C ones where built.
+PARSERS = (
+    http1.PARSERS
+    if COMPILED is None
+    else http1.HeadParsers(COMPILED.head_end, COMPILED.parse_request, COMPILED.parse_response)
+)
 # The engines the workers run: "compiled" (the C relay) or "python".
 ENGINE = "python" if COMPILED is None else "compiled"
 
@@ -37,4 +46,4 @@ def describe() -> str:
         return "python (SHARDPROXY_PURE=1)"
     if COMPILED is None:
         return "python (the compiled module was not built)"
-    return "compiled (the relay in C; handshakes in the Python engine)"
+    return "compiled (the relay and the HTTP head parser in C; handshakes in the Python engine)"

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shardproxy.config import Endpoint, ProxyConfig
+from shardproxy.engine import choice
 from shardproxy.engine.api import HandshakeEvents, Upgraded
 from shardproxy.engine.loop import Timers, run_epoll
 from shardproxy.engine.transport import PLAIN, Transport, Transports, local_address, pair
@@ -61,6 +62,7 @@ from shardproxy.policy.admission import Admission, AdmissionLease
 from shardproxy.policy.decisions import Decisions
 from shardproxy.policy.registry import EndpointState, ServerState
 from shardproxy.protocol.errors import NEED_DATA, BackendError, Reject
+from shardproxy.protocol.http1 import HeadParsers
 from shardproxy.protocol.proxyproto import HeaderReader, ProxyHeader, encode_v2, is_trusted
 from shardproxy.protocol.upgrade import (
     RequestReader,
@@ -196,10 +198,13 @@ class HandshakeEngine:
         decisions: Decisions,
         events: HandshakeEvents,
         transports: Sequence[Transport] = (),
+        parsers: HeadParsers = choice.PARSERS,
     ) -> None:
         """``transports[i]``: what the connections of ``listeners[i]`` go
-        through (plain where none is given)."""
+        through (plain where none is given); ``parsers``: the HTTP head
+        parsers (the compiled ones where they were built)."""
         self.proxy = proxy
+        self._parsers = parsers
         self.admission = admission
         self.upstream = upstream
         self.decisions = decisions
@@ -389,7 +394,7 @@ class HandshakeEngine:
         if refuse is not None:
             self._reject(h, refuse)
             return
-        h.reader = RequestReader(self.proxy.max_header_bytes)
+        h.reader = RequestReader(self.proxy.max_header_bytes, self._parsers)
         self._arm(h, self.proxy.header_timeout)
         self._read_request(h)  # the head usually came with the connection
 
@@ -514,7 +519,7 @@ class HandshakeEngine:
             head = encode_v2((h.client_ip, h.client_port), local) + request_head(h.request)
         else:
             head = forward_head(h.request, h.client_ip, h.listener.proto, h.listener.port)
-        h.response = ResponseReader(h.request, self.proxy.max_header_bytes)
+        h.response = ResponseReader(h.request, self.proxy.max_header_bytes, self._parsers)
         self._arm(h, self.proxy.response_timeout)
         self._send(h, sock.fileno(), head, self._await_response)  # still waits for OUT
 

@@ -21,7 +21,8 @@ rare path that is not worth a second framing implementation.
 from __future__ import annotations
 
 import re
-from typing import Final
+from collections.abc import Callable
+from typing import Final, NamedTuple
 
 # RFC 9110 §5.6.2: token = 1*tchar
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -98,3 +99,17 @@ def _fields(head: bytes, line_end: int) -> Headers:
             raise HeadError(f"invalid character in header {name.decode('latin-1')}")
         fields.append((name, value))
     return fields
+
+
+class HeadParsers(NamedTuple):
+    """The three functions of this module as a set, so that a caller can be
+    handed another implementation of them: the compiled engine has one in C
+    (``engine/_chttp.c``) that gives the same results and raises the same
+    :class:`HeadError` for any bytes (tests/unit/test_chttp.py)."""
+
+    head_end: Callable[[bytes, int], int]
+    parse_request: Callable[[bytes], tuple[bytes, bytes, bytes, Headers]]
+    parse_response: Callable[[bytes], tuple[bytes, int, bytes, Headers]]
+
+
+PARSERS: Final = HeadParsers(head_end, parse_request, parse_response)

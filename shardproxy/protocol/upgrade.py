@@ -82,8 +82,9 @@ def _tokens(value: bytes | None) -> set[bytes]:
 class RequestReader:
     """Reads one upgrade request head under a size limit."""
 
-    def __init__(self, max_header_bytes: int) -> None:
+    def __init__(self, max_header_bytes: int, parsers: http1.HeadParsers = http1.PARSERS) -> None:
         self._max = max_header_bytes
+        self._parsers = parsers
         self._buffer = b""
         self._received = 0
         self.trailing = b""
@@ -102,7 +103,7 @@ class RequestReader:
         # bytes, or straddling the old ones' last 3.
         start = max(0, len(self._buffer) - 3)
         buffer = self._buffer = self._buffer + data if self._buffer else data
-        end = http1.head_end(buffer, start)
+        end = self._parsers.head_end(buffer, start)
         if end < 0:
             if len(buffer) > self._max:
                 raise Reject(431, "header_too_large", "request head is too large")
@@ -110,7 +111,7 @@ class RequestReader:
         if end > self._max:
             raise Reject(431, "header_too_large", "request head is too large")
         try:
-            method, target, version, fields = http1.parse_request(buffer[:end])
+            method, target, version, fields = self._parsers.parse_request(buffer[:end])
         except http1.HeadError as e:
             raise Reject(400, "bad_request", f"malformed request: {e}") from None
         try:
@@ -256,9 +257,15 @@ _HOP_BY_HOP = (b"connection", b"keep-alive", b"transfer-encoding", b"content-len
 class ResponseReader:
     """Reads the backend's answer to a forwarded upgrade request."""
 
-    def __init__(self, request: UpgradeRequest, max_header_bytes: int) -> None:
+    def __init__(
+        self,
+        request: UpgradeRequest,
+        max_header_bytes: int,
+        parsers: http1.HeadParsers = http1.PARSERS,
+    ) -> None:
         self._request = request
         self._max = max_header_bytes
+        self._parsers = parsers
         self._buffer = b""
         self._consumed = 0  # bytes of interim (1xx) heads already skipped
         self._body: h11.Connection | None = None
@@ -272,14 +279,14 @@ class ResponseReader:
         self._buffer = self._buffer + data if self._buffer else data
         while True:
             buffer = self._buffer
-            end = http1.head_end(buffer, start)
+            end = self._parsers.head_end(buffer, start)
             if end < 0 or self._consumed + end > self._max:
                 if self._consumed + len(buffer) > self._max:
                     raise BackendError("response head is too large")
                 return NEED_DATA
             head = buffer[:end]
             try:
-                _version, status, reason, fields = http1.parse_response(head)
+                _version, status, reason, fields = self._parsers.parse_response(head)
             except http1.HeadError as e:
                 raise BackendError(f"malformed response: {e}") from None
             if status == 101:

@@ -38,7 +38,10 @@ def test_version_names_the_engine() -> None:
     assert first == f"shardproxy {__version__}"
     from shardproxy.engine.choice import COMPILED
 
-    built = "engine: compiled (the relay in C; handshakes in the Python engine)"
+    built = (
+        "engine: compiled (the relay and the HTTP head parser in C;"
+        " handshakes in the Python engine)"
+    )
     assert engine == (built if COMPILED else "engine: python (the compiled module was not built)")
     assert version(SHARDPROXY_PURE="1")[1] == "engine: python (SHARDPROXY_PURE=1)"
 

@@ -14,7 +14,9 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
+import pytest
 import trio
+from engines import current
 from peers import RawServer, closed_port, read_head, upgrade_head, websocket_accept
 
 from shardproxy.config import PortRange, ServerConfig, from_mapping
@@ -29,6 +31,9 @@ from shardproxy.policy.registry import EndpointState, PoolRegistry, ServerState
 from shardproxy.policy.routing import Router
 from shardproxy.protocol.errors import Reject
 from shardproxy.protocol.upgrade import UpgradeRequest
+
+# On both engines: the Python handshake engine with either head parser.
+pytestmark = pytest.mark.usefixtures("engine_kind")
 
 HEADER_TIMEOUT = 0.3
 RESPONSE_TIMEOUT = 0.3
@@ -71,6 +76,7 @@ class Harness:
             Decisions(Router(cfg.routes), pools),
             self.events,
             transports,
+            current.parsers,
         )
 
     def close(self) -> None:

@@ -34,7 +34,7 @@ from shardproxy.engine.api import (
 from shardproxy.engine.transport import PLAIN, PlainTransport, Transports
 from shardproxy.protocol.frames import close_frame
 
-pytestmark = pytest.mark.usefixtures("relay_engine")
+pytestmark = pytest.mark.usefixtures("engine_kind")
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:

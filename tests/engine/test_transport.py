@@ -25,7 +25,7 @@ from shardproxy.engine.api import CLOSED
 from shardproxy.engine.transport import PLAIN, PLAIN_PAIR, Transports, pair
 from shardproxy.protocol.frames import close_frame
 
-pytestmark = pytest.mark.usefixtures("relay_engine")
+pytestmark = pytest.mark.usefixtures("engine_kind")
 
 KEY = 0x5A
 _XOR = bytes(b ^ KEY for b in range(256))
