@@ -168,6 +168,7 @@ def run(args: Any) -> dict[str, Any]:
         s.start(size["backend_procs"], lifetime=hold + 60, upstream=upstream)
         before = _state(s, fds_at_most=s.idle_fds, timeout=args.settle_timeout)
         meter = s.cpu_meter()
+        net = scenario.netstat()
         meter.start()
         opened, reasons, open_s = _open(s, args, size["loadgens"], hold)
         cpu = meter.stop()
@@ -179,6 +180,8 @@ def run(args: Any) -> dict[str, Any]:
         tuples = measure.connections_to("127.0.0.1", s.result["parameters"]["backend_port"])
         s.wait(args.hold)
         held = {**scenario.held(s, args.sample, opened), "backend_connections": tuples}
+        # from the first connect to the end of the hold: what the kernel dropped or gave up
+        s.result["kernel_tcp_counters"] = scenario.netstat_delta(net)
         _figures(s.result, n, opened, open_s, before, after, held)
     return s.result
 
@@ -345,6 +348,7 @@ def _mib(b: float | None) -> str:
 
 def markdown(r: dict[str, Any]) -> str:
     f, p = r["figures"], r["parameters"]
+    k = r.get("kernel_tcp_counters") or {}
     echo = f.get("sample_echo", {})
     t = r["timings"]
     rows = [
@@ -371,6 +375,9 @@ def markdown(r: dict[str, Any]) -> str:
         ("held for", fmt(p["hold_s"], " s", 0)),
         ("sample echoed byte-exactly", f"{fmt(echo.get('ok'))} / {fmt(echo.get('requested'))}"),
         ("target descriptors while held", fmt(f.get("target_fds"))),
+        ("kernel: packets its input backlogs dropped; connections it gave up (timeouts)",
+         f"{fmt(k.get('SoftnetDropped', 0))}; {fmt(k.get('TCPAbortOnTimeout', 0))} "
+         f"(net.core.netdev_max_backlog = {r['machine']['net'].get('netdev_max_backlog')})"),
     ]  # fmt: skip
     title = f"{p['tunnels']:,} tunnels to one backend host and port, held {p['hold_s']:g} s"
     return scenario.markdown(r, title, rows)

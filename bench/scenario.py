@@ -244,7 +244,7 @@ _NETSTAT = {
     "TcpExt": (
         "ListenOverflows", "ListenDrops", "TCPReqQFullDrop", "TCPReqQFullDoCookies",
         "SyncookiesSent", "TCPTimeWaitOverflow", "TCPAbortOnData", "TCPAbortOnClose",
-        "TCPSynRetrans",
+        "TCPSynRetrans", "TCPAbortOnTimeout",
     ),
     "Tcp": ("AttemptFails", "EstabResets", "RetransSegs"),
 }  # fmt: skip
@@ -264,7 +264,23 @@ def netstat() -> dict[str, int]:
             for k, v in zip(keys, values.split()[1:], strict=False):
                 if k in _NETSTAT.get(section, ()):
                     out[k] = int(v)
+    dropped = softnet_dropped()
+    if dropped is not None:
+        out["SoftnetDropped"] = dropped
     return out
+
+
+def softnet_dropped() -> int | None:
+    """Packets the kernel's per-CPU input backlogs dropped (all CPUs):
+    every loopback packet passes through one, and a backlog fuller than
+    ``net.core.netdev_max_backlog`` drops what comes, so that TCP must
+    retransmit (and gives a connection up once retransmissions time out:
+    ``TCPAbortOnTimeout``). The second column of /proc/net/softnet_stat."""
+    try:
+        lines = Path("/proc/net/softnet_stat").read_text().splitlines()
+    except OSError:
+        return None
+    return sum(int(line.split()[1], 16) for line in lines if line.strip())
 
 
 def netstat_delta(before: dict[str, int]) -> dict[str, int]:
@@ -274,8 +290,8 @@ def netstat_delta(before: dict[str, int]) -> dict[str, int]:
 
 def net_settings() -> dict[str, str]:
     out = {}
-    for name in ("core/somaxconn", "ipv4/tcp_max_syn_backlog", "ipv4/tcp_syncookies",
-                 "ipv4/tcp_tw_reuse", "ipv4/tcp_fin_timeout"):  # fmt: skip
+    for name in ("core/somaxconn", "core/netdev_max_backlog", "ipv4/tcp_max_syn_backlog",
+                 "ipv4/tcp_syncookies", "ipv4/tcp_tw_reuse", "ipv4/tcp_fin_timeout"):  # fmt: skip
         try:
             out[name.split("/")[1]] = Path(f"/proc/sys/net/{name}").read_text().strip()
         except OSError:
