@@ -137,6 +137,9 @@ class LineProcess:
         return stop_process(self.proc, timeout, sig)
 
 
+KILL_WAIT = 120.0  # seconds for a SIGKILLed process to be gone
+
+
 def stop_process(
     proc: subprocess.Popen[bytes], timeout: float, sig: int = signal.SIGTERM, grace: float = 1.0
 ) -> int:
@@ -152,7 +155,10 @@ def stop_process(
             except subprocess.TimeoutExpired:
                 print(f"bench: pid {proc.pid} ignored signal {sig}; killing", file=sys.stderr)
                 proc.kill()
-                proc.wait(5)
+                # A killed process is gone once the kernel has torn down its
+                # sockets: tens of thousands of them take many seconds on a
+                # busy machine (beyond64k's generators at 500,000 tunnels).
+                proc.wait(KILL_WAIT)
     for stream in (proc.stdout, proc.stdin):
         if stream is not None:
             try:

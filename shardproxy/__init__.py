@@ -35,7 +35,8 @@ Where this departs from the layout first proposed (issue 13):
   pings every client with no Python per tunnel per interval.
 - The worker's accounting and lifecycle (drain, retirement) stay in
   ``worker/process.py``, the one module that composes the engines; what it
-  keeps per tunnel is ``worker/tunnels.py``.
+  gives the relay per tunnel (a shared placement and a packed note) is
+  ``worker/tunnels.py``.
 - ``config/`` has no ``dump`` module: the effective configuration written
   back out is one method of the model (``Config.to_dict``).
 - ``policy/decisions.py`` is new: the questions the handshake engine asks of

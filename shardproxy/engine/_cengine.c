@@ -446,12 +446,16 @@ typedef struct {              /* what few tunnels need at a time */
     uint8_t close[2][SP_MAX_CLOSE];  /* [0] to the client, [1] to the backend */
 } sp_extra;
 
+#define SP_NOTE_BYTES 20      /* engine/api.py's NOTE_BYTES */
+
 typedef struct sp_tunnel {
     sp_flow up, down;         /* client → backend, backend → client */
     PyObject *token;          /* owned; moves into the closed record */
     double started, ping_sent;
     sp_extra *x;
     uint8_t closing, dead;
+    uint8_t note_len;         /* the owner's note (TunnelEngine.add) */
+    uint8_t note[SP_NOTE_BYTES];
 } sp_tunnel;
 
 typedef struct {
@@ -1053,8 +1057,9 @@ sp_finish(Relay *e, sp_tunnel *t, int outcome)
     PyObject *up = sp_flow_stats(&t->up), *down = sp_flow_stats(&t->down);
     PyObject *rec = NULL;
     if (up && down)
-        rec = Py_BuildValue("(OONNd)", t->token, PyTuple_GET_ITEM(e->outcomes, outcome), up, down,
-                            sp_now() - t->started);
+        rec = Py_BuildValue("(OONNdy#)", t->token, PyTuple_GET_ITEM(e->outcomes, outcome), up,
+                            down, sp_now() - t->started, (const char *)t->note,
+                            (Py_ssize_t)t->note_len);
     else {
         Py_XDECREF(up);
         Py_XDECREF(down);
@@ -1285,16 +1290,21 @@ sp_ready(Relay *e)
     return 0;
 }
 
-/* Relay.add(client_fd, backend_fd, token, to_backend, to_client) -> id */
+/* Relay.add(client_fd, backend_fd, token, to_backend, to_client, note) -> id */
 static PyObject *
 Relay_add(Relay *self, PyObject *args)
 {
     int cfd, bfd;
     PyObject *token;
-    Py_buffer first[2];
-    if (sp_ready(self) < 0 || !PyArg_ParseTuple(args, "iiOy*y*", &cfd, &bfd, &token, &first[0], &first[1]))
+    Py_buffer first[2], note;
+    if (sp_ready(self) < 0
+        || !PyArg_ParseTuple(args, "iiOy*y*y*", &cfd, &bfd, &token, &first[0], &first[1], &note))
         return NULL;
     PyObject *result = NULL;
+    if (note.len > SP_NOTE_BYTES) {
+        PyErr_SetString(PyExc_ValueError, "a tunnel's note holds at most 20 bytes");
+        goto done;
+    }
     if (cfd < 0 || bfd < 0 || cfd == bfd) {
         PyErr_SetString(PyExc_ValueError, "two distinct descriptors");
         goto done;
@@ -1315,6 +1325,8 @@ Relay_add(Relay *self, PyObject *args)
     t->down.src = bfd;
     t->token = Py_NewRef(token);
     t->started = sp_now();
+    memcpy(t->note, note.buf, (size_t)note.len);
+    t->note_len = (uint8_t)note.len;
     self->uses[cfd]++;
     self->by_fd[cfd] = self->by_fd[bfd] = t;
     self->count++;
@@ -1335,6 +1347,7 @@ Relay_add(Relay *self, PyObject *args)
 done:
     PyBuffer_Release(&first[0]);
     PyBuffer_Release(&first[1]);
+    PyBuffer_Release(&note);
     return result;
 }
 
@@ -1475,7 +1488,7 @@ Relay_state(Relay *self, PyObject *arg)
 
 /* Relay.inspect(id) -> None | (seconds, up, down, parked up, parked down,
  * closing, ping (0 none, 1 due, 2 sent), at boundary up, at boundary down,
- * held): engine/api.py's TunnelView, in a tuple. */
+ * held, note): engine/api.py's TunnelView, in a tuple. */
 static PyObject *
 Relay_inspect(Relay *self, PyObject *arg)
 {
@@ -1492,11 +1505,12 @@ Relay_inspect(Relay *self, PyObject *arg)
         return NULL;
     }
     int ping = t->ping_sent == 0.0 ? 0 : t->ping_sent == SP_PING_DUE ? 1 : 2;
-    return Py_BuildValue("(dNNIIiiiii)", sp_now() - t->started, up, down,
+    return Py_BuildValue("(dNNIIiiiiiy#)", sp_now() - t->started, up, down,
                          t->up.parked ? t->up.parked->len : 0u,
                          t->down.parked ? t->down.parked->len : 0u, (int)t->closing, ping,
                          sp_at_boundary(&t->up.tr), sp_at_boundary(&t->down.tr),
-                         t->x ? (int)t->x->held_len : 0);
+                         t->x ? (int)t->x->held_len : 0, (const char *)t->note,
+                         (Py_ssize_t)t->note_len);
 }
 
 static PyObject *
@@ -1509,23 +1523,47 @@ Relay_token(Relay *self, PyObject *arg)
     return Py_NewRef(t ? t->token : Py_None);
 }
 
+/* Relay.tunnels(tokens=None) -> [(id, token)]: every open tunnel's, or
+ * those whose token is in the set ``tokens`` (by identity: the tokens'
+ * own hash and equality are not called). */
 static PyObject *
-Relay_tunnels(Relay *self, PyObject *Py_UNUSED(ignored))
+Relay_tunnels(Relay *self, PyObject *args)
 {
+    PyObject *tokens = Py_None;
+    if (!PyArg_ParseTuple(args, "|O", &tokens))
+        return NULL;
+    PyObject **wanted = NULL;
+    Py_ssize_t nwanted = 0;
+    PyObject *seq = NULL;
+    if (tokens != Py_None) {
+        seq = PySequence_Fast(tokens, "tokens: a collection");
+        if (seq == NULL)
+            return NULL;
+        wanted = PySequence_Fast_ITEMS(seq);
+        nwanted = PySequence_Fast_GET_SIZE(seq);
+    }
     PyObject *out = PyList_New(0);
     for (size_t fd = 0; out && fd < self->cap; fd++) {
         sp_tunnel *t = self->by_fd[fd];
         if (t == NULL || t->dead || (size_t)t->up.src != fd)
             continue;
+        if (seq != NULL) {
+            Py_ssize_t i = 0;
+            while (i < nwanted && wanted[i] != t->token)
+                i++;
+            if (i == nwanted)
+                continue;
+        }
         PyObject *pair = Py_BuildValue("(KO)", (unsigned long long)sp_id(self, t), t->token);
         if (pair == NULL || PyList_Append(out, pair) < 0)
             Py_CLEAR(out);
         Py_XDECREF(pair);
     }
+    Py_XDECREF(seq);
     return out;
 }
 
-/* The ends recorded since the last call: [(token, outcome, up, down, duration)]. */
+/* The ends recorded since the last call: [(token, outcome, up, down, duration, note)]. */
 static PyObject *
 Relay_take_closed(Relay *self, PyObject *Py_UNUSED(ignored))
 {
@@ -1586,8 +1624,8 @@ static PyMethodDef Relay_methods[] = {
     {"state", (PyCFunction)Relay_state, METH_O, "state(id) -> (alive, closing)"},
     {"token", (PyCFunction)Relay_token, METH_O, "token(id) -> token | None"},
     {"inspect", (PyCFunction)Relay_inspect, METH_O, "inspect(id) -> tuple | None (TunnelView)"},
-    {"tunnels", (PyCFunction)Relay_tunnels, METH_NOARGS, "[(id, token)]"},
-    {"take_closed", (PyCFunction)Relay_take_closed, METH_NOARGS, "[(token, outcome, up, down, duration)]"},
+    {"tunnels", (PyCFunction)Relay_tunnels, METH_VARARGS, "tunnels(tokens=None) -> [(id, token)]"},
+    {"take_closed", (PyCFunction)Relay_take_closed, METH_NOARGS, "[(token, outcome, up, down, duration, note)]"},
     {"close", (PyCFunction)Relay_close, METH_NOARGS, "End every tunnel (STOPPED) and close the epoll set."},
     {"fileno", (PyCFunction)Relay_fileno, METH_NOARGS, "The epoll descriptor."},
     {NULL, NULL, 0, NULL},

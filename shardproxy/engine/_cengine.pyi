@@ -38,7 +38,14 @@ class Relay:
     ) -> None: ...
     def __len__(self) -> int: ...
     def add(
-        self, client_fd: int, backend_fd: int, token: object, to_backend: bytes, to_client: bytes, /
+        self,
+        client_fd: int,
+        backend_fd: int,
+        token: object,
+        to_backend: bytes,
+        to_client: bytes,
+        note: bytes,
+        /,
     ) -> int: ...
     def poll(self) -> int: ...
     def process(self, now: float, /) -> None: ...
@@ -62,10 +69,11 @@ class Relay:
             int,
             int,
             int,
+            bytes,
         ]
         | None
     ): ...
-    def tunnels(self) -> list[tuple[int, object]]: ...
+    def tunnels(self, tokens: tuple[object, ...] | None = None, /) -> list[tuple[int, object]]: ...
     def take_closed(
         self,
     ) -> list[
@@ -75,6 +83,7 @@ class Relay:
             tuple[int, int, int | None, int, str | None],
             tuple[int, int, int | None, int, str | None],
             float,
+            bytes,
         ]
     ]: ...
     def close(self) -> None: ...

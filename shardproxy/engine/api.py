@@ -61,9 +61,11 @@ class TunnelStats:
     up: FlowStats  # client → backend
     down: FlowStats  # backend → client
     duration: float  # seconds, from the 101 to the end
+    note: bytes = b""  # what the owner gave ``add`` (TunnelEngine.add)
 
 
 PING_STATES = ("none", "due", "sent")  # TunnelView.ping
+NOTE_BYTES = 20  # TunnelEngine.add's note: room for an IPv6 address and two ports
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +81,7 @@ class TunnelView:
     ping: str  # PING_STATES: none; due (waiting for frame boundaries); sent (unanswered)
     at_boundary: tuple[bool, bool]  # each direction between frames (up, down)
     held: int  # client bytes kept back while looking for our Pong
+    note: bytes  # the owner's, from add
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,9 +114,13 @@ class TunnelEngine(Protocol):
         to_backend: bytes,
         to_client: bytes,
         io: Transports = PLAIN_PAIR,
+        note: bytes = b"",
     ) -> int:
         """Take over two connected sockets, their bytes moving through ``io``
-        (engine/transport.py); the tunnel's id."""
+        (engine/transport.py); the tunnel's id. ``note``: at most
+        :data:`NOTE_BYTES` of the owner's, kept with the tunnel and handed
+        back in its TunnelStats (so that what differs per tunnel need not
+        be a Python object: the token may be shared by many tunnels)."""
 
     def begin_close(self, tunnel: int, code: int, reason: bytes, wait: float | None = None) -> None:
         """A WebSocket Close with ``code`` each way at frame boundaries
@@ -137,8 +144,9 @@ class TunnelEngine(Protocol):
     def inspect(self, tunnel: int) -> TunnelView | None:
         """The tunnel as it stands; None once it ended."""
 
-    def tunnels(self) -> Sequence[tuple[int, Any]]:
-        """(id, token) of every open tunnel."""
+    def tunnels(self, tokens: Collection[Any] | None = None) -> Sequence[tuple[int, Any]]:
+        """(id, token) of every open tunnel; with ``tokens``, of those
+        whose token is one of them (compared by identity)."""
 
     def __len__(self) -> int: ...
 
@@ -153,7 +161,7 @@ class TunnelEngine(Protocol):
 class Upgraded:
     """A handshake that became a tunnel: what its owner takes over."""
 
-    lease: AdmissionLease  # to release when the tunnel ends
+    lease: AdmissionLease  # what the connection holds (released, or handed over, by the owner)
     client_fd: int
     backend_fd: int
     to_backend: bytes  # tunnel bytes that came behind the request head

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -89,12 +89,13 @@ class CompiledRelayEngine:
         to_backend: bytes,
         to_client: bytes,
         io: Transports = PLAIN_PAIR,
+        note: bytes = b"",
     ) -> int:
         if io is not PLAIN_PAIR:
-            tunnel = self._python.add(client_fd, backend_fd, token, to_backend, to_client, io)
+            tunnel = self._python.add(client_fd, backend_fd, token, to_backend, to_client, io, note)
             return tunnel | _PYTHON_ID
         try:
-            return int(self._core.add(client_fd, backend_fd, token, to_backend, to_client))
+            return int(self._core.add(client_fd, backend_fd, token, to_backend, to_client, note))
         finally:
             self._deliver()
 
@@ -164,7 +165,7 @@ class CompiledRelayEngine:
         seen = self._core.inspect(tunnel)
         if seen is None:
             return None
-        seconds, up, down, parked_up, parked_down, closing, ping, *boundary, held = seen
+        seconds, up, down, parked_up, parked_down, closing, ping, up_at, down_at, held, note = seen
         return TunnelView(
             seconds,
             FlowStats(*up),
@@ -172,13 +173,15 @@ class CompiledRelayEngine:
             (parked_up, parked_down),
             bool(closing),
             PING_STATES[ping],
-            (bool(boundary[0]), bool(boundary[1])),
+            (bool(up_at), bool(down_at)),
             held,
+            note,
         )
 
-    def tunnels(self) -> list[tuple[int, Any]]:
-        theirs = [(t | _PYTHON_ID, token) for t, token in self._python.tunnels()]
-        return self._core.tunnels() + theirs
+    def tunnels(self, tokens: Collection[Any] | None = None) -> list[tuple[int, Any]]:
+        wanted = None if tokens is None else tuple(tokens)
+        theirs = [(t | _PYTHON_ID, token) for t, token in self._python.tunnels(wanted)]
+        return self._core.tunnels(wanted) + theirs
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -255,7 +258,7 @@ class CompiledRelayEngine:
                 self._events.relay_error()
         closed = core.take_closed()
         while closed:
-            for token, outcome, up, down, duration in closed:
-                stats = TunnelStats(FlowStats(*up), FlowStats(*down), duration)
+            for token, outcome, up, down, duration, note in closed:
+                stats = TunnelStats(FlowStats(*up), FlowStats(*down), duration, note)
                 self._events.tunnel_closed(token, outcome, stats)
             closed = core.take_closed()  # those the events' calls ended

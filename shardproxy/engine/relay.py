@@ -78,7 +78,7 @@ import os
 import select
 import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from shardproxy.engine.api import (
@@ -87,6 +87,7 @@ from shardproxy.engine.api import (
     CLOSED,
     DRAINED,
     INTERNAL_ERROR,
+    NOTE_BYTES,
     PING_TIMEOUT,
     STOPPED,
     FlowStats,
@@ -180,13 +181,16 @@ class Tunnel:
 
     # (No start time: a float would be one more object per tunnel; the
     # engine keeps it per client descriptor, see RelayEngine._started.)
-    __slots__ = ("closing", "down", "held", "io", "ping_sent", "token", "up")
+    __slots__ = ("closing", "down", "held", "io", "note", "ping_sent", "token", "up")
 
-    def __init__(self, client_fd: int, backend_fd: int, token: Any, io: Transports) -> None:
+    def __init__(
+        self, client_fd: int, backend_fd: int, token: Any, io: Transports, note: bytes
+    ) -> None:
         self.up = Flow(client_fd, backend_fd)  # client → backend
         self.down = Flow(backend_fd, client_fd)  # backend → client
         self.io = io  # how each side's bytes move (PLAIN_PAIR: shared by every plain tunnel)
         self.token = token  # the worker's, handed back with the tunnel's end
+        self.note = note  # the worker's too, in the TunnelStats
         self.closing = False  # the proxy is closing it (begin_close)
         # When our unanswered Ping was written (time.monotonic()); PING_DUE:
         # waiting for a frame boundary both ways; 0: none.
@@ -249,9 +253,15 @@ class RelayEngine:
     def __len__(self) -> int:
         return len(self._tunnels) // 2
 
-    def tunnels(self) -> list[tuple[int, Any]]:
-        """(id, token) of every open tunnel."""
-        return [(self._id(t), t.token) for fd, t in self._tunnels.items() if fd == t.client_fd]
+    def tunnels(self, tokens: Collection[Any] | None = None) -> list[tuple[int, Any]]:
+        """(id, token) of every open tunnel; with ``tokens``, of those whose
+        token is one of them."""
+        ids = None if tokens is None else {id(token) for token in tokens}
+        return [
+            (self._id(t), t.token)
+            for fd, t in self._tunnels.items()
+            if fd == t.client_fd and (ids is None or id(t.token) in ids)
+        ]
 
     def _id(self, t: Tunnel) -> int:
         fd = t.up.src
@@ -272,13 +282,17 @@ class RelayEngine:
         to_backend: bytes,
         to_client: bytes,
         io: Transports = PLAIN_PAIR,
+        note: bytes = b"",
     ) -> int:
         """Take over two connected non-blocking sockets; the tunnel's id.
 
         ``to_backend``/``to_client`` are the tunnel's first bytes, which
         arrived together with the handshake heads; they are sent first.
-        ``io``: the transports the handshake used on each side.
+        ``io``: the transports the handshake used on each side; ``note``:
+        the owner's, handed back in the TunnelStats.
         """
+        if len(note) > NOTE_BYTES:
+            raise ValueError(f"a tunnel's note holds at most {NOTE_BYTES} bytes")
         uses = self._uses
         if client_fd >= len(uses):
             more = client_fd + 1024 - len(uses)
@@ -286,7 +300,7 @@ class RelayEngine:
             self._started.extend([0.0] * more)
         uses[client_fd] += 1
         self._started[client_fd] = time.monotonic()
-        t = Tunnel(client_fd, backend_fd, token, io)
+        t = Tunnel(client_fd, backend_fd, token, io, note)
         self._tunnels[client_fd] = t
         self._tunnels[backend_fd] = t
         for flow, first in ((t.up, to_backend), (t.down, to_client)):
@@ -454,6 +468,7 @@ class RelayEngine:
             ping,
             (t.up.at_boundary, t.down.at_boundary),
             len(t.held),
+            t.note,
         )
 
     def end(self, tunnel: int, outcome: str = STOPPED) -> None:
@@ -493,7 +508,8 @@ class RelayEngine:
             # what can be trusted of its figures: none.
             empty = FlowStats(0, 0, None, 0, None)
             duration = time.monotonic() - self._started[t.up.src]
-            self._events.tunnel_closed(t.token, INTERNAL_ERROR, TunnelStats(empty, empty, duration))
+            stats = TunnelStats(empty, empty, duration, t.note)
+            self._events.tunnel_closed(t.token, INTERNAL_ERROR, stats)
 
     # -- the per-event path -------------------------------------------------
 
@@ -777,7 +793,6 @@ class RelayEngine:
             io.backend.reset(t.backend_fd)
         io.client.close(t.client_fd)
         io.backend.close(t.backend_fd)
-        stats = TunnelStats(
-            _flow_stats(t.up), _flow_stats(t.down), time.monotonic() - self._started[t.up.src]
-        )
+        duration = time.monotonic() - self._started[t.up.src]
+        stats = TunnelStats(_flow_stats(t.up), _flow_stats(t.down), duration, t.note)
         self._events.tunnel_closed(t.token, outcome, stats)

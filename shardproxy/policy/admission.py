@@ -8,7 +8,10 @@ what least-connections balances on) and the upstream 4-tuple it uses.
 :meth:`AdmissionLease.release` gives back whatever is held, and only once,
 however many paths reach it: an upstream connect that failed gives back its
 endpoint and tuple with :meth:`AdmissionLease.drop_upstream` and the lease
-takes the next server's. Per-client limits and per-server caps hook in here.
+takes the next server's. A tunnel's owner may take the holdings over from
+the lease (:meth:`AdmissionLease.hand_over`) and give them back itself
+(:meth:`Admission.give_back`), so that an idle tunnel needs no lease object.
+Per-client limits and per-server caps hook in here.
 
 Pure accounting: no I/O, no clock. The tuple is anything with a
 ``release(port)`` (the engine's tuple spaces), so this module does not
@@ -30,16 +33,11 @@ class UpstreamTuple(Protocol):
 
 class Admission:
     """A worker's connection slots: handshakes in flight plus tunnels, at
-    most ``capacity`` (beyond it a connection is answered 503).
+    most ``capacity`` (beyond it a connection is answered 503)."""
 
-    ``lease_type`` is the class of the leases it hands out: the worker's
-    subclass carries what its access log needs too, so that a tunnel costs
-    one record, not two."""
-
-    def __init__(self, capacity: int, lease_type: type[AdmissionLease] | None = None) -> None:
+    def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.in_use = 0
-        self._lease_type = lease_type or AdmissionLease
 
     @property
     def has_room(self) -> bool:
@@ -49,12 +47,23 @@ class Admission:
     def over_capacity(self) -> bool:
         return self.in_use > self.capacity
 
+    def give_back(
+        self, endpoint: EndpointState | None, space: UpstreamTuple | None, port: int
+    ) -> None:
+        """What a lease handed over (:meth:`AdmissionLease.hand_over`) comes
+        back: the endpoint's count, the tuple's port and the slot."""
+        if endpoint is not None:
+            endpoint.release()
+        if space is not None:
+            space.release(port)
+        self.in_use -= 1
+
     def lease(self, client_ip: str) -> AdmissionLease:
         """A lease for a new connection. It is granted even over capacity,
         so that the connection holds its slot while it is answered 503
         (check :attr:`over_capacity` right after)."""
         self.in_use += 1
-        return self._lease_type(self, client_ip)
+        return AdmissionLease(self, client_ip)
 
 
 class AdmissionLease:
@@ -121,8 +130,14 @@ class AdmissionLease:
         if admission is None:
             return
         self._admission = None
-        if self.endpoint is not None:
-            self.endpoint.release()
-        if self.space is not None:
-            self.space.release(self.source_port)
-        admission.in_use -= 1
+        admission.give_back(self.endpoint, self.space, self.source_port)
+
+    def hand_over(self) -> Admission:
+        """The connection keeps what the lease holds but not the lease: its
+        owner gives it all back later with :meth:`Admission.give_back`
+        (endpoint, space and source port, as read from the lease now), and
+        the lease itself can go (a tunnel then costs no lease object)."""
+        admission = self._admission
+        assert admission is not None, "a released lease holds nothing"
+        self._admission = None
+        return admission

@@ -16,9 +16,9 @@ Resource handling: every connection holds an admission lease
 (``policy/admission.py``) from accept to the end of its tunnel, counted
 against a capacity derived from RLIMIT_NOFILE (two descriptors per tunnel)
 or ``proxy.max_connections``; beyond it, 503 with Retry-After, rather than
-running into EMFILE. The lease is also the tunnel's access record
-(``worker/tunnels.py``), which the worker's tunnel index links by backend
-endpoint and client address.
+running into EMFILE. When the tunnel comes up, its lease's holdings pass to
+the relay as a placement shared with similar tunnels and a few bytes of its
+own (``worker/tunnels.py``): an idle tunnel has no Python object.
 
 Drain (SIGTERM, :meth:`Worker.drain`): the worker stops accepting (what
 waits in its accept queue gets 503), then closes its tunnels the WebSocket
@@ -85,7 +85,7 @@ from shardproxy.telemetry.snapshot import (
     Tally,
     WorkerSnapshot,
 )
-from shardproxy.worker.tunnels import TunnelIndex, TunnelRecord
+from shardproxy.worker.tunnels import Placement, Placements, pack_note, unpack_note
 
 # ECS categorisation (event.category, event.type): a tunnel is a network
 # connection; ECS expects "connection" and "end" with "network" but not with
@@ -138,11 +138,9 @@ class Worker:
         self.relay: TunnelEngine = relay_engine(
             self, Keepalive(keepalive.ping_interval, keepalive.ping_timeout)
         )
-        self.tunnels = TunnelIndex()  # the relay's tunnels by endpoint and client address
+        self.placements = Placements()  # what the relay's tunnels share (their tokens)
         by_fds = fd_capacity(nofile)
-        self.admission = Admission(
-            min(cfg.proxy.max_connections or by_fds, by_fds), lease_type=TunnelRecord
-        )
+        self.admission = Admission(min(cfg.proxy.max_connections or by_fds, by_fds))
         self.counts = Tally()  # totals for the stats snapshot
         self.passive_failures: Counter[str] = Counter()  # endpoint → since the last report
         self.handshake_seconds = BucketCounts(HANDSHAKE_BOUNDS)  # accept → 101 passed on
@@ -171,21 +169,30 @@ class Worker:
     # -- events of the handshake engine (engine.handshake.HandshakeEvents) ---------
 
     def established(self, u: Upgraded) -> None:
-        """A handshake became a tunnel: its record goes to the relay with it."""
-        record = u.lease
-        assert isinstance(record, TunnelRecord)
-        record.path = u.request.path
+        """A handshake became a tunnel: the lease's holdings go with it to
+        the relay, as a shared placement and a note (worker/tunnels.py)."""
+        lease = u.lease
+        assert lease.endpoint is not None and lease.space is not None
+        note, unpacked_ip = pack_note(lease.client_ip, lease.client_port, lease.source_port)
         agent = u.request.user_agent()
-        # Interned: tunnels from the same browser share one string.
-        record.user_agent = None if agent is None else sys.intern(agent)
-        record.forwarded_ip = u.request.forwarded_ip()
+        placement = self.placements.take(
+            lease.route,
+            lease.endpoint,
+            lease.space,
+            u.request.path,
+            None if agent is None else sys.intern(agent),
+            u.request.forwarded_ip(),
+            unpacked_ip,
+        )
+        lease.hand_over()  # given back in tunnel_closed
         self.handshake_seconds.observe(u.seconds)
-        self.route_tunnels[record.route] += 1
+        self.route_tunnels[lease.route] += 1
         self.counts.tunnels += 1
-        tunnel = self.relay.add(u.client_fd, u.backend_fd, record, u.to_backend, u.to_client, u.io)
-        if not self.relay.alive(tunnel):  # its first bytes could not be written
+        tunnel = self.relay.add(
+            u.client_fd, u.backend_fd, placement, u.to_backend, u.to_client, u.io, note
+        )
+        if not self.relay.alive(tunnel):  # its first bytes could not be written: it ended
             return
-        self.tunnels.add(record, tunnel)
         if self.draining:  # came up during a drain
             self.relay.begin_close(tunnel, *self._going_away())
 
@@ -309,14 +316,16 @@ class Worker:
             )
 
     def tunnel_closed(self, token: Any, outcome: str, stats: TunnelStats) -> None:
-        info: TunnelRecord = token
-        self.tunnels.remove(info)
-        info.release()
+        info: Placement = token
+        peer = unpack_note(stats.note)
+        client_ip = info.client_ip if peer.client_ip is None else peer.client_ip
+        self.placements.give_back(info)
+        self.admission.give_back(info.endpoint, info.space, peer.source_port)
         self.route_tunnels[info.route] -= 1
         duration = stats.duration
         self.tunnel_seconds.observe(duration)
         up, down = stats.up, stats.down
-        assert info.endpoint is not None and isinstance(info.space, TupleSpace)
+        assert isinstance(info.space, TupleSpace)
         ep = info.endpoint.endpoint
         counts = self.counts
         counts.bytes["up"] += up.bytes
@@ -325,7 +334,7 @@ class Worker:
         counts.messages["down"] += down.messages
         counts.closed[outcome] += 1
         if outcome == PING_TIMEOUT:
-            self._ping_timed_out(info)
+            self._ping_timed_out(client_ip, peer.client_port)
         error_by = None
         if up.close_code in BAD_STREAM_CODES or down.close_code in BAD_STREAM_CODES:
             error_by = self._count_bad_stream(up, down)
@@ -362,8 +371,8 @@ class Worker:
             claims["network"] = {"forwarded_ip": info.forwarded_ip}
         self.log.info(
             "tunnel closed",
-            client={"ip": info.client_ip, "port": info.client_port},
-            source={"ip": info.space.seen_address, "port": info.source_port},
+            client={"ip": client_ip, "port": peer.client_port},
+            source={"ip": info.space.seen_address, "port": peer.source_port},
             destination={"ip": ep.host, "port": ep.port},
             url={"path": info.path},
             http=_GET,
@@ -423,7 +432,7 @@ class Worker:
 
     # -- pings (the engine sends them and ends silent clients) ---------------
 
-    def _ping_timed_out(self, info: TunnelRecord) -> None:
+    def _ping_timed_out(self, client_ip: str | None, client_port: int) -> None:
         self.counts.ping_timeout += 1
         if not self.may_log("ping-timeout"):
             return
@@ -432,8 +441,8 @@ class Worker:
             "closed its tunnel",
             **{
                 "event.action": "ping-timeout",
-                "client.ip": info.client_ip,
-                "client.port": info.client_port,
+                "client.ip": client_ip,
+                "client.port": client_port,
             },
         )
 
@@ -443,13 +452,14 @@ class Worker:
         """Apply the supervisor's set of endpoints that are down: no new
         tunnels to them; with ``on_server_down = "close"``, their tunnels
         are closed with a Close 1001, spread like a drain."""
-        tunnels: list[int] = []
+        placements: set[Placement] = set()
         for pool in self.pools.values():
             went_down = pool.set_health(down)
             health = pool.config.health
             if went_down and health is not None and health.on_server_down == "close":
                 for endpoint in went_down:
-                    tunnels += [record.tunnel for record in self.tunnels.of_endpoint(endpoint)]
+                    placements |= self.placements.of_endpoint(endpoint)
+        tunnels = [tunnel for tunnel, _ in self.relay.tunnels(placements)] if placements else []
         if tunnels:
             self.log.info(
                 f"closing {len(tunnels)} tunnels of backends that went down",

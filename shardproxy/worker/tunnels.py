@@ -1,134 +1,121 @@
-"""A worker's tunnels: one record each, indexed by backend endpoint and by
-client address.
+"""A worker's tunnels, with no Python object of their own.
 
-A :class:`TunnelRecord` is the connection's admission lease (slot, client
-address, route, endpoint, upstream tuple) and what its access event needs;
-once its tunnel is up it also carries the relay's tunnel id, so that the
-tunnels of an endpoint that went down, or of one client, are found without
-looking at every tunnel (the relay finds a record by id: ``engine.token``).
+The relay keeps a token and a note per tunnel (engine/api.py's
+``TunnelEngine.add``). Here the token is a :class:`Placement`: what every
+tunnel of one route to one endpoint through one tuple space, with the same
+path, user agent and forwarded address, has in common; one object for all
+of them, kept by :class:`Placements` while a tunnel holds it. The note is
+what is the tunnel's own: its client's address and port and its upstream
+source port, packed into at most 20 bytes (:func:`pack_note`) that the
+compiled relay keeps inside its C struct. So an idle tunnel costs the worker
+nothing in Python; its end brings both back (:func:`unpack_note`), and the
+lease's holdings, handed over when the tunnel came up, go back then.
 
-The indexes are intrusive doubly linked lists, as HAProxy links a stream
-into its server's list: two links per index on the record (16 bytes) and
-one head per endpoint or address, no set or dict entry per tunnel, O(1) in
-and out.
+The tunnels of an endpoint are those whose placement has that endpoint:
+``relay.tunnels(placements.of_endpoint(e))``, one pass in C over the
+tunnels, only when an endpoint goes down.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
-from shardproxy.policy.admission import Admission, AdmissionLease
+from shardproxy.policy.admission import UpstreamTuple
+from shardproxy.policy.registry import EndpointState
 
-
-class TunnelRecord(AdmissionLease):
-    """A connection's admission lease, and what its access event needs
-    besides once it is a tunnel: one record per tunnel, released when it ends."""
-
-    __slots__ = (
-        "_client_next",
-        "_client_prev",
-        "_endpoint_next",
-        "_endpoint_prev",
-        "forwarded_ip",
-        "path",
-        "tunnel",
-        "user_agent",
-    )
-
-    def __init__(self, admission: Admission, client_ip: str) -> None:
-        super().__init__(admission, client_ip)
-        self.path = ""
-        self.user_agent: str | None = None
-        self.forwarded_ip: str | None = None
-        self.tunnel = 0  # the relay's id, once indexed
-        self._endpoint_prev: TunnelRecord | None = None
-        self._endpoint_next: TunnelRecord | None = None
-        self._client_prev: TunnelRecord | None = None
-        self._client_next: TunnelRecord | None = None
+_PORTS = struct.Struct("!HH")  # client port, source port
 
 
-class _Chains:
-    """Intrusive doubly linked lists of records, one list per key, through
-    two slots of each record (``prev_slot`` and ``next_slot``)."""
+@dataclass(eq=False, slots=True)
+class Placement:
+    """What many tunnels share (compared by identity)."""
 
-    __slots__ = ("_heads", "_next", "_prev")
-
-    def __init__(self, prev_slot: str, next_slot: str) -> None:
-        self._heads: dict[Any, TunnelRecord] = {}  # key -> newest record
-        self._prev = prev_slot
-        self._next = next_slot
-
-    def holds(self, key: Any, record: TunnelRecord) -> bool:
-        return getattr(record, self._prev) is not None or self._heads.get(key) is record
-
-    def push(self, key: Any, record: TunnelRecord) -> None:
-        head = self._heads.get(key)
-        setattr(record, self._next, head)
-        if head is not None:
-            setattr(head, self._prev, record)
-        self._heads[key] = record
-
-    def unlink(self, key: Any, record: TunnelRecord) -> None:
-        prev, nxt = getattr(record, self._prev), getattr(record, self._next)
-        if nxt is not None:
-            setattr(nxt, self._prev, prev)
-        if prev is not None:
-            setattr(prev, self._next, nxt)
-        elif nxt is not None:
-            self._heads[key] = nxt
-        else:
-            del self._heads[key]
-        setattr(record, self._prev, None)
-        setattr(record, self._next, None)
-
-    def of(self, key: Any) -> list[TunnelRecord]:
-        out = []
-        record = self._heads.get(key)
-        while record is not None:
-            out.append(record)
-            record = getattr(record, self._next)
-        return out
-
-    def keys(self) -> Iterator[Any]:
-        return iter(self._heads)
+    route: Any  # RouteConfig
+    endpoint: EndpointState
+    space: UpstreamTuple
+    path: str
+    user_agent: str | None
+    forwarded_ip: str | None
+    client_ip: str | None = None  # only for an address no note can hold (see pack_note)
+    tunnels: int = field(default=0)  # how many hold it
 
 
-class TunnelIndex:
-    """The open tunnels of a worker by endpoint and by client address."""
+class Placements:
+    """The placements tunnels hold now: one per distinct combination."""
 
     def __init__(self) -> None:
-        self._by_endpoint = _Chains("_endpoint_prev", "_endpoint_next")  # by EndpointState
-        self._by_client = _Chains("_client_prev", "_client_next")  # by client address
-        self._count = 0
+        self._by_key: dict[tuple[Any, ...], Placement] = {}
+        self._by_endpoint: dict[EndpointState, set[Placement]] = {}
 
     def __len__(self) -> int:
-        return self._count
+        return len(self._by_key)
 
-    def add(self, record: TunnelRecord, tunnel: int) -> None:
-        """Index ``record``, whose tunnel has relay id ``tunnel``. Its
-        endpoint and client address must not change until :meth:`remove`."""
-        record.tunnel = tunnel
-        self._by_endpoint.push(record.endpoint, record)
-        self._by_client.push(record.client_ip, record)
-        self._count += 1
+    def take(
+        self,
+        route: Any,
+        endpoint: EndpointState,
+        space: UpstreamTuple,
+        path: str,
+        user_agent: str | None,
+        forwarded_ip: str | None,
+        client_ip: str | None = None,
+    ) -> Placement:
+        """The placement of that combination, held once more."""
+        key = (id(route), id(endpoint), id(space), path, user_agent, forwarded_ip, client_ip)
+        p = self._by_key.get(key)
+        if p is None:
+            p = Placement(route, endpoint, space, path, user_agent, forwarded_ip, client_ip)
+            self._by_key[key] = p
+            self._by_endpoint.setdefault(endpoint, set()).add(p)
+        p.tunnels += 1
+        return p
 
-    def remove(self, record: TunnelRecord) -> None:
-        """Take ``record`` out (nothing happens if it is not in)."""
-        if not self._by_endpoint.holds(record.endpoint, record):
+    def give_back(self, p: Placement) -> None:
+        """One tunnel less holds ``p``; the last one lets it go."""
+        p.tunnels -= 1
+        if p.tunnels:
             return
-        self._by_endpoint.unlink(record.endpoint, record)
-        self._by_client.unlink(record.client_ip, record)
-        self._count -= 1
+        key = (
+            id(p.route), id(p.endpoint), id(p.space), p.path, p.user_agent, p.forwarded_ip,
+            p.client_ip,
+        )  # fmt: skip
+        del self._by_key[key]
+        same = self._by_endpoint[p.endpoint]
+        same.discard(p)
+        if not same:
+            del self._by_endpoint[p.endpoint]
 
-    def of_endpoint(self, endpoint: Any) -> list[TunnelRecord]:
-        """The tunnels to ``endpoint`` (an EndpointState), newest first."""
-        return self._by_endpoint.of(endpoint)
+    def of_endpoint(self, endpoint: EndpointState) -> set[Placement]:
+        return self._by_endpoint.get(endpoint, set())
 
-    def of_client(self, client_ip: str) -> list[TunnelRecord]:
-        """The tunnels of one client address, newest first."""
-        return self._by_client.of(client_ip)
 
-    def clients(self) -> Iterator[str]:
-        """Every client address that holds a tunnel."""
-        return self._by_client.keys()
+class Peer(NamedTuple):
+    """A tunnel's own, from its note."""
+
+    client_ip: str | None  # None: the placement holds it
+    client_port: int
+    source_port: int
+
+
+def pack_note(client_ip: str, client_port: int, source_port: int) -> tuple[bytes, str | None]:
+    """The note of a tunnel (the two ports, then 4 or 16 address bytes),
+    and the address if the note could not hold it (an IPv6 address with a
+    zone, ``fe80::1%eth0``: its placement holds it then)."""
+    ports = _PORTS.pack(client_port, source_port)
+    family = socket.AF_INET6 if ":" in client_ip else socket.AF_INET
+    try:
+        return ports + socket.inet_pton(family, client_ip), None
+    except OSError:
+        return ports, client_ip
+
+
+def unpack_note(note: bytes) -> Peer:
+    client_port, source_port = _PORTS.unpack_from(note)
+    address = note[_PORTS.size :]
+    if not address:
+        return Peer(None, client_port, source_port)
+    family = socket.AF_INET6 if len(address) == 16 else socket.AF_INET
+    return Peer(socket.inet_ntop(family, address), client_port, source_port)

@@ -31,7 +31,7 @@ from shardproxy.engine.api import (
     TunnelStats,
     TunnelView,
 )
-from shardproxy.engine.transport import PLAIN, PlainTransport, Transports
+from shardproxy.engine.transport import PLAIN, PLAIN_PAIR, PlainTransport, Transports
 from shardproxy.protocol.frames import close_frame
 
 pytestmark = pytest.mark.usefixtures("engine_kind")
@@ -61,11 +61,17 @@ class Harness:
         self.errors.append(sys.exc_info()[1])
 
     def tunnel(
-        self, to_backend: bytes = b"", to_client: bytes = b""
+        self,
+        to_backend: bytes = b"",
+        to_client: bytes = b"",
+        token: Any = "token",
+        note: bytes = b"",
     ) -> tuple[socket.socket, socket.socket, int]:
         client, a = tcp_pair()
         backend, b = tcp_pair()
-        tid = self.engine.add(a.detach(), b.detach(), "token", to_backend, to_client)
+        tid = self.engine.add(
+            a.detach(), b.detach(), token, to_backend, to_client, PLAIN_PAIR, note
+        )
         for s in (client, backend):
             s.settimeout(10)
         return client, backend, tid
@@ -209,6 +215,40 @@ def test_slow_reader_parks_at_most_one_read_and_loses_nothing() -> None:
         assert h.stats().down.bytes == total
         client.close()
         backend.close()
+
+    run(test)
+
+
+def test_a_tunnels_note_comes_back_and_tunnels_are_found_by_token() -> None:
+    """The owner's note is kept with the tunnel and handed back at its end;
+    ``tunnels(tokens)`` gives the tunnels whose token is one of those (by
+    identity: equal tokens that are not the same object do not count)."""
+    shared, other = ["placement"], ["placement"]  # equal, not the same
+
+    async def test(h: Harness) -> None:
+        pairs = [
+            h.tunnel(token=shared, note=b"\x01\x02" * 10),
+            h.tunnel(token=other, note=b"x"),
+            h.tunnel(token=shared),
+        ]
+        ids = [t for _, _, t in pairs]
+        assert sorted(t for t, _ in h.engine.tunnels([shared])) == sorted([ids[0], ids[2]])
+        assert [t for t, _ in h.engine.tunnels([other])] == [ids[1]]
+        assert h.engine.tunnels([]) == []
+        assert h.view(ids[1]).note == b"x"
+        sockets = [*tcp_pair(), *tcp_pair()]
+        with pytest.raises(ValueError):  # refused: the descriptors stay the caller's
+            h.engine.add(
+                sockets[1].fileno(), sockets[3].fileno(), "t", b"", b"", PLAIN_PAIR, b"n" * 21
+            )
+        for s in sockets:
+            s.close()
+        for t in ids:
+            h.engine.end(t)
+        assert [stats.note for _, _, stats in h.closed] == [b"\x01\x02" * 10, b"x", b""]
+        for client, backend, _ in pairs:
+            client.close()
+            backend.close()
 
     run(test)
 
