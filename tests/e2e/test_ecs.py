@@ -74,6 +74,9 @@ def test_every_line_of_a_busy_run_is_valid_ecs(start_proxy: Callable[..., Proxy]
                 assert await ws.recv() == "hello"
 
         asyncio.run(tunnel())
+        # The client is done once it closed its socket; the worker ends the
+        # tunnel when it reads that FIN, which can come after the kill below.
+        proxy.wait_for(lambda _: proxy.actions("tunnel-closed"), what="the tunnel's end logged")
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
             s.sendall(b"GET /plain HTTP/1.1\r\nHost: x\r\nUser-Agent: curl/8.0\r\n\r\n")
             assert read_head(s).startswith(b"HTTP/1.1 426")
