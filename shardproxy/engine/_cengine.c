@@ -487,6 +487,7 @@ typedef struct {
     size_t payload_len;
     uint32_t close_seq;
     uint64_t internal_errors;
+    uint64_t errors_seen;     /* internal_errors when the owner last took the ends */
 } Relay;
 
 static double
@@ -1567,13 +1568,16 @@ Relay_tunnels(Relay *self, PyObject *args)
 static PyObject *
 Relay_take_closed(Relay *self, PyObject *Py_UNUSED(ignored))
 {
-    if (PyList_GET_SIZE(self->closed) == 0)
+    if (PyList_GET_SIZE(self->closed) == 0) {
+        self->errors_seen = self->internal_errors;
         return PyList_New(0);
+    }
     PyObject *fresh = PyList_New(0);
     if (fresh == NULL)
         return NULL;
     PyObject *taken = self->closed;
     self->closed = fresh;
+    self->errors_seen = self->internal_errors;
     return taken;
 }
 
@@ -1602,6 +1606,15 @@ static PyObject *
 Relay_get_internal_errors(Relay *self, void *Py_UNUSED(closure))
 {
     return PyLong_FromUnsignedLongLong(self->internal_errors);
+}
+
+/* Whether anything waits for take_closed (or internal_errors changed since
+ * the last look): the owner's check after each call, at no allocation. */
+static PyObject *
+Relay_get_ended(Relay *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(PyList_GET_SIZE(self->closed) > 0
+                           || self->internal_errors != self->errors_seen);
 }
 
 /* Bytes of C memory the relay holds for one idle tunnel: its struct and
@@ -1633,6 +1646,7 @@ static PyMethodDef Relay_methods[] = {
 
 static PyGetSetDef Relay_getset[] = {
     {"internal_errors", (getter)Relay_get_internal_errors, NULL, "allocations that failed", NULL},
+    {"ended", (getter)Relay_get_ended, NULL, "whether take_closed has anything (or an error is new)", NULL},
     {"tunnel_bytes", (getter)Relay_get_tunnel_bytes, NULL, "C bytes per idle tunnel", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };

@@ -32,6 +32,7 @@ class Relay:
     """The relay's C core (engine/crelay.py wraps it as a TunnelEngine)."""
 
     internal_errors: int
+    ended: bool
     tunnel_bytes: int
     def __init__(
         self, outcomes: tuple[str, ...], interval: float, timeout: float, ping_payload: bytes

@@ -214,8 +214,14 @@ class CompiledRelayEngine:
                 try:
                     handled = core.poll()
                 finally:
-                    self._deliver()
-                self.process(time.monotonic())
+                    if core.ended:
+                        self._deliver()
+                # Timers only once due: a timer set during this round (a
+                # Ping's check) is due later than ``wake`` anyway.
+                now = time.monotonic()
+                if wake is not None and now >= wake:
+                    self.process(now)
+                    wake = self._next_wake(now)
                 if handled < BUSY_ROUND:
                     break
                 await trio.lowlevel.checkpoint()
@@ -249,6 +255,8 @@ class CompiledRelayEngine:
         """Hand the tunnels that ended during the last call to the events,
         and report an allocation that failed as a contained bug."""
         core = self._core
+        if not core.ended:
+            return
         errors = core.internal_errors
         if errors != self._internal_errors:
             self._internal_errors = errors
