@@ -224,7 +224,20 @@ def _no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def proxy_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The engine the proxies a test starts run: each of ENGINES in turn
     (SHARDPROXY_PURE=1 for the Python one). :class:`Proxy` checks that
-    every worker says it runs the engine asked for."""
+    every worker says it runs the engine asked for.
+
+    Every other end-to-end test runs the compiled engine only (the default
+    where it was built). Those on both are the ones whose behaviour lives in
+    the relay: e2e/test_proxy.py (frames, close codes, forwarded headers,
+    2,000 clients, backpressure), test_keepalive.py (pings, Pong filtering,
+    long frames), test_lifecycle.py (drain at frame boundaries, spread),
+    test_reload.py (hand-over), interop/test_proxy_protocol.py, and single
+    tests in test_supervisor.py (worker replacement after SIGKILL),
+    test_metrics.py, test_health.py (Close 1001 when a server goes down),
+    test_ecs.py (every access event field) and test_autobahn.py (Pongs of
+    Autobahn's client stop at the proxy). The bad-input tests run once: the
+    handshake engine is the same Python code under both until it is
+    compiled, and then they join this list. About two minutes of CI."""
     name: str = request.param
     if name == "compiled":
         if COMPILED is None:

@@ -202,14 +202,11 @@ class CompiledRelayEngine:
         is readable or a timer is due, then poll rounds until one is quiet."""
         core = self._core
         epoll_fd = core.fileno()
+        sleep = self._closes.sleep
         while True:
-            now = time.monotonic()
-            wake = self._next_wake(now)
-            if wake is None:
-                await trio.lowlevel.wait_readable(epoll_fd)
-            else:
-                with trio.move_on_at(trio.current_time() + max(0.0, wake - now)):
-                    await trio.lowlevel.wait_readable(epoll_fd)
+            wake = self._next_wake(time.monotonic())
+            await sleep.until(epoll_fd, wake)
+            wake = self._sooner_close(wake)  # one set while asleep
             while True:
                 try:
                     handled = core.poll()
@@ -225,6 +222,7 @@ class CompiledRelayEngine:
                 if handled < BUSY_ROUND:
                     break
                 await trio.lowlevel.checkpoint()
+                wake = self._sooner_close(wake)  # one set meanwhile
 
     def process(self, now: float) -> None:
         """The timers: the keepalive's (in the core), the close waves that
@@ -242,6 +240,16 @@ class CompiledRelayEngine:
         for tunnel in self._closes.due_waits(now):
             if self._core.state(tunnel)[0]:  # the peers did not finish the close handshake in time
                 self.end(tunnel, STOPPED)
+
+    def _sooner_close(self, wake: float | None) -> float | None:
+        """``wake``, or the next close's time if that is sooner (``wake``
+        itself is not computed again: the core's keepalive wake is never
+        sooner than a batch from now, so recomputing it on waking would
+        put it off for ever)."""
+        due = self._closes.next_due() if self._closes else None
+        if due is None:
+            return wake
+        return due if wake is None else min(wake, due)
 
     def _next_wake(self, now: float) -> float | None:
         wake: float | None = self._core.next_wake(now)

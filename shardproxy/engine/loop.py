@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import select
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -103,26 +104,54 @@ class Spread(Generic[T]):
             yield item
 
 
+class Sleep:
+    """A loop's sleep until its descriptor is readable or its next timer is
+    due, which a timer set meanwhile by another task (a drain's close wave,
+    a close's wait) brings forward with :meth:`wake_by`: without it the
+    loop would sleep past that timer until some descriptor woke it."""
+
+    __slots__ = ("_scope",)
+
+    def __init__(self) -> None:
+        self._scope: trio.CancelScope | None = None
+
+    async def until(self, fd: int, wake: float | None) -> None:
+        """Until ``fd`` is readable or ``wake`` (time.monotonic(); None: no timer)."""
+        deadline = math.inf
+        if wake is not None:
+            deadline = trio.current_time() + max(0.0, wake - time.monotonic())
+        with trio.move_on_at(deadline) as scope:
+            self._scope = scope
+            try:
+                await trio.lowlevel.wait_readable(fd)
+            finally:
+                self._scope = None
+
+    def wake_by(self, when: float) -> None:
+        """Wake the sleeping loop at ``when`` (time.monotonic()) at the latest."""
+        scope = self._scope
+        if scope is not None:
+            deadline = trio.current_time() + max(0.0, when - time.monotonic())
+            scope.deadline = min(scope.deadline, deadline)
+
+
 async def run_epoll(
     epoll: select.epoll,
     dispatch: Callable[[int, int], None],
     contain: Callable[[int], None],
     process: Callable[[float], None],
     next_wake: Callable[[float], float | None],
+    sleep: Sleep | None = None,
 ) -> None:
     """Serve ``epoll`` until cancelled: ``dispatch(fd, events)`` per ready
     descriptor, ``process(now)`` after each round (timers), sleeping until
-    ``next_wake(now)`` (None: until an event)."""
+    ``next_wake(now)`` (None: until an event; ``sleep``: a Sleep that other
+    tasks may wake earlier)."""
     poll = epoll.poll
     epoll_fd = epoll.fileno()
+    sleep = sleep or Sleep()
     while True:
-        now = time.monotonic()
-        wake = next_wake(now)
-        if wake is None:
-            await trio.lowlevel.wait_readable(epoll_fd)
-        else:
-            with trio.move_on_at(trio.current_time() + max(0.0, wake - now)):
-                await trio.lowlevel.wait_readable(epoll_fd)
+        await sleep.until(epoll_fd, next_wake(time.monotonic()))
         while True:
             events = poll(0, MAX_EVENTS)
             for fd, ev in events:
@@ -151,11 +180,12 @@ class Closes(Generic[T]):
     (drains, servers gone) and the bound of each closing tunnel's wait.
     The relay checks that a tunnel it is handed still stands."""
 
-    __slots__ = ("_waits", "_waves")
+    __slots__ = ("_waits", "_waves", "sleep")
 
     def __init__(self) -> None:
         self._waves: list[CloseWave[T]] = []
         self._waits: Timers[T] = Timers()
+        self.sleep = Sleep()  # the relay's loop sleeps in it: a close set now wakes it
 
     def __bool__(self) -> bool:
         return bool(self._waves or self._waits)
@@ -170,11 +200,16 @@ class Closes(Generic[T]):
         wait: float | None,
     ) -> None:
         if tunnels:
-            self._waves.append(CloseWave(Spread(tunnels, now, span), code, reason, wait))
+            wave = Spread(tunnels, now, span)
+            self._waves.append(CloseWave(wave, code, reason, wait))
+            due = wave.next_due()
+            if due is not None:
+                self.sleep.wake_by(due)
 
     def wait(self, when: float, tunnel: T) -> None:
         """End ``tunnel`` at ``when`` if it is still closing then."""
         self._waits.add(when, tunnel)
+        self.sleep.wake_by(when)
 
     def due_closes(self, now: float) -> Iterator[tuple[T, CloseWave[T]]]:
         """The tunnels of every wave that fell due, each with its wave."""

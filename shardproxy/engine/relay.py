@@ -315,7 +315,14 @@ class RelayEngine:
 
     async def run(self) -> None:
         """Relay until cancelled (loop.run_epoll: one wakeup per quiet event)."""
-        await run_epoll(self._epoll, self._dispatch, self._contain, self.process, self._next_wake)
+        await run_epoll(
+            self._epoll,
+            self._dispatch,
+            self._contain,
+            self.process,
+            self._next_wake,
+            self._closes.sleep,
+        )
 
     # -- keepalive -------------------------------------------------------------
 

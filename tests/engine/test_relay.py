@@ -403,6 +403,25 @@ def test_a_peer_that_never_answers_is_ended_after_the_wait() -> None:
     run(test)
 
 
+def test_a_close_wave_goes_on_while_nothing_else_happens() -> None:
+    """A wave set while the engine sleeps with no timer (no keepalive, no
+    traffic) wakes it for its next tunnel: nobody answers the first Close,
+    and still the second goes out at its time, and the wait ends both."""
+
+    async def test(h: Harness) -> None:
+        await trio.sleep(0.05)  # the engine is asleep, with nothing due
+        tunnels = [h.tunnel() for _ in range(2)]
+        h.engine.close_spread([t for _, _, t in tunnels], 0.3, 1001, b"going away", 0.5)
+        second = tunnels[1][0]
+        assert await trio.to_thread.run_sync(recv_exactly, second, len(GOING_AWAY)) == GOING_AWAY
+        assert await h.wait_closed(2) == [STOPPED, STOPPED]  # their waits ran out
+        for client, backend, _ in tunnels:
+            client.close()
+            backend.close()
+
+    run(test)
+
+
 def test_close_spread_closes_one_tunnel_at_once_and_the_rest_in_turn() -> None:
     async def test(h: Harness) -> None:
         tunnels = [h.tunnel() for _ in range(4)]
