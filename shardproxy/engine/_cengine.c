@@ -380,7 +380,7 @@ static PyTypeObject TrackerType = {
  * as it is); the functions below name the Python methods they mirror. What
  * differs, and why:
  *
- * - A tunnel is one C struct (sp_tunnel, ~190 bytes with both directions'
+ * - A tunnel is one C struct (sp_tunnel, 216 bytes with both directions'
  *   frame trackers) and two slots of a table indexed by descriptor; parked
  *   bytes, a held Pong header and the Close frames of a closing tunnel live
  *   in separate allocations that exist only while they are needed.
@@ -446,7 +446,7 @@ typedef struct {              /* what few tunnels need at a time */
     uint8_t close[2][SP_MAX_CLOSE];  /* [0] to the client, [1] to the backend */
 } sp_extra;
 
-#define SP_NOTE_BYTES 20      /* engine/api.py's NOTE_BYTES */
+#define SP_NOTE_BYTES 37      /* engine/api.py's NOTE_BYTES */
 
 typedef struct sp_tunnel {
     sp_flow up, down;         /* client → backend, backend → client */
@@ -1303,7 +1303,7 @@ Relay_add(Relay *self, PyObject *args)
         return NULL;
     PyObject *result = NULL;
     if (note.len > SP_NOTE_BYTES) {
-        PyErr_SetString(PyExc_ValueError, "a tunnel's note holds at most 20 bytes");
+        PyErr_SetString(PyExc_ValueError, "a tunnel's note holds at most 37 bytes");
         goto done;
     }
     if (cfd < 0 || bfd < 0 || cfd == bfd) {

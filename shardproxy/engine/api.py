@@ -65,7 +65,7 @@ class TunnelStats:
 
 
 PING_STATES = ("none", "due", "sent")  # TunnelView.ping
-NOTE_BYTES = 20  # TunnelEngine.add's note: room for an IPv6 address and two ports
+NOTE_BYTES = 37  # TunnelEngine.add's note: room for two IPv6 addresses, two ports and a byte
 
 
 @dataclass(frozen=True, slots=True)

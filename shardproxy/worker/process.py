@@ -173,7 +173,9 @@ class Worker:
         the relay, as a shared placement and a note (worker/tunnels.py)."""
         lease = u.lease
         assert lease.endpoint is not None and lease.space is not None
-        note, unpacked_ip = pack_note(lease.client_ip, lease.client_port, lease.source_port)
+        note = pack_note(
+            lease.client_ip, lease.client_port, lease.source_port, u.request.forwarded_ip()
+        )
         agent = u.request.user_agent()
         placement = self.placements.take(
             lease.route,
@@ -181,15 +183,15 @@ class Worker:
             lease.space,
             u.request.path,
             None if agent is None else sys.intern(agent),
-            u.request.forwarded_ip(),
-            unpacked_ip,
+            note.client_ip,
+            note.forwarded_ip,
         )
         lease.hand_over()  # given back in tunnel_closed
         self.handshake_seconds.observe(u.seconds)
         self.route_tunnels[lease.route] += 1
         self.counts.tunnels += 1
         tunnel = self.relay.add(
-            u.client_fd, u.backend_fd, placement, u.to_backend, u.to_client, u.io, note
+            u.client_fd, u.backend_fd, placement, u.to_backend, u.to_client, u.io, note.note
         )
         if not self.relay.alive(tunnel):  # its first bytes could not be written: it ended
             return
@@ -319,6 +321,7 @@ class Worker:
         info: Placement = token
         peer = unpack_note(stats.note)
         client_ip = info.client_ip if peer.client_ip is None else peer.client_ip
+        forwarded_ip = info.forwarded_ip if peer.forwarded_ip is None else peer.forwarded_ip
         self.placements.give_back(info)
         self.admission.give_back(info.endpoint, info.space, peer.source_port)
         self.route_tunnels[info.route] -= 1
@@ -367,8 +370,8 @@ class Worker:
         claims: dict[str, Any] = {}
         if info.user_agent is not None:
             claims["user_agent"] = {"original": info.user_agent}
-        if info.forwarded_ip is not None:
-            claims["network"] = {"forwarded_ip": info.forwarded_ip}
+        if forwarded_ip is not None:
+            claims["network"] = {"forwarded_ip": forwarded_ip}
         self.log.info(
             "tunnel closed",
             client={"ip": client_ip, "port": peer.client_port},

@@ -3,13 +3,14 @@
 The relay keeps a token and a note per tunnel (engine/api.py's
 ``TunnelEngine.add``). Here the token is a :class:`Placement`: what every
 tunnel of one route to one endpoint through one tuple space, with the same
-path, user agent and forwarded address, has in common; one object for all
-of them, kept by :class:`Placements` while a tunnel holds it. The note is
-what is the tunnel's own: its client's address and port and its upstream
-source port, packed into at most 20 bytes (:func:`pack_note`) that the
-compiled relay keeps inside its C struct. So an idle tunnel costs the worker
-nothing in Python; its end brings both back (:func:`unpack_note`), and the
-lease's holdings, handed over when the tunnel came up, go back then.
+path and user agent, has in common; one object for all of them, kept by
+:class:`Placements` while a tunnel holds it. The note is what is the
+tunnel's own: its client's address and port, its upstream source port and
+the X-Forwarded-For address it came with, packed into at most 37 bytes
+(:func:`pack_note`) that the compiled relay keeps inside its C struct. So
+an idle tunnel costs the worker nothing in Python; its end brings both
+back (:func:`unpack_note`), and the lease's holdings, handed over when the
+tunnel came up, go back then.
 
 The tunnels of an endpoint are those whose placement has that endpoint:
 ``relay.tunnels(placements.of_endpoint(e))``, one pass in C over the
@@ -18,6 +19,7 @@ tunnels, only when an endpoint goes down.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import struct
 from dataclasses import dataclass, field
@@ -25,8 +27,6 @@ from typing import Any, NamedTuple
 
 from shardproxy.policy.admission import UpstreamTuple
 from shardproxy.policy.registry import EndpointState
-
-_PORTS = struct.Struct("!HH")  # client port, source port
 
 
 @dataclass(eq=False, slots=True)
@@ -38,9 +38,21 @@ class Placement:
     space: UpstreamTuple
     path: str
     user_agent: str | None
-    forwarded_ip: str | None
-    client_ip: str | None = None  # only for an address no note can hold (see pack_note)
+    # Only for an address no note can hold (see pack_note): None otherwise.
+    client_ip: str | None = None
+    forwarded_ip: str | None = None
     tunnels: int = field(default=0)  # how many hold it
+
+    def key(self) -> tuple[Any, ...]:
+        return _key(
+            self.route, self.endpoint, self.space, self.path, self.user_agent, self.client_ip,
+            self.forwarded_ip,
+        )  # fmt: skip
+
+
+def _key(*fields: Any) -> tuple[Any, ...]:
+    route, endpoint, space, *rest = fields
+    return (id(route), id(endpoint), id(space), *rest)
 
 
 class Placements:
@@ -60,14 +72,15 @@ class Placements:
         space: UpstreamTuple,
         path: str,
         user_agent: str | None,
-        forwarded_ip: str | None,
         client_ip: str | None = None,
+        forwarded_ip: str | None = None,
     ) -> Placement:
-        """The placement of that combination, held once more."""
-        key = (id(route), id(endpoint), id(space), path, user_agent, forwarded_ip, client_ip)
+        """The placement of that combination, held once more (``client_ip``
+        and ``forwarded_ip``: what the note could not hold, else None)."""
+        key = _key(route, endpoint, space, path, user_agent, client_ip, forwarded_ip)
         p = self._by_key.get(key)
         if p is None:
-            p = Placement(route, endpoint, space, path, user_agent, forwarded_ip, client_ip)
+            p = Placement(route, endpoint, space, path, user_agent, client_ip, forwarded_ip)
             self._by_key[key] = p
             self._by_endpoint.setdefault(endpoint, set()).add(p)
         p.tunnels += 1
@@ -78,11 +91,7 @@ class Placements:
         p.tunnels -= 1
         if p.tunnels:
             return
-        key = (
-            id(p.route), id(p.endpoint), id(p.space), p.path, p.user_agent, p.forwarded_ip,
-            p.client_ip,
-        )  # fmt: skip
-        del self._by_key[key]
+        del self._by_key[p.key()]
         same = self._by_endpoint[p.endpoint]
         same.discard(p)
         if not same:
@@ -93,29 +102,62 @@ class Placements:
 
 
 class Peer(NamedTuple):
-    """A tunnel's own, from its note."""
+    """A tunnel's own, from its note (an address None: not in the note)."""
 
-    client_ip: str | None  # None: the placement holds it
+    client_ip: str | None
     client_port: int
     source_port: int
+    forwarded_ip: str | None
 
 
-def pack_note(client_ip: str, client_port: int, source_port: int) -> tuple[bytes, str | None]:
-    """The note of a tunnel (the two ports, then 4 or 16 address bytes),
-    and the address if the note could not hold it (an IPv6 address with a
-    zone, ``fe80::1%eth0``: its placement holds it then)."""
-    ports = _PORTS.pack(client_port, source_port)
-    family = socket.AF_INET6 if ":" in client_ip else socket.AF_INET
+# The note: a byte saying how long each address is, the two ports, the
+# client's address (4 or 16 bytes, or 0: its placement holds it), the
+# forwarded address (4, 16, or 0: none, or its placement holds it).
+_HEAD = struct.Struct("!BHH")  # address kinds (client << 2 | forwarded), client port, source port
+_KINDS = (0, 4, 16)  # an address kind: its length in the note
+
+
+class Note(NamedTuple):
+    note: bytes
+    client_ip: str | None  # what the note could not hold (an IPv6 address with a zone)
+    forwarded_ip: str | None
+
+
+def _packed(address: str | None) -> tuple[bytes, str | None]:
+    """The address's bytes, or b"" and the address when it has no packed
+    form (``fe80::1%eth0``: the zone)."""
+    if address is None:
+        return b"", None
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
     try:
-        return ports + socket.inet_pton(family, client_ip), None
+        return socket.inet_pton(family, address), None
     except OSError:
-        return ports, client_ip
+        return b"", address
+
+
+def pack_note(
+    client_ip: str, client_port: int, source_port: int, forwarded_ip: str | None = None
+) -> Note:
+    """A tunnel's note (at most 37 bytes), and the addresses it could not hold."""
+    client, client_left = _packed(client_ip)
+    forwarded, forwarded_left = _packed(forwarded_ip)
+    kinds = _KINDS.index(len(client)) << 2 | _KINDS.index(len(forwarded))
+    head = _HEAD.pack(kinds, client_port, source_port)
+    return Note(head + client + forwarded, client_left, forwarded_left)
 
 
 def unpack_note(note: bytes) -> Peer:
-    client_port, source_port = _PORTS.unpack_from(note)
-    address = note[_PORTS.size :]
-    if not address:
-        return Peer(None, client_port, source_port)
-    family = socket.AF_INET6 if len(address) == 16 else socket.AF_INET
-    return Peer(socket.inet_ntop(family, address), client_port, source_port)
+    kinds, client_port, source_port = _HEAD.unpack_from(note)
+    client_len, forwarded_len = _KINDS[kinds >> 2], _KINDS[kinds & 3]
+    at = _HEAD.size
+    client = note[at : at + client_len]
+    forwarded = note[at + client_len : at + client_len + forwarded_len]
+    # Each address comes back in the form it went in: the client's as the
+    # kernel's getpeername writes it (inet_ntop: "::ffff:1.2.3.4"), the
+    # forwarded one as UpgradeRequest.forwarded_ip does (ipaddress: "::ffff:102:304").
+    client_ip = None
+    if client:
+        family = socket.AF_INET6 if len(client) == 16 else socket.AF_INET
+        client_ip = socket.inet_ntop(family, client)
+    forwarded_ip = str(ipaddress.ip_address(forwarded)) if forwarded else None
+    return Peer(client_ip, client_port, source_port, forwarded_ip)

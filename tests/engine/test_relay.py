@@ -25,6 +25,7 @@ from shardproxy.engine.api import (
     CLOSED,
     DRAINED,
     INTERNAL_ERROR,
+    NOTE_BYTES,
     PING_TIMEOUT,
     STOPPED,
     Keepalive,
@@ -239,7 +240,13 @@ def test_a_tunnels_note_comes_back_and_tunnels_are_found_by_token() -> None:
         sockets = [*tcp_pair(), *tcp_pair()]
         with pytest.raises(ValueError):  # refused: the descriptors stay the caller's
             h.engine.add(
-                sockets[1].fileno(), sockets[3].fileno(), "t", b"", b"", PLAIN_PAIR, b"n" * 21
+                sockets[1].fileno(),
+                sockets[3].fileno(),
+                "t",
+                b"",
+                b"",
+                PLAIN_PAIR,
+                b"n" * (NOTE_BYTES + 1),
             )
         for s in sockets:
             s.close()

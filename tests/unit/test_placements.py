@@ -16,25 +16,29 @@ ROUTE, SPACE = object(), object()
 EP1, EP2 = object(), object()  # stand-ins: placements compare them by identity
 
 
-@given(
-    st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)),
-    st.integers(0, 65535),
-    st.integers(0, 65535),
-)
-def test_a_note_holds_any_address_and_ports(
-    address: ipaddress.IPv4Address | ipaddress.IPv6Address, client_port: int, source_port: int
+ADDRESSES = st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6))
+
+
+@given(ADDRESSES, st.integers(0, 65535), st.integers(0, 65535), st.none() | ADDRESSES)
+def test_a_note_holds_any_addresses_and_ports(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    client_port: int,
+    source_port: int,
+    forwarded: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
 ) -> None:
-    note, left = pack_note(str(address), client_port, source_port)
-    assert left is None and len(note) <= NOTE_BYTES
-    peer = unpack_note(note)
+    fwd = None if forwarded is None else str(forwarded)
+    note = pack_note(str(address), client_port, source_port, fwd)
+    assert (note.client_ip, note.forwarded_ip) == (None, None) and len(note.note) <= NOTE_BYTES
+    peer = unpack_note(note.note)
     assert ipaddress.ip_address(peer.client_ip or "") == address
     assert (peer.client_port, peer.source_port) == (client_port, source_port)
+    assert peer.forwarded_ip == (None if forwarded is None else str(ipaddress.ip_address(fwd)))
 
 
 def test_an_address_with_a_zone_stays_out_of_the_note() -> None:
-    note, left = pack_note("fe80::1%eth0", 1234, 5678)
-    assert left == "fe80::1%eth0"
-    assert unpack_note(note) == (None, 1234, 5678)
+    note = pack_note("fe80::1%eth0", 1234, 5678, "fe80::2%eth1")
+    assert (note.client_ip, note.forwarded_ip) == ("fe80::1%eth0", "fe80::2%eth1")
+    assert unpack_note(note.note) == (None, 1234, 5678, None)
 
 
 def test_similar_tunnels_share_one_placement_until_the_last_goes() -> None:
