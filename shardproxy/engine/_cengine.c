@@ -381,9 +381,10 @@ static PyTypeObject TrackerType = {
  * differs, and why:
  *
  * - A tunnel is one C struct (sp_tunnel, 216 bytes with both directions'
- *   frame trackers) and two slots of a table indexed by descriptor; parked
- *   bytes, a held Pong header and the Close frames of a closing tunnel live
- *   in separate allocations that exist only while they are needed.
+ *   frame trackers and the owner's note) and two slots of a table indexed
+ *   by descriptor; parked bytes, a held Pong header and the Close frames of
+ *   a closing tunnel live in separate allocations that exist only while
+ *   they are needed.
  * - An ended tunnel is marked dead and freed when the call into the engine
  *   returns (sp_sweep), never in the middle of handling it: every step
  *   checks t->dead where the Python one checks self._alive(t).
