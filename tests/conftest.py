@@ -264,8 +264,10 @@ def engine_kind(request: pytest.FixtureRequest) -> Iterator[str]:
         yield name
     finally:
         current.name = "python"
-    # The test's peers (helper servers in threads) may close their sockets a
-    # moment after it returned; a descriptor the engine leaked stays open.
+    # The tests' peers (helper servers in threads) may close their sockets a
+    # moment after a test returned, this one's or an earlier one's (then
+    # fewer are open after than before); a descriptor the engine leaked
+    # stays open.
     deadline = time.monotonic() + 2.0
     while True:
         gc.collect()  # sockets a failed test's traceback held
@@ -273,4 +275,4 @@ def engine_kind(request: pytest.FixtureRequest) -> Iterator[str]:
         if after <= before or time.monotonic() > deadline:
             break
         time.sleep(0.01)
-    assert after == before, f"{after - before} descriptors left open by the {name} engine's test"
+    assert after <= before, f"{after - before} descriptors left open by the {name} engine's test"

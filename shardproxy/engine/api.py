@@ -7,8 +7,10 @@ The worker hands the engine a tunnel (two connected non-blocking sockets,
 its token, its first bytes each way) and gets back a tunnel id; it asks for
 a WebSocket close or an end by id; the engine tells it of every tunnel that
 ended, with the token, the outcome and a small :class:`TunnelStats` record.
-Nothing outside an engine reads its objects. The Python engine
-(``engine/relay.py``) implements it today; a compiled one implements the same.
+Nothing outside an engine reads its objects. Two engines implement it: the
+Python reference (``engine/relay.py``) and the compiled one
+(``engine/crelay.py`` over ``engine/_cengine.c``); ``engine/factory.py``
+builds the one ``engine/choice.py`` chose.
 
 Keepalive is the engine's own business (:class:`Keepalive`): it pings each
 client once per interval, spread evenly, and ends a client silent for a
