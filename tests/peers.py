@@ -51,6 +51,7 @@ class WsBackend:
     def __init__(self, port: int = 0) -> None:
         self.port = port  # 0: any free port
         self.close_codes: list[int | None] = []
+        self._closed = threading.Condition()  # notified as each connection's code is recorded
         self.peers: list[tuple[str, int]] = []
         self.flood_sent = 0
         self.healthy = True
@@ -119,7 +120,16 @@ class WsBackend:
         except ConnectionClosed:
             pass
         finally:
-            self.close_codes.append(ws.close_code)
+            with self._closed:
+                self.close_codes.append(ws.close_code)
+                self._closed.notify_all()
+
+    def wait_close_code(self, code: int, timeout: float = 10.0) -> bool:
+        """Whether a connection ended with ``code`` within ``timeout``: the
+        backend records it when its side is done, which may be after the
+        client's side is."""
+        with self._closed:
+            return self._closed.wait_for(lambda: code in self.close_codes, timeout)
 
 
 class RawServer:

@@ -812,6 +812,10 @@ sp_peek(const uint8_t *data, size_t pos, size_t n, int *opcode, size_t *header, 
 static int
 sp_hold(Relay *e, sp_tunnel *t, const uint8_t *data, size_t n)
 {
+    if (n > SP_MAX_HELD) {  /* cannot happen (Relay_init bounds the payload): never overrun */
+        sp_internal(e, t);
+        return -1;
+    }
     if (t->x == NULL) {
         t->x = calloc(1, sizeof(sp_extra));
         if (t->x == NULL) {
@@ -1192,9 +1196,12 @@ Relay_init(Relay *self, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!ddy*", kwlist, &PyTuple_Type, &outcomes,
                                      &self->interval, &self->timeout, &payload))
         return -1;
-    if (PyTuple_GET_SIZE(outcomes) != SP_OUTCOMES || payload.len > 125 || self->epfd >= 0) {
+    /* A Pong of ours cut short is held whole (sp_hold): its header and
+     * payload must fit SP_MAX_HELD. */
+    if (PyTuple_GET_SIZE(outcomes) != SP_OUTCOMES || payload.len > SP_MAX_HELD - SP_MAX_HEADER
+        || self->epfd >= 0) {
         PyBuffer_Release(&payload);
-        PyErr_SetString(PyExc_ValueError, "Relay(outcomes: 7 names, ..., ping_payload ≤ 125 bytes), once");
+        PyErr_SetString(PyExc_ValueError, "Relay(outcomes: 7 names, ..., ping_payload ≤ 50 bytes), once");
         return -1;
     }
     memcpy(self->payload, payload.buf, (size_t)payload.len);

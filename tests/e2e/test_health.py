@@ -81,10 +81,8 @@ def test_websocket_check_wants_a_real_101() -> None:
     with WsBackend() as b:
         ep = Endpoint("127.0.0.1", b.port)
         assert check(ep, health("websocket", path="/echo")) is None
-        deadline = time.monotonic() + 5
-        while not b.close_codes and time.monotonic() < deadline:
-            time.sleep(0.01)  # the backend's handler ends after our check returned
-        assert b.close_codes == [1000]  # closed the WebSocket way
+        # The backend's handler ends after our check returned.
+        assert b.wait_close_code(1000) and b.close_codes == [1000]  # closed the WebSocket way
 
     def fake_101(conn: socket.socket) -> None:
         read_head(conn)

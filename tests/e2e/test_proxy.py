@@ -103,7 +103,7 @@ def test_close_codes_carried_both_ways(proxy: Proxy, backend: WsBackend) -> None
         return ws.close_code, ws2.close_code
 
     client_side, backend_initiated = run(main())
-    assert 4001 in backend.close_codes  # the backend saw the client's code
+    assert backend.wait_close_code(4001)  # the backend saw the client's code
     assert client_side == 4001  # and echoed it back through the proxy
     assert backend_initiated == 4002  # the client saw the backend's code
     closed = proxy.wait_for(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -73,13 +72,6 @@ def run_client(exe: str, url: str, *args: str) -> tuple[list[dict[str, Any]], di
     return checks, summary
 
 
-def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def test_node_ws_conversation(start_proxy: Callable[..., Proxy]) -> None:
     exe = node()
     with WsBackend() as backend:
@@ -92,7 +84,7 @@ def test_node_ws_conversation(start_proxy: Callable[..., Proxy]) -> None:
         assert summary["sent"]["messages"] == CONVERSATION_MESSAGES, summary
         assert summary["received"]["messages"] == CONVERSATION_MESSAGES, summary
         # The backend saw the client's close code through the proxy.
-        wait_until(lambda: CLOSE_CODE in backend.close_codes, "the backend to record 4100")
+        assert backend.wait_close_code(CLOSE_CODE), "the backend did not record 4100"
         assert backend.close_codes == [CLOSE_CODE]
 
     port = summary["local_port"]

@@ -117,3 +117,13 @@ def test_the_longest_headers_and_lengths() -> None:
                 py.feed(chunk)
                 c.feed(chunk)  # type: ignore[attr-defined]
                 assert state(py) == state(c), (raw, cut)
+
+
+def test_the_relays_ping_payload_is_bounded_by_what_it_can_hold_back() -> None:
+    # A Pong of ours cut short is held back whole: header and payload must
+    # fit the tunnel's 64-byte buffer, so the payload may take 50 bytes.
+    assert compiled is not None
+    outcomes = tuple("abcdefg")
+    compiled.Relay(outcomes, 0.0, 10.0, b"p" * 50).close()
+    with pytest.raises(ValueError):
+        compiled.Relay(outcomes, 0.0, 10.0, b"p" * 51)
