@@ -13,8 +13,11 @@ holds::
                 balancing, the admission lease, the handshake engine's
                 questions (decisions), sampling
     engine/     the data plane: its interface (api), the loop and timers, the
-                relay, the handshake engine, upstream connects, transports
-    worker/     one worker process (process) and its tunnels' index (tunnels)
+                relay (Python, and compiled: crelay over _cengine.c), the
+                handshake engine, upstream connects, transports, which
+                engine runs (choice, factory)
+    worker/     one worker process (process) and what it gives the relay per
+                tunnel (tunnels: placements and notes)
     control/    the supervisor: sockets, workers, typed messages and the
                 channel, admin HTTP, health checks, the address plan
     telemetry/  stats snapshots as types, their aggregation, Prometheus
