@@ -408,6 +408,7 @@ static PyTypeObject TrackerType = {
 
 #include <errno.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -468,6 +469,7 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     int epfd;
+    int wake_fd;              /* eventfd in the set: Relay.poke wakes a timerless sleep */
     sp_tunnel **by_fd;        /* both descriptors of every tunnel */
     uint32_t *uses;           /* per client descriptor: tunnels it carried */
     size_t cap;
@@ -989,11 +991,14 @@ sp_flush(Relay *e, sp_tunnel *t, sp_flow *f)
 static void
 sp_dispatch(Relay *e, int fd, uint32_t ev)
 {
-    if ((size_t)fd >= e->cap)
+    sp_tunnel *t = (size_t)fd < e->cap ? e->by_fd[fd] : NULL;
+    if (t == NULL || t->dead) {  /* ended earlier in this round, or the poke */
+        if (fd == e->wake_fd) {
+            eventfd_t count;
+            (void)eventfd_read(fd, &count);
+        }
         return;
-    sp_tunnel *t = e->by_fd[fd];
-    if (t == NULL || t->dead)  /* ended earlier in this round */
-        return;
+    }
     sp_flow *src = fd == t->up.src ? &t->up : &t->down;
     sp_flow *into = sp_other(t, src);  /* the flow whose destination is fd */
     if (into->parked && (ev & (EPOLLOUT | EPOLLERR | EPOLLHUP))) {
@@ -1225,6 +1230,12 @@ Relay_init(Relay *self, PyObject *args, PyObject *kwds)
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
+    self->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    struct epoll_event ev = {.events = EPOLLIN, .data = {.fd = self->wake_fd}};
+    if (self->wake_fd < 0 || epoll_ctl(self->epfd, EPOLL_CTL_ADD, self->wake_fd, &ev) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
     return 0;
 }
 
@@ -1234,8 +1245,10 @@ Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     (void)args;
     (void)kwds;
     Relay *self = (Relay *)type->tp_alloc(type, 0);
-    if (self)
+    if (self) {
         self->epfd = -1;
+        self->wake_fd = -1;
+    }
     return (PyObject *)self;
 }
 
@@ -1252,6 +1265,9 @@ sp_close_all(Relay *e)
     if (e->epfd >= 0)
         close(e->epfd);
     e->epfd = -1;
+    if (e->wake_fd >= 0)
+        close(e->wake_fd);
+    e->wake_fd = -1;
 }
 
 static void
@@ -1596,6 +1612,16 @@ Relay_close(Relay *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+/* Relay.poke(): make the epoll set readable, so that a loop asleep with no
+ * timer looks at its timers again (loop.Sleep). */
+static PyObject *
+Relay_poke(Relay *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->wake_fd >= 0)
+        (void)eventfd_write(self->wake_fd, 1);
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 Relay_fileno(Relay *self, PyObject *Py_UNUSED(ignored))
 {
@@ -1649,6 +1675,7 @@ static PyMethodDef Relay_methods[] = {
     {"take_closed", (PyCFunction)Relay_take_closed, METH_NOARGS, "[(token, outcome, up, down, duration, note)]"},
     {"close", (PyCFunction)Relay_close, METH_NOARGS, "End every tunnel (STOPPED) and close the epoll set."},
     {"fileno", (PyCFunction)Relay_fileno, METH_NOARGS, "The epoll descriptor."},
+    {"poke", (PyCFunction)Relay_poke, METH_NOARGS, "Make the epoll set readable (loop.Sleep)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -74,6 +74,7 @@ class CompiledRelayEngine:
         )
         self._python = RelayEngine(events, keepalive)  # for transports other than plain
         self._closes: Closes[int] = Closes()
+        self._closes.sleep.poke = self._core.poke  # wakes a sleep with no timer (loop.Sleep)
         self._internal_errors = 0
 
     def __len__(self) -> int:
@@ -205,7 +206,12 @@ class CompiledRelayEngine:
         sleep = self._closes.sleep
         while True:
             wake = self._next_wake(time.monotonic())
-            await sleep.until(epoll_fd, wake)
+            if wake is None:
+                sleep.bare = True
+                await trio.lowlevel.wait_readable(epoll_fd)
+                sleep.bare = False
+            else:
+                await sleep.until(epoll_fd, wake)
             wake = self._sooner_close(wake)  # one set while asleep
             while True:
                 try:

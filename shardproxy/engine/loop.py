@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import math
 import select
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -108,18 +107,27 @@ class Sleep:
     """A loop's sleep until its descriptor is readable or its next timer is
     due, which a timer set meanwhile by another task (a drain's close wave,
     a close's wait) brings forward with :meth:`wake_by`: without it the
-    loop would sleep past that timer until some descriptor woke it."""
+    loop would sleep past that timer until some descriptor woke it.
 
-    __slots__ = ("_scope",)
+    A sleep with a timer is a cancel scope whose deadline can be brought
+    forward. A sleep without one has no scope (a scope doubles what a trio
+    wakeup costs, and most rounds have no timer): ``poke``, the engine's,
+    makes its descriptor readable instead (an eventfd in its epoll set),
+    and the loop looks at its timers again."""
+
+    __slots__ = ("_scope", "bare", "poke")
 
     def __init__(self) -> None:
         self._scope: trio.CancelScope | None = None
+        # Asleep without a timer: the loops set it around their bare wait
+        # themselves (no coroutine call on that path, the common one; left
+        # True by a cancellation, it costs one needless poke at most).
+        self.bare = False
+        self.poke: Callable[[], None] | None = None
 
-    async def until(self, fd: int, wake: float | None) -> None:
-        """Until ``fd`` is readable or ``wake`` (time.monotonic(); None: no timer)."""
-        deadline = math.inf
-        if wake is not None:
-            deadline = trio.current_time() + max(0.0, wake - time.monotonic())
+    async def until(self, fd: int, wake: float) -> None:
+        """Until ``fd`` is readable or ``wake`` (time.monotonic())."""
+        deadline = trio.current_time() + max(0.0, wake - time.monotonic())
         with trio.move_on_at(deadline) as scope:
             self._scope = scope
             try:
@@ -133,6 +141,8 @@ class Sleep:
         if scope is not None:
             deadline = trio.current_time() + max(0.0, when - time.monotonic())
             scope.deadline = min(scope.deadline, deadline)
+        elif self.bare and self.poke is not None:
+            self.poke()
 
 
 async def run_epoll(
@@ -150,8 +160,15 @@ async def run_epoll(
     poll = epoll.poll
     epoll_fd = epoll.fileno()
     sleep = sleep or Sleep()
+    wait_readable = trio.lowlevel.wait_readable
     while True:
-        await sleep.until(epoll_fd, next_wake(time.monotonic()))
+        wake = next_wake(time.monotonic())
+        if wake is None:
+            sleep.bare = True
+            await wait_readable(epoll_fd)
+            sleep.bare = False
+        else:
+            await sleep.until(epoll_fd, wake)
         while True:
             events = poll(0, MAX_EVENTS)
             for fd, ev in events:
@@ -188,7 +205,7 @@ class Closes(Generic[T]):
         self.sleep = Sleep()  # the relay's loop sleeps in it: a close set now wakes it
 
     def __bool__(self) -> bool:
-        return bool(self._waves or self._waits)
+        return bool(self._waves or self._waits._heap)
 
     def spread(
         self,

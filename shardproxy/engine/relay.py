@@ -242,6 +242,10 @@ class RelayEngine:
         # Closes spread over a span (drains, servers gone), and the
         # close_wait of every closing tunnel that has one.
         self._closes: Closes[Tunnel] = Closes()
+        # Pokes the loop asleep without a timer when a close is set (loop.Sleep).
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll.register(self._wake_fd, select.EPOLLIN)
+        self._closes.sleep.poke = self._poke
         # Written Pings to check: (tunnel, when written, client bytes then).
         self._ping_checks: Timers[tuple[Tunnel, float, int]] = Timers()
         # Our Pings carry this payload; a client's Pong with it is ours to
@@ -489,6 +493,7 @@ class RelayEngine:
         for t in [t for fd, t in self._tunnels.items() if fd == t.client_fd]:
             self._finish(t, STOPPED)
         self._epoll.close()
+        os.close(self._wake_fd)
 
     def _alive(self, t: Tunnel) -> bool:
         return self._tunnels.get(t.up.src) is t
@@ -520,9 +525,15 @@ class RelayEngine:
 
     # -- the per-event path -------------------------------------------------
 
+    def _poke(self) -> None:
+        os.eventfd_write(self._wake_fd, 1)
+
     def _dispatch(self, fd: int, ev: int) -> None:
         t = self._tunnels.get(fd)
-        if t is None:  # ended earlier in this round
+        if t is None:  # ended earlier in this round, or the poke
+            if fd == self._wake_fd:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(fd)
             return
         src, into = (t.up, t.down) if fd == t.up.src else (t.down, t.up)
         # ``into`` is the flow whose destination is fd: flush what it parked.
