@@ -217,8 +217,7 @@ class CompiledRelayEngine:
                 try:
                     handled = core.poll()
                 finally:
-                    if core.ended:
-                        self._deliver()
+                    self._deliver()  # returns at once when nothing ended
                 # Timers only once due: a timer set during this round (a
                 # Ping's check) is due later than ``wake`` anyway.
                 now = time.monotonic()
