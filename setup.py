@@ -50,8 +50,12 @@ setup(
     ext_modules=[
         Extension(
             "shardproxy.engine._cengine",
-            ["shardproxy/engine/_cengine.c", "shardproxy/engine/_chttp.c"],
-            depends=["shardproxy/engine/_chttp.h"],
+            [
+                "shardproxy/engine/_cengine.c",
+                "shardproxy/engine/_chttp.c",
+                "shardproxy/engine/_chandshake.c",
+            ],
+            depends=["shardproxy/engine/_chttp.h", "shardproxy/engine/_chandshake.h"],
             extra_compile_args=CFLAGS,
         )
     ],

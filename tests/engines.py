@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from shardproxy.engine import choice
+from shardproxy.engine.handshake import HandshakeEngine
 from shardproxy.engine.relay import RelayEngine
 from shardproxy.protocol import http1
 
@@ -22,12 +23,24 @@ def relay_class(name: str) -> Any:
     return CompiledRelayEngine
 
 
+def handshake_class(name: str) -> Any:
+    if name == "python":
+        return HandshakeEngine
+    from shardproxy.engine.chandshake import CompiledHandshakeEngine
+
+    return CompiledHandshakeEngine
+
+
 class _Current:
     name = "python"
 
     @property
     def relay(self) -> Any:
         return relay_class(self.name)
+
+    @property
+    def handshake(self) -> Any:
+        return handshake_class(self.name)
 
     @property
     def parsers(self) -> http1.HeadParsers:

@@ -22,6 +22,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_chandshake.h"
 #include "_chttp.h"
 
 /* -- the frame tracker core (RFC 6455 §5.2) ------------------------------ */
@@ -1734,7 +1735,7 @@ PyInit__cengine(void)
         return NULL;
     }
     if (PyModule_AddIntConstant(module, "TRACKER_BYTES", (long)sizeof(sp_tracker)) < 0
-        || sp_http_add(module) < 0) {
+        || sp_http_add(module) < 0 || sp_handshaker_add(module) < 0) {
         Py_DECREF(module);
         return NULL;
     }

@@ -211,6 +211,8 @@ class Handshakes(Protocol):
     HandshakeEngine): accepts on its listen sockets, upgrades, connects
     upstream, and reports to its HandshakeEvents."""
 
+    kind: str  # "python" or "compiled": which engine this is (the worker-ready event)
+
     def stop_accepting(self, *, sweep: Collection[int] | None = None, refuse: bool = True) -> None:
         """Let go of the listen sockets (those of ``sweep`` emptied first,
         their queue refused with 503 when ``refuse``, else served)."""

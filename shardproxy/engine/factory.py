@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Sequence
+
+from shardproxy.config import ProxyConfig
 from shardproxy.engine import choice
-from shardproxy.engine.api import Keepalive, TunnelEngine, TunnelEvents
+from shardproxy.engine.api import HandshakeEvents, Handshakes, Keepalive, TunnelEngine, TunnelEvents
+from shardproxy.engine.handshake import HandshakeEngine
 from shardproxy.engine.relay import RelayEngine
+from shardproxy.engine.transport import Transport
+from shardproxy.engine.upstream import Upstream
+from shardproxy.policy.admission import Admission
+from shardproxy.policy.decisions import Decisions
 
 
 def relay_engine(events: TunnelEvents, keepalive: Keepalive) -> TunnelEngine:
@@ -14,3 +23,24 @@ def relay_engine(events: TunnelEvents, keepalive: Keepalive) -> TunnelEngine:
 
         return CompiledRelayEngine(events, keepalive)
     return RelayEngine(events, keepalive)
+
+
+def handshake_engine(
+    proxy: ProxyConfig,
+    listeners: list[socket.socket],
+    admission: Admission,
+    upstream: Upstream,
+    decisions: Decisions,
+    events: HandshakeEvents,
+    transports: Sequence[Transport] = (),
+) -> Handshakes:
+    """The compiled handshake engine where it was built and takes these
+    listeners (plain, no PROXY header: engine/chandshake.py's serves), else
+    the Python one."""
+    args = (proxy, listeners, admission, upstream, decisions, events, transports)
+    if choice.ENGINE == "compiled":
+        from shardproxy.engine import chandshake
+
+        if chandshake.serves(proxy, listeners, transports):
+            return chandshake.CompiledHandshakeEngine(*args)
+    return HandshakeEngine(*args)

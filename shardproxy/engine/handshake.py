@@ -189,6 +189,8 @@ class HandshakeEngine:
     """Accepts on a worker's listen sockets and upgrades connections (see
     the module docstring for its collaborators)."""
 
+    kind = "python"
+
     def __init__(
         self,
         proxy: ProxyConfig,
@@ -463,18 +465,7 @@ class HandshakeEngine:
             h.tried.append(server)
             if self._connect_server(h, server):
                 return
-        if h.exhausted:
-            r = Reject(
-                503,
-                "tuple_space_exhausted",
-                "every source address and port of this worker is in use towards the pool",
-                (("Retry-After", "1"),),
-            )
-        elif h.tried and h.timeouts == len(h.tried):
-            r = Reject(504, "upstream_timeout", "no server of the pool answered in time")
-        else:
-            r = Reject(502, "upstream_unavailable", "no server of the pool accepted the connection")
-        self._reject(h, r)
+        self._reject(h, connect_refusal(h.exhausted, len(h.tried), h.timeouts))
 
     def _connect_server(self, h: Handshake, server: ServerState) -> bool:
         for endpoint in server.endpoints_by_use():
@@ -772,6 +763,22 @@ class HandshakeEngine:
         h.client_io.close(h.client)
         self._done_with(h)
         h.lease.release()
+
+
+def connect_refusal(exhausted: bool, tried: int, timeouts: int) -> Reject:
+    """The answer when no server of the pool took the connection:
+    ``exhausted``, some server was skipped for lack of tuple space; of the
+    ``tried`` servers, ``timeouts`` timed out."""
+    if exhausted:
+        return Reject(
+            503,
+            "tuple_space_exhausted",
+            "every source address and port of this worker is in use towards the pool",
+            (("Retry-After", "1"),),
+        )
+    if tried and timeouts == tried:
+        return Reject(504, "upstream_timeout", "no server of the pool answered in time")
+    return Reject(502, "upstream_unavailable", "no server of the pool accepted the connection")
 
 
 def _take(listener: socket.socket) -> tuple[int, Any] | None:

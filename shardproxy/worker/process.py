@@ -65,8 +65,7 @@ from shardproxy.engine.api import (
     TunnelStats,
     Upgraded,
 )
-from shardproxy.engine.factory import relay_engine
-from shardproxy.engine.handshake import HandshakeEngine
+from shardproxy.engine.factory import handshake_engine, relay_engine
 from shardproxy.engine.upstream import TupleSpace, Upstream
 from shardproxy.host.rlimits import fd_capacity, raise_nofile_limit
 from shardproxy.policy.admission import Admission, AdmissionLease
@@ -153,7 +152,7 @@ class Worker:
         self.draining = False
         self.generation = 1
         self.log = logs.get_logger()
-        self.handshake: Handshakes = HandshakeEngine(
+        self.handshake: Handshakes = handshake_engine(
             cfg.proxy,
             listeners,
             self.admission,
@@ -557,6 +556,7 @@ async def serve(slot: int, control_fd: int, listen_fds: list[int]) -> None:
                     "shardproxy.ports": str(ports),
                     "shardproxy.allocator": up.allocator,
                     "shardproxy.engine": choice.ENGINE,
+                    "shardproxy.handshake_engine": worker.handshake.kind,
                 },
             )
     finally:

@@ -22,7 +22,6 @@ from peers import RawServer, closed_port, read_head, upgrade_head, websocket_acc
 from shardproxy.config import PortRange, ServerConfig, from_mapping
 from shardproxy.control.addrplan import read_system_port_range
 from shardproxy.engine.api import Upgraded
-from shardproxy.engine.handshake import HandshakeEngine
 from shardproxy.engine.transport import Transport
 from shardproxy.engine.upstream import Upstream
 from shardproxy.policy.admission import Admission, AdmissionLease
@@ -32,7 +31,7 @@ from shardproxy.policy.routing import Router
 from shardproxy.protocol.errors import Reject
 from shardproxy.protocol.upgrade import UpgradeRequest
 
-# On both engines: the Python handshake engine with either head parser.
+# On both engines: the Python handshake engine, and the compiled one.
 pytestmark = pytest.mark.usefixtures("engine_kind")
 
 HEADER_TIMEOUT = 0.3
@@ -68,7 +67,7 @@ class Harness:
         pools = self.pools = {p.name: PoolRegistry(p) for p in cfg.pools}
         self.upstream = upstream
         self.admission = Admission(100)
-        self.engine = HandshakeEngine(
+        self.engine = current.handshake(
             cfg.proxy,
             [self.listener],
             self.admission,

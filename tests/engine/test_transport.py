@@ -105,6 +105,9 @@ def test_the_relay_reads_writes_and_shuts_down_through_the_transports() -> None:
     assert (toy.calls["shutdown_write"], toy.calls["close"]) == (1, 1)
 
 
+# The compiled handshake engine takes plain listeners only (a worker with
+# another transport runs the Python one: engine/factory.py).
+@pytest.mark.python_engine_only
 def test_the_handshake_engine_uses_the_listeners_transport() -> None:
     toy = XorTransport()
     heads: list[bytes] = []

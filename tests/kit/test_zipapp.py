@@ -74,9 +74,10 @@ def test_the_build_is_one_executable_file_for_the_system_python(
     version = run(build, "version")
     assert version.returncode == 0 and version.stdout.startswith("shardproxy ")
     if shutil.which("gcc"):  # the build compiled the C engine: the zipapp carries and loads it
-        assert "engine: compiled (the relay and the HTTP head parser in C" in version.stdout, (
-            version.stdout
-        )
+        assert (
+            "engine: compiled (the relay, the handshakes' I/O and the HTTP head parser in C"
+            in version.stdout
+        ), version.stdout
 
 
 def test_check_and_plan_run_from_the_build(build: tuple[Path, dict[str, str]]) -> None:
