@@ -245,17 +245,33 @@ def proxy_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     tests in test_supervisor.py (worker replacement after SIGKILL),
     test_metrics.py, test_health.py (Close 1001 when a server goes down),
     test_ecs.py (every access event field) and test_autobahn.py (Pongs of
-    Autobahn's client stop at the proxy). The bad-input tests run once: the
-    handshake engine is the same Python code under both until it is
-    compiled, and then they join this list. About two minutes of CI."""
+    Autobahn's client stop at the proxy), and e2e/test_bad_input.py (every
+    bad-input answer and timeout, through :func:`module_proxy_engine`).
+    About three minutes of CI."""
     name: str = request.param
+    _run_engine(monkeypatch, name)
+    return name
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def module_proxy_engine(request: pytest.FixtureRequest) -> Iterator[str]:
+    """:func:`proxy_engine` for a module whose tests share one proxy (a
+    module-scoped fixture that depends on this one): the module's tests
+    run once per engine."""
+    name: str = request.param
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _run_engine(monkeypatch, name)
+        yield name
+
+
+def _run_engine(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Proxies started from now on run engine ``name``."""
     if name == "compiled":
         if COMPILED is None:
             pytest.skip("the compiled engine was not built")
         monkeypatch.delenv("SHARDPROXY_PURE", raising=False)
     else:
         monkeypatch.setenv("SHARDPROXY_PURE", "1")
-    return name
 
 
 @pytest.fixture(params=ENGINES)

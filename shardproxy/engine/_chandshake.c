@@ -438,11 +438,7 @@ hs_write(Handshaker *self, sp_hs *h)
     PyMem_Free(h->buf);
     h->buf = NULL;
     h->len = h->off = 0;
-    if (h->to_backend)
-        hs_want(self, fd, &h->bmask, 0);
-    else
-        hs_want(self, fd, &h->cmask, 0);
-    hs_after_write(self, h);
+    hs_after_write(self, h);  /* which sets the masks: one epoll_ctl MOD, not a DEL and an ADD */
 }
 
 /* HandshakeEngine._hand_over: both descriptors go to the owner. */
@@ -503,6 +499,7 @@ hs_after_write(Handshaker *self, sp_hs *h)
         break;
     case SP_THEN_READ_BODY:
         h->state = SP_HS_PASS_BODY;
+        hs_want(self, h->cfd, &h->cmask, 0);
         hs_want(self, h->bfd, &h->bmask, SP_IN);
         break;
     default: /* SP_THEN_ANSWERED */
@@ -1192,10 +1189,98 @@ static PyTypeObject HandshakerType = {
     .tp_as_sequence = &Handshaker_as_sequence,
 };
 
+/* -- connect_tcp: engine/upstream.py's _kernel without a socket object ----- */
+
+static int
+hs_sockaddr(int family, const char *host, int port, struct sockaddr_storage *ss, socklen_t *len)
+{
+    memset(ss, 0, sizeof(*ss));
+    if (family == AF_INET6) {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *)ss;
+        a->sin6_family = AF_INET6;
+        a->sin6_port = htons((uint16_t)port);
+        *len = sizeof(*a);
+        return inet_pton(AF_INET6, host, &a->sin6_addr) == 1 ? 0 : -1;
+    }
+    struct sockaddr_in *a = (struct sockaddr_in *)ss;
+    a->sin_family = AF_INET;
+    a->sin_port = htons((uint16_t)port);
+    *len = sizeof(*a);
+    return inet_pton(AF_INET, host, &a->sin_addr) == 1 ? 0 : -1;
+}
+
+/* connect_tcp(family, source, host, port, options) -> fd: a non-blocking,
+ * close-on-exec TCP socket with options ((level, name, int | bytes), ...)
+ * set in order, bound to source (port 0) unless None, its connect to
+ * host:port under way. OSError with the errno of the call that failed (the
+ * socket closed); ValueError for an address inet_pton does not read. */
+static PyObject *
+sp_connect_tcp(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    int family, port;
+    const char *source, *host;
+    PyObject *options;
+    if (!PyArg_ParseTuple(args, "izsiO!", &family, &source, &host, &port, &PyTuple_Type, &options))
+        return NULL;
+    if ((family != AF_INET && family != AF_INET6) || port < 0 || port > 65535) {
+        PyErr_SetString(PyExc_ValueError, "connect_tcp: AF_INET or AF_INET6, a port");
+        return NULL;
+    }
+    struct sockaddr_storage dst, src;
+    socklen_t dst_len, src_len = 0;
+    if (hs_sockaddr(family, host, port, &dst, &dst_len) < 0
+        || (source != NULL && hs_sockaddr(family, source, 0, &src, &src_len) < 0)) {
+        PyErr_SetString(PyExc_ValueError, "connect_tcp: not a numeric address");
+        return NULL;
+    }
+    int fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(options); i++) {
+        int level, name;
+        PyObject *value;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(options, i), "iiO", &level, &name, &value)) {
+            close(fd);
+            return NULL;
+        }
+        int rc;
+        if (PyBytes_Check(value)) {
+            rc = setsockopt(fd, level, name, PyBytes_AS_STRING(value),
+                            (socklen_t)PyBytes_GET_SIZE(value));
+        } else {
+            int number = (int)PyLong_AsLong(value);
+            if (number == -1 && PyErr_Occurred()) {
+                close(fd);
+                return NULL;
+            }
+            rc = setsockopt(fd, level, name, &number, sizeof(number));
+        }
+        if (rc < 0)
+            goto failed;
+    }
+    if (source != NULL && bind(fd, (struct sockaddr *)&src, src_len) < 0)
+        goto failed;
+    if (connect(fd, (struct sockaddr *)&dst, dst_len) < 0 && errno != EINPROGRESS)
+        goto failed;
+    return PyLong_FromLong(fd);
+failed: {
+    int err = errno;
+    close(fd);
+    errno = err;
+    return PyErr_SetFromErrno(PyExc_OSError);
+}
+}
+
+static PyMethodDef hs_functions[] = {
+    {"connect_tcp", (PyCFunction)sp_connect_tcp, METH_VARARGS,
+     "connect_tcp(family, source, host, port, options) -> fd"},
+    {NULL, NULL, 0, NULL},
+};
+
 int
 sp_handshaker_add(PyObject *module)
 {
-    if (PyType_Ready(&HandshakerType) < 0)
+    if (PyType_Ready(&HandshakerType) < 0 || PyModule_AddFunctions(module, hs_functions) < 0)
         return -1;
     Py_INCREF(&HandshakerType);
     if (PyModule_AddObject(module, "Handshaker", (PyObject *)&HandshakerType) < 0) {

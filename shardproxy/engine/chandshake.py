@@ -321,7 +321,7 @@ class CompiledHandshakeEngine:
     def _connect_server(self, hid: int, p: _Pending, server: ServerState) -> bool:
         for endpoint in server.endpoints_by_use():
             try:
-                sock, space, port = self.upstream.connect(endpoint.endpoint)
+                fd, space, port = self.upstream.connect_fd(endpoint.endpoint)
             except Exhausted:
                 p.exhausted = True
                 continue
@@ -333,7 +333,7 @@ class CompiledHandshakeEngine:
             p.lease.hold_upstream(endpoint, space, port)
             assert p.request is not None
             p.response = ResponseReader(p.request, self.proxy.max_header_bytes, self._parsers)
-            self._core.connect(hid, sock.detach(), self._head(hid, p))
+            self._core.connect(hid, fd, self._head(hid, p))
             return True
         return False
 

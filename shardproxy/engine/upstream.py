@@ -34,18 +34,22 @@ import errno
 import os
 import socket
 from collections import deque
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from shardproxy.config import Endpoint, KeepaliveConfig, PortRange
+from shardproxy.engine import choice
 from shardproxy.host.sockopts import (
     AUTO_SOURCE,
     IP_BIND_ADDRESS_NO_PORT,
     IP_LOCAL_PORT_RANGE,
+    SocketOption,
+    keepalive_options,
     port_range_option,
     set_tcp_keepalive,
 )
 
+_Attempt = TypeVar("_Attempt")
 PORT_TRIES = 8  # userspace: ports tried per pair before the pair counts as full for now
 _FULL = {errno.EADDRNOTAVAIL, errno.EADDRINUSE}
 
@@ -150,6 +154,13 @@ class Upstream:
         self.allocator = allocator
         self.keepalive = keepalive
         self._range_option = port_range_option(ports)
+        # What _kernel sets, in its order, for connect_tcp.
+        options: list[SocketOption] = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+        if keepalive is not None and keepalive.tcp_idle > 0:
+            options += keepalive_options(keepalive)
+        options.append((socket.IPPROTO_IP, IP_LOCAL_PORT_RANGE, self._range_option))
+        self._options = tuple(options)
+        self._bound_options = (*options, (socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1))
         self._sources = tuple(sources) or (AUTO_SOURCE,)
         self._excluded = frozenset(excluded)
         self._spaces: dict[Endpoint, list[TupleSpace]] = {}
@@ -177,6 +188,23 @@ class Upstream:
         with :meth:`TupleSpace.release`, 0 when the kernel chose it). Raises
         :class:`Exhausted` when no source address has room and ``OSError``
         when the connect fails otherwise (refused at once, say)."""
+        return self._connect_from(
+            endpoint, self._kernel if self.allocator == "kernel" else self._userspace
+        )
+
+    def connect_fd(self, endpoint: Endpoint) -> tuple[int, TupleSpace, int]:
+        """:meth:`connect`, the socket a bare descriptor (the compiled
+        handshake engine's): with the kernel allocator and the compiled
+        module, made by its ``connect_tcp`` in one call, no socket object."""
+        return self._connect_from(
+            endpoint, self._kernel_fd if self.allocator == "kernel" else self._userspace_fd
+        )
+
+    def _connect_from(
+        self, endpoint: Endpoint, attempt: Callable[[TupleSpace], _Attempt | None]
+    ) -> _Attempt:
+        """The next source address's space with room, in turn, and
+        ``attempt`` on it until one succeeds."""
         spaces = self._spaces_of(endpoint)
         n = len(spaces)
         if not n:  # no source address of the endpoint's family
@@ -187,10 +215,10 @@ class Upstream:
             space = spaces[(turn + i) % n]
             if space.full:
                 continue
-            attempt = self._kernel(space) if self.allocator == "kernel" else self._userspace(space)
-            if attempt is not None:
+            made = attempt(space)
+            if made is not None:
                 space.used += 1
-                return attempt
+                return made
         raise Exhausted
 
     def snapshot(self) -> list[dict[str, Any]]:
@@ -222,6 +250,31 @@ class Upstream:
                 return None  # this source address is full for this endpoint in our slice
             raise
         return sock, space, 0
+
+    def _kernel_fd(self, space: TupleSpace) -> tuple[int, TupleSpace, int] | None:
+        compiled = choice.COMPILED
+        endpoint = space.endpoint
+        if compiled is not None:
+            options = self._bound_options if space.address is not None else self._options
+            family = socket.AF_INET6 if _family(endpoint.host) == 6 else socket.AF_INET
+            try:
+                fd = compiled.connect_tcp(
+                    family, space.address, endpoint.host, endpoint.port, options
+                )
+            except ValueError:
+                pass  # an address inet_pton does not read (a scope id): the socket module does
+            except OSError as e:
+                if e.errno in _FULL:
+                    return None
+                raise
+            else:
+                return fd, space, 0
+        made = self._kernel(space)
+        return None if made is None else (made[0].detach(), space, 0)
+
+    def _userspace_fd(self, space: TupleSpace) -> tuple[int, TupleSpace, int] | None:
+        made = self._userspace(space)
+        return None if made is None else (made[0].detach(), made[1], made[2])
 
     def _userspace(self, space: TupleSpace) -> tuple[socket.socket, TupleSpace, int] | None:
         address = space.address or ("::" if _family(space.endpoint.host) == 6 else "0.0.0.0")

@@ -28,11 +28,21 @@ def port_range_option(ports: PortRange) -> bytes:
     return struct.pack("=I", ports.first | ports.last << 16)
 
 
-def set_tcp_keepalive(sock: socket.socket, cfg: KeepaliveConfig) -> None:
+SocketOption = tuple[int, int, int | bytes]  # (level, name, value) for setsockopt
+
+
+def keepalive_options(cfg: KeepaliveConfig) -> list[SocketOption]:
+    """The setsockopt calls that give a socket ``cfg``'s TCP keepalive."""
     if cfg.tcp_idle <= 0:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)
-        return
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, round(cfg.tcp_idle)))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, round(cfg.tcp_interval)))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, cfg.tcp_count)
+        return [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)]
+    return [
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, round(cfg.tcp_idle))),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, round(cfg.tcp_interval))),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, cfg.tcp_count),
+    ]
+
+
+def set_tcp_keepalive(sock: socket.socket, cfg: KeepaliveConfig) -> None:
+    for level, name, value in keepalive_options(cfg):
+        sock.setsockopt(level, name, value)

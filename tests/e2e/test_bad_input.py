@@ -1,7 +1,7 @@
 """Bad input from clients and backends: each gets its clear answer, and the
 worker stays up with its established tunnels untouched.
 
-One proxy serves the whole module. A tunnel opened before the first test
+One proxy per engine serves the whole module. A tunnel opened before the first test
 (`witness`) must still echo after the last, on the same worker processes.
 """
 
@@ -109,7 +109,8 @@ class Lab:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+def lab(tmp_path_factory: pytest.TempPathFactory, module_proxy_engine: str) -> Iterator[Lab]:
+    """On each engine in turn (conftest.module_proxy_engine)."""
     with (
         WsBackend() as backend,
         RawServer(_silent) as silent,

@@ -17,7 +17,14 @@ from collections.abc import Awaitable, Callable, Sequence
 import pytest
 import trio
 from engines import current
-from peers import RawServer, closed_port, read_head, upgrade_head, websocket_accept
+from peers import (
+    RawServer,
+    closed_port,
+    read_head,
+    read_until_closed,
+    upgrade_head,
+    websocket_accept,
+)
 
 from shardproxy.config import PortRange, ServerConfig, from_mapping
 from shardproxy.control.addrplan import read_system_port_range
@@ -268,3 +275,121 @@ def test_servers_added_and_removed_at_runtime() -> None:
 
     with RawServer(_accepting_backend) as backend, RawServer(_accepting_backend) as later:
         run([backend.port], test)
+
+
+async def _answer(c: socket.socket) -> bytes:
+    return await trio.to_thread.run_sync(read_until_closed, c)
+
+
+async def _leases_back(h: Harness) -> None:
+    """Every lease given back (after a lingering close, which no event marks)."""
+    with trio.fail_after(5):
+        while h.admission.in_use:
+            await trio.sleep(0.01)
+
+
+def test_heads_the_reader_refuses_get_their_answers() -> None:
+    """Over max_header_bytes (431, also when it comes in pieces), closed
+    before its end (400 client_closed), malformed (400)."""
+
+    async def test(h: Harness) -> None:
+        big, pieces, early, bad = (client(h.port) for _ in range(4))
+        big.sendall(b"GET / HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n")
+        for _ in range(3):
+            pieces.sendall(b"X-Long: " + b"b" * 7000 + b"\r\n")
+            await trio.sleep(0.01)  # separate reads
+        early.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        early.shutdown(socket.SHUT_WR)
+        bad.sendall(b"GET / HTTP/1.1\r\nno colon here\r\n\r\n")
+        await h.events.until(lambda: len(h.events.refusals) == 4, "four refusals")
+        reasons = sorted((r.status, r.reason) for r in h.events.refusals)
+        assert reasons == [
+            (400, "bad_request"),
+            (400, "client_closed"),
+            (431, "header_too_large"),
+            (431, "header_too_large"),
+        ]
+        for c, status in ((big, 431), (pieces, 431), (early, 400), (bad, 400)):
+            assert (await _answer(c)).startswith(b"HTTP/1.1 %d " % status)
+            c.close()
+        await _leases_back(h)
+        assert not h.events.tunnels and not h.events.connect_failures
+
+    with RawServer(_accepting_backend) as backend:
+        run([backend.port], test)
+
+
+def _refusing_backend_with_a_late_body(conn: socket.socket) -> None:
+    read_head(conn)
+    conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 10\r\n\r\nfirst")
+    time.sleep(0.05)  # the rest of the body in a later read
+    conn.sendall(b"-half")
+    conn.recv(1)
+
+
+def test_a_non_101_answer_and_its_body_are_passed_back_then_closed() -> None:
+    async def test(h: Harness) -> None:
+        c = client(h.port)
+        c.sendall(upgrade_head("/"))
+        answer = await _answer(c)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 403 Forbidden") and b"Connection: close" in head
+        assert body == b"first-half"
+        (r,) = h.events.refusals
+        assert (r.status, r.reason) == (403, "backend_refused")
+        c.close()
+        await _leases_back(h)
+
+    with RawServer(_refusing_backend_with_a_late_body) as backend:
+        run([backend.port], test)
+
+
+def _vanishing_backend(conn: socket.socket) -> None:
+    read_head(conn)  # and closes without an answer
+
+
+def test_a_backend_that_closes_before_its_answer_is_502() -> None:
+    async def test(h: Harness) -> None:
+        c = client(h.port)
+        c.sendall(upgrade_head("/"))
+        assert (await _answer(c)).startswith(b"HTTP/1.1 502 ")
+        (r,) = h.events.refusals
+        assert (r.status, r.reason) == (502, "bad_gateway")
+        assert "backend closed before its response head" in r.detail
+        c.close()
+        await _leases_back(h)
+
+    with RawServer(_vanishing_backend) as backend:
+        run([backend.port], test)
+
+
+def test_the_first_tunnel_bytes_each_way_are_handed_over() -> None:
+    """Bytes behind the request head and behind the 101 go to the relay."""
+
+    def backend(conn: socket.socket) -> None:
+        head = read_head(conn)
+        key = [v for v in head.split(b"\r\n") if v.lower().startswith(b"sec-websocket-key:")]
+        conn.sendall(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: "
+            + websocket_accept(key[0].split(b":", 1)[1].strip())
+            + b"\r\n\r\n\x81\x02hi"
+        )
+        conn.recv(1)
+
+    async def test(h: Harness) -> None:
+        c = client(h.port)
+        c.sendall(upgrade_head("/") + b"\x81\x82abcd\x09\x0d")
+        await h.events.until(lambda: bool(h.events.tunnels), "the tunnel")
+        (u,) = h.events.tunnels
+        assert u.to_backend == b"\x81\x82abcd\x09\x0d"
+        with trio.fail_after(5):  # the 101 and the frame behind it may come in one read
+            while not u.to_client:
+                await trio.sleep(0.01)  # (they are one send, so they do)
+        assert u.to_client == b"\x81\x02hi"
+        assert u.seconds > 0 and u.lease.client_port == c.getsockname()[1]
+        assert (await trio.to_thread.run_sync(read_head, c)).startswith(b"HTTP/1.1 101")
+        c.close()
+
+    with RawServer(backend) as server:
+        run([server.port], test)
