@@ -96,6 +96,39 @@ def ecs_json(_: WrappedLogger, method_name: str, event: EventDict) -> str:
     return orjson.dumps(doc, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
+_static: dict[str, Any] = {}  # configure's static fields, nested
+_min_level = logging.INFO
+_LEVELS = logging.getLevelNamesMapping()
+
+
+def emit_nested(message: str, fields: dict[str, Any], level: str = "info") -> None:
+    """One event whose fields are nested already (namespaces as dicts, no
+    dotted keys), written without structlog's chain: the same document as
+    a ``log.<level>(message, **fields)`` would give, for the access event
+    a worker writes per tunnel (structlog's bound logger and the nesting of
+    every key took 14 µs of it). ``fields`` may be changed (the static
+    fields are merged into its namespaces)."""
+    if _LEVELS[level.upper()] < _min_level:
+        return
+    for key, value in _static.items():
+        have = fields.get(key)
+        if have is None:
+            fields[key] = value
+        elif type(have) is dict:
+            for name, inner in value.items():
+                have.setdefault(name, inner)
+    doc: dict[str, Any] = {
+        "@timestamp": _timestamp(time.time()),
+        "log.level": level,
+        "message": message,
+    }
+    doc.update(fields)
+    doc["ecs"] = {"version": ECS_VERSION}
+    text = orjson.dumps(doc, default=str, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE)
+    _stream.write(text.decode())
+    _stream.flush()
+
+
 class LogFile:
     """The log file, as the stream structlog writes to: each line goes out
     in one ``os.write`` on an ``O_APPEND`` descriptor; :meth:`reopen`
@@ -160,8 +193,10 @@ def configure(
             event.setdefault(key, value)
         return event
 
-    global _stream
+    global _stream, _static, _min_level
     _stream = stream or sys.stdout
+    _static = _nest(fields)
+    _min_level = logging.getLevelNamesMapping()[level.upper()]
     structlog.configure(
         processors=[add_static, ecs_json],
         wrapper_class=structlog.make_filtering_bound_logger(

@@ -345,8 +345,6 @@ class Worker:
         route = info.route
         if not self.config.log.access or not self.access_sampler.keep(route, route.access_sample):
             return
-        # Namespaces are passed nested: this event is logged once per tunnel,
-        # and nesting here saves the renderer splitting twenty dotted keys.
         ours: dict[str, Any] = {
             "route": _route_name(route),
             "pool": route.pool,
@@ -366,31 +364,30 @@ class Worker:
             }
         if route.access_sample < 1.0:  # one event stands for 1/access_sample tunnels
             ours["access_sample"] = route.access_sample
-        claims: dict[str, Any] = {}
-        if info.user_agent is not None:
-            claims["user_agent"] = {"original": info.user_agent}
-        if forwarded_ip is not None:
-            claims["network"] = {"forwarded_ip": forwarded_ip}
-        self.log.info(
-            "tunnel closed",
-            client={"ip": client_ip, "port": peer.client_port},
-            source={"ip": info.space.seen_address, "port": peer.source_port},
-            destination={"ip": ep.host, "port": ep.port},
-            url={"path": info.path},
-            http=_GET,
-            shardproxy=ours,
-            **claims,
-            **{
-                "event.kind": _EVENT,
-                "event.category": _NETWORK,
-                "event.type": _TYPE_END,
-                "event.action": "tunnel-closed",
-                "event.outcome": (
+        fields: dict[str, Any] = {
+            "client": {"ip": client_ip, "port": peer.client_port},
+            "source": {"ip": info.space.seen_address, "port": peer.source_port},
+            "destination": {"ip": ep.host, "port": ep.port},
+            "url": {"path": info.path},
+            "http": _GET,
+            "shardproxy": ours,
+            "event": {
+                "kind": _EVENT,
+                "category": _NETWORK,
+                "type": _TYPE_END,
+                "action": "tunnel-closed",
+                "outcome": (
                     "success" if outcome in (CLOSED, DRAINED) and error_by is None else "failure"
                 ),
-                "event.duration": int(duration * 1e9),
+                "duration": int(duration * 1e9),
             },
-        )
+        }
+        if info.user_agent is not None:
+            fields["user_agent"] = {"original": info.user_agent}
+        if forwarded_ip is not None:
+            fields["network"] = {"forwarded_ip": forwarded_ip}
+        # Once per tunnel: nested already, past structlog's chain (logs.emit_nested).
+        logs.emit_nested("tunnel closed", fields)
 
     def _count_bad_stream(self, up: FlowStats, down: FlowStats) -> str | None:
         """The side (``client`` or ``backend``) whose Close said the stream

@@ -67,3 +67,32 @@ def test_configured_logger_writes_one_line_per_event_with_static_fields() -> Non
     assert first["process"]["pid"] > 0
     assert second["log.level"] == "error"
     assert "ValueError: boom" in second["error"]["stack_trace"]
+
+
+def test_a_nested_event_is_the_document_the_logger_writes() -> None:
+    """logs.emit_nested (the access event's path past structlog) writes what
+    log.info writes for the same fields, the static ones merged in; below
+    the configured level it writes nothing."""
+    stream = io.StringIO()
+    logs.configure("info", {"shardproxy.worker": 3}, stream=stream)
+
+    def fields() -> dict[str, Any]:
+        return {
+            "client": {"ip": "127.0.0.1", "port": 5},
+            "shardproxy": {"outcome": "closed", "bytes": {"up": 1, "down": 2}},
+            "event": {"action": "tunnel-closed", "category": ("network",)},
+            "user_agent": {"original": "ünïcode ✓"},
+        }
+
+    dotted = fields()
+    for name, value in dotted.pop("event").items():  # structlog's own argument is "event"
+        dotted[f"event.{name}"] = value
+    logs.get_logger().info("tunnel closed", **dotted)
+    logs.emit_nested("tunnel closed", fields())
+    logs.emit_nested("not written", fields(), level="debug")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    by_logger, nested = (json.loads(line) for line in lines)
+    by_logger.pop("@timestamp"), nested.pop("@timestamp")
+    assert nested == by_logger
+    assert nested["shardproxy"]["worker"] == 3 and nested["observer"]["product"] == "shardproxy"
