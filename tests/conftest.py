@@ -107,16 +107,12 @@ class Proxy:
             if e.get("process", {}).get("name") == "worker"
         }
         assert engines == {expected}, f"workers run {engines}, not {expected!r}"
-        # The compiled handshake engine takes plain listeners without PROXY
-        # headers (engine/factory.py); a worker with others runs the Python one.
-        proxied = b"accept_proxy" in config_path.read_bytes()
         handshakes = {
             e.get("shardproxy", {}).get("handshake_engine")
             for e in self.actions("worker-ready")
             if e.get("process", {}).get("name") == "worker"
         }
-        wanted = "python" if proxied else expected
-        assert handshakes == {wanted}, f"workers' handshakes run {handshakes}, not {wanted!r}"
+        assert handshakes == {expected}, f"workers' handshakes run {handshakes}, not {expected!r}"
 
     @property
     def url(self) -> str:

@@ -21,7 +21,8 @@
  *                                     (the core read nothing)
  *   REQUEST(hid, bytes)               the client's bytes once they hold a
  *                                     head end, exceed max_header_bytes, or
- *                                     b"" at EOF (RequestReader.feed's input)
+ *                                     b"" at EOF (RequestReader.feed's input);
+ *                                     from a raw (PROXY) listener, each read
  *   FAILED(hid, errno)                the client's socket failed; all closed
  *   CONNECTED(hid, ip, port)          the upstream connect completed
  *                                     (its source address, for the lease)
@@ -110,6 +111,8 @@ typedef struct sp_hs {
     int cfd, bfd;                 /* bfd -1: no upstream connection */
     uint8_t cmask, bmask;         /* what each waits for (SP_IN | SP_OUT) */
     uint8_t state, then, to_backend, timer;
+    uint8_t raw;                  /* a PROXY listener's: every read goes to Python */
+    uint8_t expired;              /* its header deadline passed during a last look */
 } sp_hs;
 
 #define SP_IN 1
@@ -125,6 +128,7 @@ typedef struct {
     sp_hs **by_fd;                /* client and backend descriptors */
     size_t cap;
     int *listeners;
+    uint8_t *raw;                 /* per listener: its connections read raw */
     size_t nlisteners, caplisteners;
     uint8_t accepting;            /* the listeners are in the set */
     uint8_t full;                 /* max_handshakes in flight */
@@ -374,6 +378,12 @@ hs_read_request(Handshaker *self, sp_hs *h)
         hs_event(self, "(iKy#)", SP_EV_REQUEST, (unsigned long long)h->hid, "", (Py_ssize_t)0);
         return;
     }
+    if (h->raw) {  /* a PROXY header first: the Python side reads it, and the head */
+        hs_decide(self, h);
+        hs_event(self, "(iKy#)", SP_EV_REQUEST, (unsigned long long)h->hid,
+                 (const char *)self->scratch, (Py_ssize_t)n);
+        return;
+    }
     size_t old = h->len, total = old + (size_t)n;
     const uint8_t *bytes = self->scratch;
     if (old) {
@@ -576,6 +586,10 @@ hs_read_backend(Handshaker *self, sp_hs *h)
 static sp_hs *
 hs_new(Handshaker *self, int listener, int fd, const struct sockaddr_storage *addr, int refused)
 {
+    int raw = 0;
+    for (size_t i = 0; i < self->nlisteners; i++)
+        if (self->listeners[i] == listener)
+            raw = self->raw[i];
     sp_hs *h = NULL;
     if (hs_slot(self, fd) < 0 || (h = PyMem_Calloc(1, sizeof(*h))) == NULL) {
         close(fd);
@@ -587,6 +601,7 @@ hs_new(Handshaker *self, int listener, int fd, const struct sockaddr_storage *ad
     h->cfd = fd;
     h->bfd = -1;
     h->timer = SP_T_NONE;
+    h->raw = (uint8_t)raw;
     h->started = hs_now();
     self->by_fd[fd] = h;
     self->count++;
@@ -702,8 +717,13 @@ hs_timed_out(Handshaker *self, sp_hs *h)
         uint64_t hid = h->hid;
         hs_read_request(self, h);  /* its event may be queued behind others */
         h = self->by_fd[cfd];      /* NULL if it failed (and was freed) */
-        if (h == NULL || h->hid != hid || h->state != SP_HS_READ_REQUEST)
+        if (h == NULL || h->hid != hid)
             return;
+        if (h->state != SP_HS_READ_REQUEST) {
+            /* A raw read handed to Python: if it asks for more, the time is up. */
+            h->expired = h->raw;
+            return;
+        }
         what = SP_TO_REQUEST;
         break;
     }
@@ -832,17 +852,20 @@ Handshaker_dealloc(Handshaker *self)
     }
     PyMem_Free(self->by_fd);
     PyMem_Free(self->listeners);
+    PyMem_Free(self->raw);
     PyMem_Free(self->scratch);
     Py_XDECREF(self->events);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* listen(fd): accept on it (while neither a backoff nor the limit says wait). */
+/* listen(fd, raw): accept on it (while neither a backoff nor the limit says
+ * wait); raw: its connections begin with a PROXY header, so every read of
+ * theirs goes to Python until it has the head (read_more asks for the next). */
 static PyObject *
-Handshaker_listen(Handshaker *self, PyObject *arg)
+Handshaker_listen(Handshaker *self, PyObject *args)
 {
-    int fd = (int)PyLong_AsLong(arg);
-    if ((fd == -1 && PyErr_Occurred()) || hs_ready(self) < 0)
+    int fd, raw;
+    if (!PyArg_ParseTuple(args, "ip", &fd, &raw) || hs_ready(self) < 0)
         return NULL;
     if (self->nlisteners == self->caplisteners) {
         size_t cap = self->caplisteners ? self->caplisteners * 2 : 4;
@@ -850,8 +873,13 @@ Handshaker_listen(Handshaker *self, PyObject *arg)
         if (grown == NULL)
             return PyErr_NoMemory();
         self->listeners = grown;
+        uint8_t *flags = PyMem_Realloc(self->raw, cap);
+        if (flags == NULL)
+            return PyErr_NoMemory();
+        self->raw = flags;
         self->caplisteners = cap;
     }
+    self->raw[self->nlisteners] = (uint8_t)raw;
     self->listeners[self->nlisteners++] = fd;
     if (self->accepting) {
         struct epoll_event ev = {0};
@@ -877,7 +905,9 @@ Handshaker_unlisten(Handshaker *self, PyObject *arg)
             continue;
         if (self->accepting)
             (void)epoll_ctl(self->epfd, EPOLL_CTL_DEL, fd, NULL);
-        self->listeners[i] = self->listeners[--self->nlisteners];
+        self->nlisteners--;
+        self->listeners[i] = self->listeners[self->nlisteners];
+        self->raw[i] = self->raw[self->nlisteners];
         break;
     }
     Py_RETURN_NONE;
@@ -1070,8 +1100,9 @@ Handshaker_respond(Handshaker *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* read_more(hid): go on reading the backend's answer (after a RESPONSE
- * that did not complete its head). */
+/* read_more(hid): go on reading: the backend's answer after a RESPONSE
+ * that did not complete its head, or a raw connection's PROXY header and
+ * head (TIMEOUT instead once their deadline passed). */
 static PyObject *
 Handshaker_read_more(Handshaker *self, PyObject *arg)
 {
@@ -1080,8 +1111,17 @@ Handshaker_read_more(Handshaker *self, PyObject *arg)
     if (found <= 0)
         return found < 0 ? NULL : Py_NewRef(Py_None);
     if (h->bfd < 0) {
-        PyErr_SetString(PyExc_RuntimeError, "read_more: no backend");
-        return NULL;
+        if (!h->raw) {
+            PyErr_SetString(PyExc_RuntimeError, "read_more: no backend, not a raw connection");
+            return NULL;
+        }
+        if (h->expired) {
+            hs_event(self, "(iKi)", SP_EV_TIMEOUT, (unsigned long long)h->hid, SP_TO_REQUEST);
+            Py_RETURN_NONE;
+        }
+        h->state = SP_HS_READ_REQUEST;
+        hs_want(self, h->cfd, &h->cmask, SP_IN);
+        Py_RETURN_NONE;
     }
     h->state = SP_HS_READ_RESPONSE;
     hs_want(self, h->bfd, &h->bmask, SP_IN);
@@ -1137,7 +1177,7 @@ Handshaker_len(Handshaker *self)
 }
 
 static PyMethodDef Handshaker_methods[] = {
-    {"listen", (PyCFunction)Handshaker_listen, METH_O, "listen(fd): accept on it"},
+    {"listen", (PyCFunction)Handshaker_listen, METH_VARARGS, "listen(fd, raw): accept on it"},
     {"unlisten", (PyCFunction)Handshaker_unlisten, METH_O, "unlisten(fd): stop accepting on it"},
     {"accept_one", (PyCFunction)Handshaker_accept_one, METH_VARARGS,
      "accept_one(fd, refuse) -> hid | None"},

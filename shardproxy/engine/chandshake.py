@@ -20,15 +20,17 @@ what the policy reads (the lease, the parsed request, the servers tried):
 those are Python objects the policy code takes anyway, and they live only
 until the 101 or the close.
 
-Which listeners: the core reads plain TCP and no PROXY header, so a worker
-whose listeners include a PROXY (``accept_proxy``) or non-plain (TLS, issue
-15) listener runs the Python engine instead (:func:`serves`; the factory
-decides, engine/factory.py). Differences from the Python engine that no
-client can see: the core reads at most ``max_header_bytes`` + 4 KiB for the
-head, so tunnel bytes sent behind a head beyond that wait in the socket for
-the relay; a connection refused at accept (over capacity, a drain) may have
-had its head read before the refusal, and is logged without it, as the
-Python engine does.
+Which listeners: the core reads plain TCP, so a worker with a non-plain
+(TLS, issue 15) listener runs the Python engine instead (:func:`serves`;
+the factory decides, engine/factory.py). A PROXY-protocol (``accept_proxy``)
+listener's connections are read raw: every read goes to this module, which
+reads the PROXY header and then the head with the Python engine's readers,
+asking the core for the next read (``read_more``) until it has them.
+Differences from the Python engine that no client can see: the core reads
+at most ``max_header_bytes`` + 4 KiB for the head, so tunnel bytes sent
+behind a head beyond that wait in the socket for the relay; a connection
+refused at accept (over capacity, a drain) may have had its head read
+before the refusal, and is logged without it, as the Python engine does.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from shardproxy.engine.api import HandshakeEvents, Upgraded
 from shardproxy.engine.handshake import (
     _OVER_CAPACITY,
     _SHUTTING_DOWN,
+    _UNTRUSTED,
     LINGER_TIMEOUT,
     connect_refusal,
 )
@@ -58,7 +61,7 @@ from shardproxy.policy.decisions import Decisions
 from shardproxy.policy.registry import ServerState
 from shardproxy.protocol.errors import NEED_DATA, BackendError, Reject
 from shardproxy.protocol.http1 import HeadParsers
-from shardproxy.protocol.proxyproto import encode_v2
+from shardproxy.protocol.proxyproto import HeaderReader, ProxyHeader, encode_v2, is_trusted
 from shardproxy.protocol.upgrade import (
     RequestReader,
     ResponseHead,
@@ -75,13 +78,9 @@ if TYPE_CHECKING:
 _FD = 0xFFFFFFFF  # a handshake id's low half: its client descriptor (see the C head comment)
 
 
-def serves(
-    proxy: ProxyConfig, listeners: Sequence[socket.socket], transports: Sequence[Transport]
-) -> bool:
-    """Whether the core can take every one of these listeners: plain TCP, no PROXY header."""
-    if choice.COMPILED is None or any(t is not PLAIN for t in transports):
-        return False
-    return not any(Endpoint(*s.getsockname()[:2]) in proxy.accept_proxy for s in listeners)
+def serves(transports: Sequence[Transport]) -> bool:
+    """Whether the core can take listeners with these transports: plain TCP only."""
+    return choice.COMPILED is not None and all(t is PLAIN for t in transports)
 
 
 class _Pending:
@@ -90,7 +89,9 @@ class _Pending:
     __slots__ = (
         "exhausted",
         "first_up",
+        "header",
         "lease",
+        "local",
         "port",
         "reader",
         "reject",
@@ -106,6 +107,8 @@ class _Pending:
         self.port = port  # of the listener: X-Forwarded-Port
         self.started = time.monotonic()
         self.reader: RequestReader | None = None
+        self.header: HeaderReader | None = None  # a PROXY header to read first
+        self.local: tuple[str, int] | None = None  # the address the client connected to
         self.request: UpgradeRequest | None = None
         self.first_up = b""
         self.tried: list[ServerState] = []
@@ -133,8 +136,8 @@ class CompiledHandshakeEngine:
         parsers: HeadParsers = choice.PARSERS,
     ) -> None:
         compiled = choice.COMPILED
-        if compiled is None or not serves(proxy, listeners, transports):
-            raise ValueError("the compiled handshake engine takes plain listeners without PROXY")
+        if compiled is None or not serves(transports):
+            raise ValueError("the compiled handshake engine takes plain listeners only")
         self.proxy = proxy
         self.admission = admission
         self.upstream = upstream
@@ -152,6 +155,9 @@ class CompiledHandshakeEngine:
         self._c = compiled
         self._listeners = list(listeners)
         self._ports = {s.fileno(): s.getsockname()[1] for s in listeners}
+        self._proxied = {
+            s.fileno(): Endpoint(*s.getsockname()[:2]) in proxy.accept_proxy for s in listeners
+        }
         self._pending: dict[int, _Pending] = {}
         self._internal_errors = 0
         self._refusal: Reject | None = None  # of the connections stop_accepting sweeps
@@ -173,7 +179,7 @@ class CompiledHandshakeEngine:
         self._handlers = [handlers[kind] for kind in range(len(handlers))]
         self._accept_error = c.EV_ACCEPT_ERROR
         for s in listeners:
-            self._core.listen(s.fileno())
+            self._core.listen(s.fileno(), self._proxied[s.fileno()])
 
     def __len__(self) -> int:
         """Handshakes in flight."""
@@ -276,12 +282,18 @@ class CompiledHandshakeEngine:
         lease = self.admission.lease(ip)
         lease.client_port = port
         p = self._pending[hid] = _Pending(lease, self._ports.get(listener, 0))
+        refuse = (self._refusal or _SHUTTING_DOWN) if refused else None
         if self.admission.over_capacity:
-            self._reject(hid, p, _OVER_CAPACITY)
-        elif refused:
-            self._reject(hid, p, self._refusal or _SHUTTING_DOWN)
-        else:
-            p.reader = RequestReader(self.proxy.max_header_bytes, self._parsers)
+            refuse = _OVER_CAPACITY
+        if refuse is None and self._proxied.get(listener):
+            if is_trusted(ip, self.proxy.trusted_proxies):
+                p.header = HeaderReader(self.proxy.max_header_bytes)
+            else:
+                refuse = _UNTRUSTED
+        if refuse is not None:
+            self._reject(hid, p, refuse)
+            return
+        p.reader = RequestReader(self.proxy.max_header_bytes, self._parsers)
 
     def _request(self, event: tuple[int, int, bytes]) -> None:
         _, hid, data = event
@@ -289,10 +301,23 @@ class CompiledHandshakeEngine:
         if p is None or p.reader is None:  # refused meanwhile
             return
         try:
+            if p.header is not None:
+                header = p.header.feed(data)
+                if header is NEED_DATA:
+                    self._core.read_more(hid)
+                    return
+                assert isinstance(header, ProxyHeader)
+                data = self._proxied_by(p, header)
+                if not data:
+                    self._core.read_more(hid)
+                    return
             result = p.reader.feed(data)
-            # The core gives a head end, too many bytes or EOF, on each of
-            # which the reader decides.
-            assert result is not NEED_DATA, "the core handed over an incomplete head"
+            # From a plain listener the core gives a head end, too many
+            # bytes or EOF, on each of which the reader decides; from a
+            # PROXY listener, every read.
+            if result is NEED_DATA:
+                self._core.read_more(hid)
+                return
             assert isinstance(result, UpgradeRequest)
             route = self.decisions.route(result)
             if route is None:
@@ -304,6 +329,16 @@ class CompiledHandshakeEngine:
             return
         p.request, p.lease.route, p.first_up, p.reader = result, route, p.reader.trailing, None
         self._connect_next(hid, p)
+
+    def _proxied_by(self, p: _Pending, header: ProxyHeader) -> bytes:
+        """HandshakeEngine._proxied_by: the PROXY header's client is the
+        client from now on; the bytes that came after it."""
+        assert p.header is not None
+        if header.source is not None:
+            p.lease.client_ip, p.lease.client_port = header.source
+            p.local = header.destination
+        rest, p.header = p.header.trailing, None
+        return rest
 
     def _connect_next(self, hid: int, p: _Pending) -> None:
         """HandshakeEngine._connect_next: the next server not tried yet."""
@@ -342,7 +377,7 @@ class CompiledHandshakeEngine:
         request, lease = p.request, p.lease
         assert request is not None
         if self.decisions.sends_proxy_header(lease.route):
-            local = local_address(hid & _FD)
+            local = p.local or local_address(hid & _FD)
             return encode_v2((lease.client_ip, lease.client_port), local) + request_head(request)
         return forward_head(request, lease.client_ip, PLAIN.forwarded_proto, p.port)
 

@@ -3,8 +3,8 @@
 The compiled engine (``engine/_cengine.c``) is built by ``pip install``
 where a compiler exists; ``SHARDPROXY_PURE=1`` refuses it. Where it was
 built, workers relay their tunnels with it (``engine/crelay.py``), run
-their handshakes on its core (``engine/chandshake.py``, for plain listeners
-without PROXY headers) and parse HTTP heads with its parser
+their handshakes on its core (``engine/chandshake.py``, for plain TCP
+listeners) and parse HTTP heads with its parser
 (:data:`PARSERS`).
 :func:`describe` says which engine runs, in ``shardproxy version`` and in
 the worker-ready event; ``engine/factory.py`` builds the chosen engines.
@@ -49,5 +49,5 @@ def describe() -> str:
         return "python (the compiled module was not built)"
     return (
         "compiled (the relay, the handshakes' I/O and the HTTP head parser in C;"
-        " a listener with PROXY headers or TLS runs the Python handshake engine)"
+        " a TLS listener runs the Python handshake engine)"
     )

@@ -35,12 +35,11 @@ def handshake_engine(
     transports: Sequence[Transport] = (),
 ) -> Handshakes:
     """The compiled handshake engine where it was built and takes these
-    listeners (plain, no PROXY header: engine/chandshake.py's serves), else
-    the Python one."""
+    listeners (plain TCP: engine/chandshake.py's serves), else the Python one."""
     args = (proxy, listeners, admission, upstream, decisions, events, transports)
     if choice.ENGINE == "compiled":
         from shardproxy.engine import chandshake
 
-        if chandshake.serves(proxy, listeners, transports):
+        if chandshake.serves(transports):
             return chandshake.CompiledHandshakeEngine(*args)
     return HandshakeEngine(*args)

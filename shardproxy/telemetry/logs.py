@@ -124,7 +124,9 @@ def emit_nested(message: str, fields: dict[str, Any], level: str = "info") -> No
     }
     doc.update(fields)
     doc["ecs"] = {"version": ECS_VERSION}
-    text = orjson.dumps(doc, default=str, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE)
+    text = orjson.dumps(
+        doc, default=str, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE
+    )
     _stream.write(text.decode())
     _stream.flush()
 

@@ -40,7 +40,7 @@ def test_version_names_the_engine() -> None:
 
     built = (
         "engine: compiled (the relay, the handshakes' I/O and the HTTP head parser in C;"
-        " a listener with PROXY headers or TLS runs the Python handshake engine)"
+        " a TLS listener runs the Python handshake engine)"
     )
     assert engine == (built if COMPILED else "engine: python (the compiled module was not built)")
     assert version(SHARDPROXY_PURE="1")[1] == "engine: python (SHARDPROXY_PURE=1)"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import pytest
 import trio
@@ -36,6 +37,7 @@ from shardproxy.policy.decisions import Decisions
 from shardproxy.policy.registry import EndpointState, PoolRegistry, ServerState
 from shardproxy.policy.routing import Router
 from shardproxy.protocol.errors import Reject
+from shardproxy.protocol.proxyproto import encode_v2
 from shardproxy.protocol.upgrade import UpgradeRequest
 
 # On both engines: the Python handshake engine, and the compiled one.
@@ -49,14 +51,22 @@ class Harness:
     """One handshake engine on a fresh listen socket, in front of ``ports``
     (one server each, round robin)."""
 
-    def __init__(self, ports: list[int], transports: Sequence[Transport] = ()) -> None:
+    def __init__(
+        self, ports: list[int], transports: Sequence[Transport] = (), proxied: bool = False
+    ) -> None:
+        """``proxied``: the listener takes PROXY headers from 127.0.0.1."""
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.setblocking(False)
+        self.port = self.listener.getsockname()[1]
+        listen: dict[str, Any] = {"address": f"127.0.0.1:{self.port}", "accept_proxy": proxied}
         servers = [
             {"name": f"s{i}", "address": "127.0.0.1", "ports": [p]} for i, p in enumerate(ports)
         ]
         cfg = from_mapping(
             {
                 "proxy": {
-                    "listen": ["127.0.0.1:1"],
+                    "listen": [listen],
+                    "trusted_proxies": ["127.0.0.1/32"] if proxied else [],
                     "header_timeout": f"{int(HEADER_TIMEOUT * 1000)}ms",
                     "response_timeout": f"{int(RESPONSE_TIMEOUT * 1000)}ms",
                     "connect_timeout": "1s",
@@ -65,9 +75,6 @@ class Harness:
                 "pools": {"p": {"balance": "round_robin", "servers": servers}},
             }
         )
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.setblocking(False)
-        self.port = self.listener.getsockname()[1]
         self.events = Recorder()
         first, last = read_system_port_range()
         upstream = Upstream(PortRange(first, last), (), cfg.endpoints(), "kernel")
@@ -143,8 +150,9 @@ def run(
     ports: list[int],
     test: Callable[[Harness], Awaitable[None]],
     transports: Sequence[Transport] = (),
+    proxied: bool = False,
 ) -> Harness:
-    h = Harness(ports, transports)
+    h = Harness(ports, transports, proxied)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -393,3 +401,38 @@ def test_the_first_tunnel_bytes_each_way_are_handed_over() -> None:
 
     with RawServer(backend) as server:
         run([server.port], test)
+
+
+def test_a_proxy_header_names_the_client_even_in_pieces_and_a_bad_one_is_400() -> None:
+    """An accept_proxy listener: the PROXY header (v1 whole, v2 cut into
+    pieces with the head behind it) makes its source the client; garbage
+    where the header belongs is 400; a header that never ends is 408."""
+
+    async def test(h: Harness) -> None:
+        v1, v2, garbage, slow = (client(h.port) for _ in range(4))
+        v1.sendall(b"PROXY TCP4 198.18.0.7 127.0.0.1 40001 443\r\n" + upgrade_head("/"))
+        whole = encode_v2(("198.18.0.9", 40002), ("127.0.0.1", 443)) + upgrade_head("/")
+        for i in range(0, len(whole), 7):  # a read per piece, for the core's raw reads
+            v2.sendall(whole[i : i + 7])
+            await trio.sleep(0.002)
+        garbage.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        slow.sendall(b"PROXY TCP4 198.18")
+        await h.events.until(
+            lambda: len(h.events.tunnels) == 2 and len(h.events.refusals) == 2,
+            "two tunnels and two refusals",
+        )
+        clients = sorted((u.lease.client_ip, u.lease.client_port) for u in h.events.tunnels)
+        assert clients == [("198.18.0.7", 40001), ("198.18.0.9", 40002)]
+        assert sorted((r.status, r.reason) for r in h.events.refusals) == [
+            (400, "bad_proxy_header"),
+            (408, "header_timeout"),
+        ]
+        for c in (v1, v2):
+            assert (await trio.to_thread.run_sync(read_head, c)).startswith(b"HTTP/1.1 101")
+        for c in (garbage, slow):
+            assert (await _answer(c)).startswith(b"HTTP/1.1 4")
+        for c in (v1, v2, garbage, slow):
+            c.close()
+
+    with RawServer(_accepting_backend) as backend:
+        run([backend.port], test, proxied=True)
