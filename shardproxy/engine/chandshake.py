@@ -52,6 +52,7 @@ from shardproxy.engine.handshake import (
     _UNTRUSTED,
     LINGER_TIMEOUT,
     connect_refusal,
+    proxied_by,
 )
 from shardproxy.engine.loop import BUSY_ROUND
 from shardproxy.engine.transport import PLAIN, PLAIN_PAIR, Transport, local_address
@@ -307,7 +308,7 @@ class CompiledHandshakeEngine:
                     self._core.read_more(hid)
                     return
                 assert isinstance(header, ProxyHeader)
-                data = self._proxied_by(p, header)
+                data = proxied_by(p, header)
                 if not data:
                     self._core.read_more(hid)
                     return
@@ -329,16 +330,6 @@ class CompiledHandshakeEngine:
             return
         p.request, p.lease.route, p.first_up, p.reader = result, route, p.reader.trailing, None
         self._connect_next(hid, p)
-
-    def _proxied_by(self, p: _Pending, header: ProxyHeader) -> bytes:
-        """HandshakeEngine._proxied_by: the PROXY header's client is the
-        client from now on; the bytes that came after it."""
-        assert p.header is not None
-        if header.source is not None:
-            p.lease.client_ip, p.lease.client_port = header.source
-            p.local = header.destination
-        rest, p.header = p.header.trailing, None
-        return rest
 
     def _connect_next(self, hid: int, p: _Pending) -> None:
         """HandshakeEngine._connect_next: the next server not tried yet."""

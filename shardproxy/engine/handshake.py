@@ -50,7 +50,7 @@ import socket
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from shardproxy.config import Endpoint, ProxyConfig
 from shardproxy.engine import choice
@@ -419,7 +419,7 @@ class HandshakeEngine:
                     self._want(h.client, _IN)
                     return
                 assert isinstance(header, ProxyHeader)
-                data = self._proxied_by(h, header)
+                data = proxied_by(h, header)
                 if not data:
                     self._want(h.client, _IN)
                     return
@@ -439,17 +439,6 @@ class HandshakeEngine:
         h.request, h.lease.route, h.first_up, h.reader = result, route, h.reader.trailing, None
         self._want(h.client, 0)  # nothing more to read until the 101
         self._connect_next(h)
-
-    def _proxied_by(self, h: Handshake, header: ProxyHeader) -> bytes:
-        """The PROXY header says whom the connection is from: that is the
-        client from now on (logs, X-Forwarded-For, hashing). Returns the
-        bytes that came after it."""
-        assert h.header is not None
-        if header.source is not None:
-            h.lease.client_ip, h.lease.client_port = header.source
-            h.local = header.destination
-        rest, h.header = h.header.trailing, None
-        return rest
 
     # -- upstream -----------------------------------------------------------
 
@@ -763,6 +752,27 @@ class HandshakeEngine:
         h.client_io.close(h.client)
         self._done_with(h)
         h.lease.release()
+
+
+class Proxied(Protocol):
+    """A connection whose PROXY header is read (a Handshake here, its
+    compiled engine's record in engine/chandshake.py)."""
+
+    header: HeaderReader | None
+    lease: AdmissionLease
+    local: tuple[str, int] | None
+
+
+def proxied_by(h: Proxied, header: ProxyHeader) -> bytes:
+    """The PROXY header says whom the connection is from: that is the
+    client from now on (logs, X-Forwarded-For, hashing). Returns the bytes
+    that came after it."""
+    assert h.header is not None
+    if header.source is not None:
+        h.lease.client_ip, h.lease.client_port = header.source
+        h.local = header.destination
+    rest, h.header = h.header.trailing, None
+    return rest
 
 
 def connect_refusal(exhausted: bool, tried: int, timeouts: int) -> Reject:
