@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
 import pytest
 import trio
-from engines import current
+from handshake_harness import (
+    HEADER_TIMEOUT,
+    Harness,
+    accepting_backend,
+    client,
+    run,
+    silent_backend,
+)
 from peers import (
     RawServer,
     closed_port,
@@ -27,172 +32,11 @@ from peers import (
     websocket_accept,
 )
 
-from shardproxy.config import PortRange, ServerConfig, from_mapping
-from shardproxy.control.addrplan import read_system_port_range
-from shardproxy.engine.api import Upgraded
-from shardproxy.engine.transport import Transport
-from shardproxy.engine.upstream import Upstream
-from shardproxy.policy.admission import Admission, AdmissionLease
-from shardproxy.policy.decisions import Decisions
-from shardproxy.policy.registry import EndpointState, PoolRegistry, ServerState
-from shardproxy.policy.routing import Router
-from shardproxy.protocol.errors import Reject
+from shardproxy.config import ServerConfig
 from shardproxy.protocol.proxyproto import encode_v2
-from shardproxy.protocol.upgrade import UpgradeRequest
 
 # On both engines: the Python handshake engine, and the compiled one.
 pytestmark = pytest.mark.usefixtures("engine_kind")
-
-HEADER_TIMEOUT = 0.3
-RESPONSE_TIMEOUT = 0.3
-
-
-class Harness:
-    """One handshake engine on a fresh listen socket, in front of ``ports``
-    (one server each, round robin)."""
-
-    def __init__(
-        self, ports: list[int], transports: Sequence[Transport] = (), proxied: bool = False
-    ) -> None:
-        """``proxied``: the listener takes PROXY headers from 127.0.0.1."""
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.setblocking(False)
-        self.port = self.listener.getsockname()[1]
-        listen: dict[str, Any] = {"address": f"127.0.0.1:{self.port}", "accept_proxy": proxied}
-        servers = [
-            {"name": f"s{i}", "address": "127.0.0.1", "ports": [p]} for i, p in enumerate(ports)
-        ]
-        cfg = from_mapping(
-            {
-                "proxy": {
-                    "listen": [listen],
-                    "trusted_proxies": ["127.0.0.1/32"] if proxied else [],
-                    "header_timeout": f"{int(HEADER_TIMEOUT * 1000)}ms",
-                    "response_timeout": f"{int(RESPONSE_TIMEOUT * 1000)}ms",
-                    "connect_timeout": "1s",
-                },
-                "routes": [{"pool": "p"}],
-                "pools": {"p": {"balance": "round_robin", "servers": servers}},
-            }
-        )
-        self.events = Recorder()
-        first, last = read_system_port_range()
-        upstream = Upstream(PortRange(first, last), (), cfg.endpoints(), "kernel")
-        pools = self.pools = {p.name: PoolRegistry(p) for p in cfg.pools}
-        self.upstream = upstream
-        self.admission = Admission(100)
-        self.engine = current.handshake(
-            cfg.proxy,
-            [self.listener],
-            self.admission,
-            upstream,
-            Decisions(Router(cfg.routes), pools),
-            self.events,
-            transports,
-            current.parsers,
-        )
-
-    def close(self) -> None:
-        for u in self.events.tunnels:
-            socket.socket(fileno=u.client_fd).close()
-            socket.socket(fileno=u.backend_fd).close()
-        self.engine.close()
-
-
-class Recorder:
-    """The engine's HandshakeEvents, recorded, with a way to await them."""
-
-    def __init__(self) -> None:
-        self.tunnels: list[Upgraded] = []
-        self.refusals: list[Reject] = []
-        self.connect_failures: list[str] = []
-        self.client_failures: list[OSError] = []
-        self._changed = trio.Event()
-
-    def _note(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    def established(self, tunnel: Upgraded) -> None:
-        self.tunnels.append(tunnel)
-        self._note()
-
-    def rejected(
-        self, lease: AdmissionLease, request: UpgradeRequest | None, r: Reject, seconds: float
-    ) -> None:
-        self.refusals.append(r)
-        self._note()
-
-    def handshake_failed(self, lease: AdmissionLease, e: OSError) -> None:
-        self.client_failures.append(e)
-        self._note()
-
-    def connect_failed(
-        self, pool: str, server: ServerState, endpoint: EndpointState, reason: str
-    ) -> None:
-        self.connect_failures.append(server.name)
-        self._note()
-
-    def accept_error(self, e: OSError) -> None:
-        raise AssertionError(f"accept failed: {e}")
-
-    def internal_error(self) -> None:
-        raise AssertionError("internal error in the handshake engine")
-
-    async def until(self, done: Callable[[], bool], what: str) -> None:
-        with trio.fail_after(5):  # one handshake's outcome, with room
-            while not done():
-                await self._changed.wait()
-        assert done(), what
-
-
-def run(
-    ports: list[int],
-    test: Callable[[Harness], Awaitable[None]],
-    transports: Sequence[Transport] = (),
-    proxied: bool = False,
-) -> Harness:
-    h = Harness(ports, transports, proxied)
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(h.engine.run)
-            await test(h)
-            nursery.cancel_scope.cancel()
-
-    try:
-        trio.run(main)
-    finally:
-        h.close()
-    return h
-
-
-def client(port: int) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    return s
-
-
-def _accepting_backend(conn: socket.socket) -> None:
-    answer_101(conn, read_head(conn))
-
-
-def answer_101(conn: socket.socket, head: bytes) -> None:
-    """Accept the upgrade whose request ``head`` was read from ``conn``."""
-    key = [
-        line.split(b":", 1)[1].strip()
-        for line in head.split(b"\r\n")
-        if line.lower().startswith(b"sec-websocket-key:")
-    ]
-    conn.sendall(
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Accept: " + websocket_accept(key[0]) + b"\r\n\r\n"
-    )
-    conn.recv(1)  # holds the tunnel until the test closes it
-
-
-def _silent_backend(conn: socket.socket) -> None:
-    read_head(conn)
-    conn.recv(1)  # never answers
 
 
 def test_a_head_not_complete_in_time_is_408_even_when_trickled() -> None:
@@ -218,7 +62,7 @@ def test_a_head_not_complete_in_time_is_408_even_when_trickled() -> None:
             while h.admission.in_use:
                 await trio.sleep(0.01)
 
-    with RawServer(_accepting_backend) as backend:
+    with RawServer(accepting_backend) as backend:
         run([backend.port], test)
 
 
@@ -232,7 +76,7 @@ def test_a_backend_that_never_answers_is_504() -> None:
         assert (await trio.to_thread.run_sync(read_head, c)).startswith(b"HTTP/1.1 504")
         c.close()
 
-    with RawServer(_silent_backend) as backend:
+    with RawServer(silent_backend) as backend:
         run([backend.port], test)
 
 
@@ -250,7 +94,7 @@ def test_a_refused_server_is_retried_on_the_next_one() -> None:
             c.close()
         assert h.admission.in_use == 4  # the tunnels hold their leases
 
-    with closed_port() as refusing, RawServer(_accepting_backend) as backend:
+    with closed_port() as refusing, RawServer(accepting_backend) as backend:
         run([refusing, backend.port], test)
 
 
@@ -281,7 +125,7 @@ def test_servers_added_and_removed_at_runtime() -> None:
         removed = h.events.tunnels[0].lease.endpoint
         assert removed is not None and removed.server.removed and removed.active == 1
 
-    with RawServer(_accepting_backend) as backend, RawServer(_accepting_backend) as later:
+    with RawServer(accepting_backend) as backend, RawServer(accepting_backend) as later:
         run([backend.port], test)
 
 
@@ -323,7 +167,7 @@ def test_heads_the_reader_refuses_get_their_answers() -> None:
         await _leases_back(h)
         assert not h.events.tunnels and not h.events.connect_failures
 
-    with RawServer(_accepting_backend) as backend:
+    with RawServer(accepting_backend) as backend:
         run([backend.port], test)
 
 
@@ -434,5 +278,5 @@ def test_a_proxy_header_names_the_client_even_in_pieces_and_a_bad_one_is_400() -
         for c in (v1, v2, garbage, slow):
             c.close()
 
-    with RawServer(_accepting_backend) as backend:
+    with RawServer(accepting_backend) as backend:
         run([backend.port], test, proxied=True)

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 
 import pytest
 import trio
+from handshake_harness import Harness as HandshakeHarness
+from handshake_harness import answer_101, client
+from handshake_harness import run as run_handshakes
 from peers import RawServer, read_head, upgrade_head
-from test_handshake_engine import Harness as HandshakeHarness
-from test_handshake_engine import answer_101, client
-from test_handshake_engine import run as run_handshakes
 from test_relay import Harness as RelayHarness
 from test_relay import recv_exactly, tcp_pair
 from test_relay import run as run_relay
