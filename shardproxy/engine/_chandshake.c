@@ -16,22 +16,26 @@
  *
  * Events, as tuples whose first item is the kind (the SP_EV_* constants,
  * exported as EV_*):
- *   ACCEPTED(hid, ip, port, refused, listener)  a connection on listener;
- *                                     refused: accept_one's ``refuse``
- *                                     (the core read nothing)
+ *   ACCEPTED(hid, ip, port, refused, listener, request)  a connection on
+ *                                     listener; refused: accept_one's
+ *                                     ``refuse`` (the core read nothing);
+ *                                     request: its first read's bytes when
+ *                                     they are REQUEST's already, else None
  *   REQUEST(hid, bytes)               the client's bytes once they hold a
  *                                     head end, exceed max_header_bytes, or
  *                                     b"" at EOF (RequestReader.feed's input);
  *                                     from a raw (PROXY) listener, each read
  *   FAILED(hid, errno)                the client's socket failed; all closed
- *   CONNECTED(hid, ip, port)          the upstream connect completed
- *                                     (its source address, for the lease)
+ *   CONNECTED(hid, ip, port)          the upstream connect completed: its
+ *                                     source address, if connect asked
+ *                                     for it (the first of a tuple space)
  *   CONNECT_FAILED(hid, errno, timed_out)  the backend socket is closed
  *   RESPONSE(hid, bytes)              one read of the backend's answer (b"": EOF)
  *   BACKEND_FAILED(hid, errno)        writing the head or reading failed
  *   BODY(hid, bytes)                  one read of a non-101 answer's body
  *                                     (b"": EOF or reset)
- *   ESTABLISHED(hid, cfd, bfd, seconds)  the 101 is out; the fds are the owner's
+ *   ESTABLISHED(hid, cfd, bfd, seconds, source_port)  the 101 is out; the
+ *                                     fds are the owner's
  *   ANSWERED(hid)                     our answer is out: lingering now
  *   TIMEOUT(hid, what)                a deadline passed (SP_TO_*), after a
  *                                     last look where one can help
@@ -112,6 +116,8 @@ typedef struct sp_hs {
     uint8_t cmask, bmask;         /* what each waits for (SP_IN | SP_OUT) */
     uint8_t state, then, to_backend, timer;
     uint8_t raw;                  /* a PROXY listener's: every read goes to Python */
+    uint8_t want_address;         /* CONNECTED wanted: the source address is news */
+    uint16_t sport;               /* the upstream connection's source port */
     uint8_t expired;              /* its header deadline passed during a last look */
 } sp_hs;
 
@@ -358,13 +364,34 @@ hs_set_out(sp_hs *h, const char *data, Py_ssize_t n)
 
 static void hs_after_write(Handshaker *self, sp_hs *h);
 
+/* What ACCEPTED says of a new connection (hs_new). */
+typedef struct {
+    PyObject *ip;
+    int port, listener;
+} sp_accept;
+
 /* HandshakeEngine._read_request: one read; REQUEST once the bytes hold a
- * head end or are more than max_header_bytes (RequestReader decides). */
+ * head end or are more than max_header_bytes (RequestReader decides).
+ * ``acc``: the connection's first read, after which its ACCEPTED goes out,
+ * carrying the bytes when they hold the whole head (one event, not two). */
 static void
-hs_read_request(Handshaker *self, sp_hs *h)
+hs_read_request(Handshaker *self, sp_hs *h, const sp_accept *acc)
 {
     size_t room = self->request_cap - h->len;
     ssize_t n = read(h->cfd, self->scratch, room);
+    if (acc != NULL) {
+        int err = errno;
+        if (n > 0 && !h->raw
+            && (sp_head_end(self->scratch, (size_t)n, 0) >= 0 || (size_t)n > self->max_header)) {
+            hs_decide(self, h);
+            hs_event(self, "(iKOiiiy#)", SP_EV_ACCEPTED, (unsigned long long)h->hid, acc->ip,
+                     acc->port, 0, acc->listener, (const char *)self->scratch, (Py_ssize_t)n);
+            return;
+        }
+        hs_event(self, "(iKOiiiO)", SP_EV_ACCEPTED, (unsigned long long)h->hid, acc->ip,
+                 acc->port, 0, acc->listener, Py_None);
+        errno = err;
+    }
     if (n < 0) {
         if (errno == EAGAIN || errno == EINTR) {
             hs_want(self, h->cfd, &h->cmask, SP_IN);
@@ -460,10 +487,12 @@ hs_hand_over(Handshaker *self, sp_hs *h)
     self->by_fd[h->bfd] = NULL;
     uint64_t hid = h->hid;
     int cfd = h->cfd, bfd = h->bfd;
+    uint16_t sport = h->sport;
     double seconds = hs_now() - h->started;
     h->bfd = -1;
     hs_free(self, h);
-    hs_event(self, "(iKiid)", SP_EV_ESTABLISHED, (unsigned long long)hid, cfd, bfd, seconds);
+    hs_event(self, "(iKiidi)", SP_EV_ESTABLISHED, (unsigned long long)hid, cfd, bfd, seconds,
+             (int)sport);
 }
 
 /* HandshakeEngine._linger: read and drop until the client closes. */
@@ -545,15 +574,20 @@ hs_connected(Handshaker *self, sp_hs *h, int timed_out)
     struct sockaddr_storage local;
     socklen_t llen = sizeof(local);
     int port = 0;
-    PyObject *address = NULL;
-    if (getsockname(h->bfd, (struct sockaddr *)&local, &llen) == 0)
-        address = hs_address(&local, &port);
-    if (address == NULL) {
-        PyErr_Clear();
-        address = Py_None;
-        Py_INCREF(address);
+    if (getsockname(h->bfd, (struct sockaddr *)&local, &llen) == 0) {
+        port = ntohs(local.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&local)->sin6_port
+                                                 : ((struct sockaddr_in *)&local)->sin_port);
+        if (h->want_address) {
+            PyObject *address = hs_address(&local, &port);
+            if (address == NULL) {
+                PyErr_Clear();
+                address = Py_None;
+                Py_INCREF(address);
+            }
+            hs_event(self, "(iKNi)", SP_EV_CONNECTED, (unsigned long long)h->hid, address, port);
+        }
     }
-    hs_event(self, "(iKNi)", SP_EV_CONNECTED, (unsigned long long)h->hid, address, port);
+    h->sport = (uint16_t)port;
     hs_arm(self, h, SP_T_RESPONSE);
     h->state = SP_HS_WRITE;
     h->to_backend = 1;
@@ -583,7 +617,9 @@ hs_read_backend(Handshaker *self, sp_hs *h)
              (const char *)self->scratch, (Py_ssize_t)n);
 }
 
-static sp_hs *
+/* A new handshake for accepted fd; its id (0: none, the fd closed). The
+ * handshake may be over when this returns (its first read failed). */
+static uint64_t
 hs_new(Handshaker *self, int listener, int fd, const struct sockaddr_storage *addr, int refused)
 {
     int raw = 0;
@@ -594,7 +630,7 @@ hs_new(Handshaker *self, int listener, int fd, const struct sockaddr_storage *ad
     if (hs_slot(self, fd) < 0 || (h = PyMem_Calloc(1, sizeof(*h))) == NULL) {
         close(fd);
         self->internal_errors++;
-        return NULL;
+        return 0;
     }
     self->seq++;
     h->hid = self->seq << 32 | (uint32_t)fd;
@@ -611,16 +647,19 @@ hs_new(Handshaker *self, int listener, int fd, const struct sockaddr_storage *ad
         PyErr_Clear();
         ip = PyUnicode_FromString("");
     }
-    hs_event(self, "(iKNiii)", SP_EV_ACCEPTED, (unsigned long long)h->hid, ip, port, refused,
-             listener);
     if (refused) {
+        hs_event(self, "(iKNiiiO)", SP_EV_ACCEPTED, (unsigned long long)h->hid, ip, port, 1,
+                 listener, Py_None);
         h->state = SP_HS_DECIDING;
-        return h;
+        return h->hid;
     }
     h->state = SP_HS_READ_REQUEST;
     hs_arm(self, h, SP_T_HEADER);
-    hs_read_request(self, h);  /* the head usually came with the connection */
-    return h;
+    sp_accept acc = {ip, port, listener};
+    uint64_t hid = h->hid;
+    hs_read_request(self, h, &acc);  /* the head usually came with the connection */
+    Py_XDECREF(ip);
+    return hid;
 }
 
 /* One accept4: 1 with a connection, 0 when the queue is empty, -1 with errno. */
@@ -686,7 +725,7 @@ hs_dispatch(Handshaker *self, int fd)
     }
     switch (h->state) {
     case SP_HS_READ_REQUEST:
-        hs_read_request(self, h);
+        hs_read_request(self, h, NULL);
         break;
     case SP_HS_CONNECTING:
         hs_connected(self, h, 0);
@@ -715,7 +754,7 @@ hs_timed_out(Handshaker *self, sp_hs *h)
     case SP_HS_READ_REQUEST: {
         int cfd = h->cfd;
         uint64_t hid = h->hid;
-        hs_read_request(self, h);  /* its event may be queued behind others */
+        hs_read_request(self, h, NULL);  /* its event may be queued behind others */
         h = self->by_fd[cfd];      /* NULL if it failed (and was freed) */
         if (h == NULL || h->hid != hid)
             return;
@@ -928,10 +967,10 @@ Handshaker_accept_one(Handshaker *self, PyObject *args)
         return PyErr_SetFromErrno(PyExc_OSError);
     if (got == 0)
         Py_RETURN_NONE;
-    sp_hs *h = hs_new(self, listener, fd, &addr, refuse);
-    if (h == NULL)
+    uint64_t hid = hs_new(self, listener, fd, &addr, refuse);
+    if (hid == 0)
         return PyErr_NoMemory();
-    return PyLong_FromUnsignedLongLong((unsigned long long)h->hid);
+    return PyLong_FromUnsignedLongLong((unsigned long long)hid);
 }
 
 /* poll(): one epoll_wait(0) round; the events handled. */
@@ -1000,17 +1039,18 @@ Handshaker_take_events(Handshaker *self, PyObject *Py_UNUSED(ignored))
     return taken;
 }
 
-/* connect(hid, bfd, head): a non-blocking connect under way on bfd (the
- * core's from now on); head goes once it completes. */
+/* connect(hid, bfd, head, want_address): a non-blocking connect under way
+ * on bfd (the core's from now on); head goes once it completes, after a
+ * CONNECTED event if want_address. */
 static PyObject *
 Handshaker_connect(Handshaker *self, PyObject *args)
 {
     PyObject *id;
-    int bfd;
+    int bfd, want_address;
     const char *head;
     Py_ssize_t n;
     sp_hs *h;
-    if (!PyArg_ParseTuple(args, "Oiy#", &id, &bfd, &head, &n))
+    if (!PyArg_ParseTuple(args, "Oiy#p", &id, &bfd, &head, &n, &want_address))
         return NULL;
     int found = hs_command(self, id, &h);
     if (found <= 0) {
@@ -1027,6 +1067,7 @@ Handshaker_connect(Handshaker *self, PyObject *args)
     }
     h->bfd = bfd;
     h->bmask = 0;
+    h->want_address = (uint8_t)want_address;
     self->by_fd[bfd] = h;
     h->state = SP_HS_CONNECTING;
     hs_arm(self, h, SP_T_CONNECT);

@@ -278,8 +278,8 @@ class CompiledHandshakeEngine:
     def _pause_accepting(self, err: int) -> None:
         self.events.accept_error(OSError(err, os.strerror(err)))
 
-    def _accepted(self, event: tuple[int, int, str, int, int, int]) -> None:
-        _, hid, ip, port, refused, listener = event
+    def _accepted(self, event: tuple[int, int, str, int, int, int, bytes | None]) -> None:
+        _, hid, ip, port, refused, listener, request = event
         lease = self.admission.lease(ip)
         lease.client_port = port
         p = self._pending[hid] = _Pending(lease, self._ports.get(listener, 0))
@@ -295,12 +295,17 @@ class CompiledHandshakeEngine:
             self._reject(hid, p, refuse)
             return
         p.reader = RequestReader(self.proxy.max_header_bytes, self._parsers)
+        if request is not None:  # the whole head came with the connection
+            self._take_request(hid, p, request)
 
     def _request(self, event: tuple[int, int, bytes]) -> None:
         _, hid, data = event
         p = self._pending.get(hid)
-        if p is None or p.reader is None:  # refused meanwhile
-            return
+        if p is not None and p.reader is not None:  # else refused meanwhile
+            self._take_request(hid, p, data)
+
+    def _take_request(self, hid: int, p: _Pending, data: bytes) -> None:
+        assert p.reader is not None
         try:
             if p.header is not None:
                 header = p.header.feed(data)
@@ -359,7 +364,8 @@ class CompiledHandshakeEngine:
             p.lease.hold_upstream(endpoint, space, port)
             assert p.request is not None
             p.response = ResponseReader(p.request, self.proxy.max_header_bytes, self._parsers)
-            self._core.connect(hid, fd, self._head(hid, p))
+            wanted = space.seen_address is None  # the kernel's choice, not seen yet
+            self._core.connect(hid, fd, self._head(hid, p), wanted)
             return True
         return False
 
@@ -373,10 +379,11 @@ class CompiledHandshakeEngine:
         return forward_head(request, lease.client_ip, PLAIN.forwarded_proto, p.port)
 
     def _connected(self, event: tuple[int, int, str | None, int]) -> None:
-        _, hid, address, port = event
-        p = self._pending[hid]
-        p.lease.source_port = port
-        space = p.lease.space
+        """The first connect from a space whose source address the kernel
+        chooses: the address it chose, for the access events (the core
+        asks only then; the source port comes with ESTABLISHED)."""
+        _, hid, address, _port = event
+        space = self._pending[hid].lease.space
         assert isinstance(space, TupleSpace)
         if space.seen_address is None:
             space.seen_address = address
@@ -434,9 +441,10 @@ class CompiledHandshakeEngine:
         reject = Reject(502, "bad_gateway", f"backend failed the handshake: {e}")
         self._reject(hid, self._pending[hid], reject)
 
-    def _established(self, event: tuple[int, int, int, int, float]) -> None:
-        _, hid, client_fd, backend_fd, seconds = event
+    def _established(self, event: tuple[int, int, int, int, float, int]) -> None:
+        _, hid, client_fd, backend_fd, seconds, source_port = event
         p = self._pending.pop(hid)
+        p.lease.source_port = source_port
         assert p.request is not None and p.response is not None
         tunnel = Upgraded(
             p.lease,

@@ -76,7 +76,17 @@ class ResponseHead:
 def _tokens(value: bytes | None) -> set[bytes]:
     if value is None:
         return set()
+    if b"," not in value:  # the usual one-token value
+        return {value.strip().lower()}
     return {t.strip().lower() for t in value.split(b",")}
+
+
+def _joined(by_name: dict[bytes, list[bytes]], name: bytes) -> bytes | None:
+    """Every ``name`` field's value, as one comma-separated list (RFC 9110 §5.3)."""
+    values = by_name.get(name)
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else b", ".join(values)
 
 
 class RequestReader:
@@ -143,20 +153,22 @@ def validate_upgrade(
     """RFC 6455 §4.2.1: what the server must find in an opening handshake."""
     if version not in (b"1.0", b"1.1"):
         raise Reject(505, "bad_request", "HTTP version not supported")
-    headers = tuple((n.lower(), v) for n, v in fields)
+    lowered: list[tuple[bytes, bytes]] = []
     by_name: dict[bytes, list[bytes]] = {}
-    for name, value in headers:
-        by_name.setdefault(name, []).append(value)
+    for n, value in fields:  # once per handshake: one pass, no setdefault lists
+        name = n.lower()
+        lowered.append((name, value))
+        values = by_name.get(name)
+        if values is None:
+            by_name[name] = [value]
+        else:
+            values.append(value)
+    headers = tuple(lowered)
     hosts = by_name.get(b"host", [])
     if len(hosts) > 1 or (version == b"1.1" and not hosts):
         # RFC 9112 §3.2: exactly one Host in an HTTP/1.1 request.
         raise Reject(400, "bad_request", "malformed request: exactly one Host header is required")
-
-    def joined(name: bytes) -> bytes | None:
-        values = by_name.get(name)
-        return b", ".join(values) if values else None
-
-    if b"websocket" not in _tokens(joined(b"upgrade")):
+    if b"websocket" not in _tokens(_joined(by_name, b"upgrade")):
         raise Reject(
             426,
             "not_upgrade",
@@ -171,7 +183,7 @@ def validate_upgrade(
         v.strip() != b"0" for v in by_name.get(b"content-length", [])
     ):
         raise Reject(400, "bad_request", "an upgrade request must not have a body")
-    if b"upgrade" not in _tokens(joined(b"connection")):
+    if b"upgrade" not in _tokens(_joined(by_name, b"connection")):
         raise Reject(400, "bad_request", "Connection header must contain 'upgrade'")
     versions = by_name.get(b"sec-websocket-version", [])
     if not versions:

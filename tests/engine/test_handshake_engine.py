@@ -218,7 +218,10 @@ def test_a_backend_that_closes_before_its_answer_is_502() -> None:
 def test_the_first_tunnel_bytes_each_way_are_handed_over() -> None:
     """Bytes behind the request head and behind the 101 go to the relay."""
 
+    peers: list[tuple[str, int]] = []
+
     def backend(conn: socket.socket) -> None:
+        peers.append(conn.getpeername())  # the proxy's source address and port
         head = read_head(conn)
         key = [v for v in head.split(b"\r\n") if v.lower().startswith(b"sec-websocket-key:")]
         conn.sendall(
@@ -240,6 +243,8 @@ def test_the_first_tunnel_bytes_each_way_are_handed_over() -> None:
                 await trio.sleep(0.01)  # (they are one send, so they do)
         assert u.to_client == b"\x81\x02hi"
         assert u.seconds > 0 and u.lease.client_port == c.getsockname()[1]
+        assert [("127.0.0.1", u.lease.source_port)] == peers
+        assert u.lease.space is not None and u.lease.space.seen_address == "127.0.0.1"  # type: ignore[attr-defined]
         assert (await trio.to_thread.run_sync(read_head, c)).startswith(b"HTTP/1.1 101")
         c.close()
 
