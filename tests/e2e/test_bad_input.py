@@ -210,7 +210,9 @@ def test_head_over_the_limit_is_431(lab: Lab) -> None:
     big = upgrade_head("/echo", extra=f"X-Padding: {'a' * MAX_HEADER_BYTES}\r\n")
     assert _status(lab.ask(big)) == 431
     # The event is written after the answer is out: the client may read first.
-    assert lab.proxy.wait_for(lambda _: lab.rejected("header_too_large"), "a header_too_large event")
+    assert lab.proxy.wait_for(
+        lambda _: lab.rejected("header_too_large"), "a header_too_large event"
+    )
 
 
 def test_slow_head_is_408_after_the_header_timeout(lab: Lab) -> None:
