@@ -47,10 +47,10 @@ from shardproxy.config import Endpoint, ProxyConfig
 from shardproxy.engine import choice
 from shardproxy.engine.api import HandshakeEvents, Upgraded
 from shardproxy.engine.handshake import (
-    _OVER_CAPACITY,
-    _SHUTTING_DOWN,
-    _UNTRUSTED,
     LINGER_TIMEOUT,
+    OVER_CAPACITY,
+    SHUTTING_DOWN,
+    UNTRUSTED,
     connect_refusal,
     proxied_by,
 )
@@ -235,7 +235,7 @@ class CompiledHandshakeEngine:
         self._listeners.clear()
 
     def _accept_all(self, listener: socket.socket, refuse: bool) -> None:
-        self._refusal = _SHUTTING_DOWN if refuse else None
+        self._refusal = SHUTTING_DOWN if refuse else None
         try:
             while self.admission.has_room:
                 try:
@@ -283,14 +283,14 @@ class CompiledHandshakeEngine:
         lease = self.admission.lease(ip)
         lease.client_port = port
         p = self._pending[hid] = _Pending(lease, self._ports.get(listener, 0))
-        refuse = (self._refusal or _SHUTTING_DOWN) if refused else None
+        refuse = (self._refusal or SHUTTING_DOWN) if refused else None
         if self.admission.over_capacity:
-            refuse = _OVER_CAPACITY
+            refuse = OVER_CAPACITY
         if refuse is None and self._proxied.get(listener):
             if is_trusted(ip, self.proxy.trusted_proxies):
                 p.header = HeaderReader(self.proxy.max_header_bytes)
             else:
-                refuse = _UNTRUSTED
+                refuse = UNTRUSTED
         if refuse is not None:
             self._reject(hid, p, refuse)
             return

@@ -80,11 +80,11 @@ ACCEPT_BACKOFF = 0.1
 LINGER_TIMEOUT = 2.0  # to send an error answer and see the client close
 _EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
-_OVER_CAPACITY = Reject(
+OVER_CAPACITY = Reject(
     503, "over_capacity", "this worker is at its connection limit", (("Retry-After", "1"),)
 )
-_SHUTTING_DOWN = Reject(503, "shutting_down", "the proxy is shutting down", (("Retry-After", "1"),))
-_UNTRUSTED = Reject(
+SHUTTING_DOWN = Reject(503, "shutting_down", "the proxy is shutting down", (("Retry-After", "1"),))
+UNTRUSTED = Reject(
     403,
     "untrusted_proxy",
     "this listener takes connections from trusted_proxies only (PROXY protocol)",
@@ -339,7 +339,7 @@ class HandshakeEngine:
         """
         for i, (fd, listener) in enumerate(self._listeners.items()):
             if sweep is None or i in sweep:
-                self._accept_all(fd, listener, _SHUTTING_DOWN if refuse else None)
+                self._accept_all(fd, listener, SHUTTING_DOWN if refuse else None)
             if self._accepting:
                 self._epoll.unregister(fd)
             listener.close()
@@ -387,12 +387,12 @@ class HandshakeEngine:
         h = Handshake(client, addr, listener, 0.0, lease)
         self._by_fd[client] = h
         if self.admission.over_capacity:
-            refuse = _OVER_CAPACITY
+            refuse = OVER_CAPACITY
         if listener.proxied and refuse is None:
             if is_trusted(h.client_ip, self.proxy.trusted_proxies):
                 h.header = HeaderReader(self.proxy.max_header_bytes)
             else:
-                refuse = _UNTRUSTED
+                refuse = UNTRUSTED
         if refuse is not None:
             self._reject(h, refuse)
             return
