@@ -93,6 +93,7 @@ class Recorder:
         self.refusals: list[Reject] = []
         self.connect_failures: list[str] = []
         self.client_failures: list[OSError] = []
+        self.accept_errors: list[OSError] = []
         self._changed = trio.Event()
 
     def _note(self) -> None:
@@ -120,7 +121,8 @@ class Recorder:
         self._note()
 
     def accept_error(self, e: OSError) -> None:
-        raise AssertionError(f"accept failed: {e}")
+        self.accept_errors.append(e)
+        self._note()
 
     def internal_error(self) -> None:
         raise AssertionError("internal error in the handshake engine")
@@ -138,7 +140,10 @@ def run(
     transports: Sequence[Transport] = (),
     proxied: bool = False,
     engine: Any = None,
+    accept_errors: bool = False,
 ) -> Harness:
+    """Run ``test`` against a fresh engine; ``accept_errors``: the test
+    makes accept fail (any other test fails on one)."""
     h = Harness(ports, transports, proxied, engine)
 
     async def main() -> None:
@@ -151,6 +156,7 @@ def run(
         trio.run(main)
     finally:
         h.close()
+    assert accept_errors or not h.events.accept_errors, h.events.accept_errors
     return h
 
 

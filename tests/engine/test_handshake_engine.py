@@ -10,6 +10,9 @@ class of bad input stays in tests/e2e/test_bad_input.py.
 
 from __future__ import annotations
 
+import errno
+import os
+import resource
 import socket
 import time
 
@@ -285,3 +288,37 @@ def test_a_proxy_header_names_the_client_even_in_pieces_and_a_bad_one_is_400() -
 
     with RawServer(accepting_backend) as backend:
         run([backend.port], test, proxied=True)
+
+
+def test_accept_out_of_descriptors_backs_off_then_serves_the_queue() -> None:
+    """accept fails with EMFILE: reported once, the engine stops accepting
+    for a moment instead of spinning, and once descriptors are back the
+    connections that waited in the accept queue are served."""
+
+    async def test(h: Harness) -> None:
+        clients = [socket.socket() for _ in range(3)]
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        lowest = os.open("/dev/null", os.O_RDONLY)  # the number accept would get
+        os.close(lowest)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, hard))
+        try:
+            for c in clients:
+                c.setblocking(False)
+                c.connect_ex(("127.0.0.1", h.port))  # completes in the kernel's accept queue
+            await h.events.until(lambda: bool(h.events.accept_errors), "accept failing")
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert {e.errno for e in h.events.accept_errors} == {errno.EMFILE}
+        errors = len(h.events.accept_errors)
+        for c in clients:
+            c.setblocking(True)
+            c.settimeout(5)
+            c.sendall(upgrade_head("/"))
+        await h.events.until(lambda: len(h.events.tunnels) == 3, "the queue served")
+        assert len(h.events.accept_errors) == errors <= 3  # backed off, no spinning
+        for c in clients:
+            assert (await trio.to_thread.run_sync(read_head, c)).startswith(b"HTTP/1.1 101")
+            c.close()
+
+    with RawServer(accepting_backend) as backend:
+        run([backend.port], test, accept_errors=True)
