@@ -471,6 +471,7 @@ typedef struct {
     PyObject_HEAD
     int epfd;
     int wake_fd;              /* eventfd in the set: Relay.poke wakes a timerless sleep */
+    PyObject *handshaker;     /* sharing the set (Relay.attach): its events are its own */
     sp_tunnel **by_fd;        /* both descriptors of every tunnel */
     uint32_t *uses;           /* per client descriptor: tunnels it carried */
     size_t cap;
@@ -578,7 +579,7 @@ sp_update(Relay *e, sp_tunnel *t)
         uint8_t mask = (uint8_t)((sp_reading(src) ? EPOLLIN : 0) | (other->parked ? EPOLLOUT : 0));
         if (mask == src->mask)
             continue;
-        struct epoll_event ev = {.events = mask, .data = {.fd = src->src}};
+        struct epoll_event ev = {.events = mask, .data = {.u64 = (uint32_t)src->src}};
         int op = src->mask == 0 ? EPOLL_CTL_ADD : mask == 0 ? EPOLL_CTL_DEL : EPOLL_CTL_MOD;
         if (epoll_ctl(e->epfd, op, src->src, &ev) < 0) {
             sp_internal(e, t);
@@ -1232,7 +1233,7 @@ Relay_init(Relay *self, PyObject *args, PyObject *kwds)
         return -1;
     }
     self->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    struct epoll_event ev = {.events = EPOLLIN, .data = {.fd = self->wake_fd}};
+    struct epoll_event ev = {.events = EPOLLIN, .data = {.u64 = (uint32_t)self->wake_fd}};
     if (self->wake_fd < 0 || epoll_ctl(self->epfd, EPOLL_CTL_ADD, self->wake_fd, &ev) < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
@@ -1278,6 +1279,7 @@ Relay_dealloc(Relay *self)
         sp_close_all(self);
     Py_XDECREF(self->closed);
     Py_XDECREF(self->outcomes);
+    Py_XDECREF(self->handshaker);
     free(self->by_fd);
     free(self->uses);
     free(self->buf);
@@ -1390,8 +1392,15 @@ Relay_poll(Relay *self, PyObject *Py_UNUSED(ignored))
             return PyLong_FromLong(0);
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    for (int i = 0; i < n; i++)
-        sp_dispatch(self, evs[i].data.fd, evs[i].events);
+    for (int i = 0; i < n; i++) {
+        uint64_t data = evs[i].data.u64;
+        if (data >> 32) {  /* the attached handshaker's descriptor (SP_HS_SHARED) */
+            if (self->handshaker != NULL)
+                sp_handshaker_dispatch(self->handshaker, (int)(uint32_t)data);
+            continue;
+        }
+        sp_dispatch(self, (int)data, evs[i].events);
+    }
     sp_sweep(self);
     return PyLong_FromLong(n);
 }
@@ -1613,6 +1622,20 @@ Relay_close(Relay *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+/* Relay.attach(handshaker): a Handshaker made with this relay's epoll
+ * descriptor; poll dispatches its descriptors' events to it. */
+static PyObject *
+Relay_attach(Relay *self, PyObject *arg)
+{
+    if (!sp_handshaker_check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "attach takes a Handshaker");
+        return NULL;
+    }
+    Py_INCREF(arg);
+    Py_XSETREF(self->handshaker, arg);
+    Py_RETURN_NONE;
+}
+
 /* Relay.poke(): make the epoll set readable, so that a loop asleep with no
  * timer looks at its timers again (loop.Sleep). */
 static PyObject *
@@ -1677,6 +1700,7 @@ static PyMethodDef Relay_methods[] = {
     {"close", (PyCFunction)Relay_close, METH_NOARGS, "End every tunnel (STOPPED) and close the epoll set."},
     {"fileno", (PyCFunction)Relay_fileno, METH_NOARGS, "The epoll descriptor."},
     {"poke", (PyCFunction)Relay_poke, METH_NOARGS, "Make the epoll set readable (loop.Sleep)."},
+    {"attach", (PyCFunction)Relay_attach, METH_O, "attach(handshaker): share the epoll set"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -51,6 +51,13 @@
  * in due order in the order armed: one FIFO list per kind, O(1) to arm and
  * to disarm, no heap.
  *
+ * One epoll set per worker: made with the relay's epoll descriptor
+ * (Handshaker(..., epoll_fd=)), the core registers its descriptors in the
+ * relay's set with SP_HS_SHARED in the event data, the relay's poll hands
+ * those events to sp_handshaker_dispatch, and the relay's loop serves both
+ * (crelay.CompiledRelayEngine.attach). A handshake's descriptors leave the
+ * set before ESTABLISHED and the relay adds them as its own.
+ *
  * Descriptors: accept4 gives non-blocking ones (no fcntl/ioctl); accepted
  * sockets inherit TCP_NODELAY from the listening socket (Linux copies the
  * TCP options on accept). The interest of each descriptor is kept, so
@@ -131,6 +138,8 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     int epfd;
+    uint8_t shared;               /* epfd is another engine's (SP_HS_SHARED) */
+    uint64_t tag;                 /* SP_HS_SHARED when shared: in every event's data */
     sp_hs **by_fd;                /* client and backend descriptors */
     size_t cap;
     int *listeners;
@@ -223,7 +232,7 @@ hs_want(Handshaker *self, int fd, uint8_t *mask, uint8_t want)
     if (*mask == want || fd < 0)
         return;
     struct epoll_event ev = {0};
-    ev.data.fd = fd;
+    ev.data.u64 = (uint32_t)fd | self->tag;
     ev.events = (want & SP_IN ? EPOLLIN : 0u) | (want & SP_OUT ? EPOLLOUT : 0u);
     if (!want)
         (void)epoll_ctl(self->epfd, EPOLL_CTL_DEL, fd, NULL);
@@ -278,7 +287,7 @@ hs_sync_listeners(Handshaker *self)
     for (size_t i = 0; i < self->nlisteners; i++) {
         struct epoll_event ev = {0};
         ev.events = EPOLLIN;
-        ev.data.fd = self->listeners[i];
+        ev.data.u64 = (uint32_t)self->listeners[i] | self->tag;
         (void)epoll_ctl(self->epfd, accepting ? EPOLL_CTL_ADD : EPOLL_CTL_DEL,
                         self->listeners[i], &ev);
     }
@@ -823,12 +832,14 @@ static int
 Handshaker_init(Handshaker *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"header_timeout", "connect_timeout", "response_timeout",
-                             "linger_timeout", "max_header_bytes", "max_handshakes", NULL};
+                             "linger_timeout", "max_header_bytes", "max_handshakes",
+                             "epoll_fd", NULL};
     double header, connect, response, linger;
     unsigned int max_header;
     Py_ssize_t max_handshakes;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "ddddIn", kwlist, &header, &connect, &response,
-                                     &linger, &max_header, &max_handshakes))
+    int epoll_fd = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "ddddIn|i", kwlist, &header, &connect,
+                                     &response, &linger, &max_header, &max_handshakes, &epoll_fd))
         return -1;
     if (max_header > (1u << 30) || max_handshakes < 1) {
         PyErr_SetString(PyExc_ValueError, "max_header_bytes or max_handshakes out of range");
@@ -852,7 +863,9 @@ Handshaker_init(Handshaker *self, PyObject *args, PyObject *kwds)
         PyErr_NoMemory();
         return -1;
     }
-    self->epfd = epoll_create1(EPOLL_CLOEXEC);
+    self->shared = epoll_fd >= 0;
+    self->tag = self->shared ? SP_HS_SHARED : 0;
+    self->epfd = self->shared ? epoll_fd : epoll_create1(EPOLL_CLOEXEC);
     if (self->epfd < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
@@ -887,7 +900,8 @@ Handshaker_dealloc(Handshaker *self)
 {
     if (self->epfd >= 0) {
         hs_close_all(self);
-        close(self->epfd);
+        if (!self->shared)
+            close(self->epfd);
     }
     PyMem_Free(self->by_fd);
     PyMem_Free(self->listeners);
@@ -923,7 +937,7 @@ Handshaker_listen(Handshaker *self, PyObject *args)
     if (self->accepting) {
         struct epoll_event ev = {0};
         ev.events = EPOLLIN;
-        ev.data.fd = fd;
+        ev.data.u64 = (uint32_t)fd | self->tag;
         if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
             self->nlisteners--;
             return PyErr_SetFromErrno(PyExc_OSError);
@@ -980,6 +994,10 @@ Handshaker_poll(Handshaker *self, PyObject *Py_UNUSED(ignored))
     struct epoll_event evs[SP_HS_EVENTS];
     if (hs_ready(self) < 0)
         return NULL;
+    if (self->shared) {
+        PyErr_SetString(PyExc_RuntimeError, "a shared handshaker is polled by its relay");
+        return NULL;
+    }
     int n = epoll_wait(self->epfd, evs, SP_HS_EVENTS, 0);
     if (n < 0) {
         if (errno == EINTR)
@@ -987,7 +1005,7 @@ Handshaker_poll(Handshaker *self, PyObject *Py_UNUSED(ignored))
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     for (int i = 0; i < n; i++)
-        hs_dispatch(self, evs[i].data.fd);
+        hs_dispatch(self, (int)(uint32_t)evs[i].data.u64);
     return PyLong_FromLong(n);
 }
 
@@ -1188,7 +1206,8 @@ Handshaker_close(Handshaker *self, PyObject *Py_UNUSED(ignored))
     if (self->epfd < 0)
         Py_RETURN_NONE;
     hs_close_all(self);
-    close(self->epfd);
+    if (!self->shared)
+        close(self->epfd);
     self->epfd = -1;
     Py_RETURN_NONE;
 }
@@ -1350,6 +1369,20 @@ failed: {
     errno = err;
     return PyErr_SetFromErrno(PyExc_OSError);
 }
+}
+
+int
+sp_handshaker_check(PyObject *o)
+{
+    return PyObject_TypeCheck(o, &HandshakerType);
+}
+
+void
+sp_handshaker_dispatch(PyObject *o, int fd)
+{
+    Handshaker *self = (Handshaker *)o;
+    if (self->epfd >= 0)
+        hs_dispatch(self, fd);
 }
 
 static PyMethodDef hs_functions[] = {

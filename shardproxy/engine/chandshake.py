@@ -15,6 +15,11 @@ plan, the answers' bytes, and every report to
 the same bytes with the same verdicts from the same code, and only the
 moving of bytes differs.
 
+In a worker the core shares the compiled relay's epoll set and loop
+(``relay=``; :meth:`CompiledRelayEngine.attach`): one set and one trio task
+serve handshakes and tunnels alike, and this engine's :meth:`run` only
+waits. Alone (the engine tests) it runs a set and a loop of its own.
+
 Per handshake, besides the core's struct, a small :class:`_Pending` holds
 what the policy reads (the lease, the parsed request, the servers tried):
 those are Python objects the policy code takes anyway, and they live only
@@ -75,6 +80,7 @@ from shardproxy.protocol.upgrade import (
 
 if TYPE_CHECKING:
     from shardproxy.engine._cengine import Handshaker
+    from shardproxy.engine.crelay import CompiledRelayEngine
 
 _FD = 0xFFFFFFFF  # a handshake id's low half: its client descriptor (see the C head comment)
 
@@ -135,7 +141,11 @@ class CompiledHandshakeEngine:
         events: HandshakeEvents,
         transports: Sequence[Transport] = (),
         parsers: HeadParsers = choice.PARSERS,
+        relay: CompiledRelayEngine | None = None,
     ) -> None:
+        """``relay``: the worker's compiled relay, whose epoll set and loop
+        this engine then shares (CompiledRelayEngine.attach); None: a set
+        and a loop (:meth:`run`) of its own."""
         compiled = choice.COMPILED
         if compiled is None or not serves(transports):
             raise ValueError("the compiled handshake engine takes plain listeners only")
@@ -152,6 +162,7 @@ class CompiledHandshakeEngine:
             LINGER_TIMEOUT,
             proxy.max_header_bytes,
             proxy.max_handshakes,
+            -1 if relay is None else relay.epoll_fd(),
         )
         self._c = compiled
         self._listeners = list(listeners)
@@ -181,6 +192,9 @@ class CompiledHandshakeEngine:
         self._accept_error = c.EV_ACCEPT_ERROR
         for s in listeners:
             self._core.listen(s.fileno(), self._proxied[s.fileno()])
+        self._shared = relay is not None
+        if relay is not None:
+            relay.attach(self)
 
     def __len__(self) -> int:
         """Handshakes in flight."""
@@ -192,6 +206,8 @@ class CompiledHandshakeEngine:
         """loop.run_epoll's rhythm over the core: sleep in trio until its
         epoll set is readable or a deadline is due, then rounds until one is
         quiet, each followed by the decisions its events asked for."""
+        if self._shared:  # the relay's loop serves this engine too
+            await trio.sleep_forever()
         core = self._core
         epoll_fd = core.fileno()
         wait_readable = trio.lowlevel.wait_readable
@@ -217,6 +233,24 @@ class CompiledHandshakeEngine:
                 if handled < BUSY_ROUND:
                     break
                 await trio.lowlevel.checkpoint()
+
+    # -- for the relay whose set and loop it shares (crelay.SharedSet) ---------
+
+    @property
+    def core(self) -> Handshaker:
+        return self._core
+
+    def deliver(self) -> None:
+        self._deliver()
+
+    def process(self, now: float) -> None:
+        try:
+            self._core.process(now)
+        finally:
+            self._deliver()
+
+    def next_wake(self) -> float | None:
+        return self._core.next_wake()
 
     def close(self) -> None:
         """Close every handshake (their leases given back) and the engine."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Collection, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -59,6 +59,22 @@ _OUTCOME_INDEX = {name: i for i, name in enumerate(OUTCOMES)}
 _PYTHON_ID = 1 << 63
 
 
+class SharedSet(Protocol):
+    """An engine whose descriptors are in this relay's epoll set
+    (:meth:`CompiledRelayEngine.attach`: the compiled handshake engine):
+    the relay's loop polls for it and runs its timers."""
+
+    @property
+    def core(self) -> Any: ...  # the C object Relay.attach takes
+
+    def deliver(self) -> None:
+        """Act on what the last poll recorded."""
+
+    def process(self, now: float) -> None: ...
+
+    def next_wake(self) -> float | None: ...
+
+
 class CompiledRelayEngine:
     """The relay engine of one worker, compiled: the same contract as
     :class:`~shardproxy.engine.relay.RelayEngine` (see engine/api.py)."""
@@ -76,6 +92,17 @@ class CompiledRelayEngine:
         self._closes: Closes[int] = Closes()
         self._closes.sleep.poke = self._core.poke  # wakes a sleep with no timer (loop.Sleep)
         self._internal_errors = 0
+        self._shared: SharedSet | None = None
+
+    def attach(self, other: SharedSet) -> None:
+        """``other`` registers its descriptors in this relay's epoll set
+        (made with :meth:`epoll_fd`): one set and one loop for the worker,
+        so a round serves handshakes and tunnels alike."""
+        self._core.attach(other.core)
+        self._shared = other
+
+    def epoll_fd(self) -> int:
+        return int(self._core.fileno())
 
     def __len__(self) -> int:
         return len(self._core) + len(self._python)
@@ -218,6 +245,8 @@ class CompiledRelayEngine:
                     handled = core.poll()
                 finally:
                     self._deliver()  # returns at once when nothing ended
+                    if self._shared is not None:
+                        self._shared.deliver()
                 # Timers only once due: a timer set during this round (a
                 # Ping's check) is due later than ``wake`` anyway.
                 now = time.monotonic()
@@ -238,6 +267,8 @@ class CompiledRelayEngine:
             self._deliver()
         if self._closes:
             self._close_due(now)
+        if self._shared is not None:
+            self._shared.process(now)
 
     def _close_due(self, now: float) -> None:
         for tunnel, wave in self._closes.due_closes(now):
@@ -258,6 +289,10 @@ class CompiledRelayEngine:
 
     def _next_wake(self, now: float) -> float | None:
         wake: float | None = self._core.next_wake(now)
+        if self._shared is not None:
+            theirs = self._shared.next_wake()
+            if theirs is not None:
+                wake = theirs if wake is None else min(wake, theirs)
         if self._closes:
             due = self._closes.next_due()
             if due is not None:

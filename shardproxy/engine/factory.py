@@ -33,13 +33,18 @@ def handshake_engine(
     decisions: Decisions,
     events: HandshakeEvents,
     transports: Sequence[Transport] = (),
+    relay: TunnelEngine | None = None,
 ) -> Handshakes:
     """The compiled handshake engine where it was built and takes these
-    listeners (plain TCP: engine/chandshake.py's serves), else the Python one."""
+    listeners (plain TCP: engine/chandshake.py's serves), else the Python
+    one. A compiled engine shares the epoll set and the loop of ``relay``
+    when that is the compiled relay: one set per worker."""
     args = (proxy, listeners, admission, upstream, decisions, events, transports)
     if choice.ENGINE == "compiled":
         from shardproxy.engine import chandshake
+        from shardproxy.engine.crelay import CompiledRelayEngine
 
         if chandshake.serves(transports):
-            return chandshake.CompiledHandshakeEngine(*args)
+            shared = relay if isinstance(relay, CompiledRelayEngine) else None
+            return chandshake.CompiledHandshakeEngine(*args, relay=shared)
     return HandshakeEngine(*args)

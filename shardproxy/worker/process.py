@@ -159,6 +159,7 @@ class Worker:
             self.upstream,
             Decisions(self.router, self.pools),
             self,
+            relay=self.relay,
         )
 
     @property

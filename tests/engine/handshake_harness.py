@@ -38,9 +38,11 @@ class Harness:
         transports: Sequence[Transport] = (),
         proxied: bool = False,
         engine: Any = None,
+        relay: Any = None,
     ) -> None:
         """``proxied``: the listener takes PROXY headers from 127.0.0.1;
-        ``engine``: the handshake engine class (engines.current's if None)."""
+        ``engine``: the handshake engine class (engines.current's if None);
+        ``relay``: a compiled relay whose epoll set and loop it shares."""
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.setblocking(False)
         self.port = self.listener.getsockname()[1]
@@ -76,7 +78,9 @@ class Harness:
             self.events,
             transports,
             current.parsers,
+            **({} if relay is None else {"relay": relay}),
         )
+        self.relay = relay
 
     def close(self) -> None:
         for u in self.events.tunnels:
@@ -141,14 +145,17 @@ def run(
     proxied: bool = False,
     engine: Any = None,
     accept_errors: bool = False,
+    relay: Any = None,
 ) -> Harness:
     """Run ``test`` against a fresh engine; ``accept_errors``: the test
     makes accept fail (any other test fails on one)."""
-    h = Harness(ports, transports, proxied, engine)
+    h = Harness(ports, transports, proxied, engine, relay)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(h.engine.run)
+            if relay is not None:
+                nursery.start_soon(relay.run)
             await test(h)
             nursery.cancel_scope.cancel()
 
@@ -156,6 +163,8 @@ def run(
         trio.run(main)
     finally:
         h.close()
+        if relay is not None:
+            relay.close()
     assert accept_errors or not h.events.accept_errors, h.events.accept_errors
     return h
 
