@@ -248,8 +248,14 @@ class CompiledRelayEngine:
                     if self._shared is not None:
                         self._shared.deliver()
                 # Timers only once due: a timer set during this round (a
-                # Ping's check) is due later than ``wake`` anyway.
+                # Ping's check) is due later than ``wake`` anyway. Not so
+                # the shared engine's: every round arms handshake deadlines,
+                # and a loop that stays busy must still see them fall due.
                 now = time.monotonic()
+                if self._shared is not None:
+                    theirs = self._shared.next_wake()
+                    if theirs is not None and (wake is None or theirs < wake):
+                        wake = theirs
                 if wake is not None and now >= wake:
                     self.process(now)
                     wake = self._next_wake(now)
