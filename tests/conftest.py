@@ -88,6 +88,14 @@ class Proxy:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
+        try:
+            self._started(workers)
+        except BaseException:  # no one else holds it yet: a failed start leaves nothing running
+            self.stop()
+            raise
+
+    def _started(self, workers: int) -> None:
+        """Every worker ready, on the engine the test asked for."""
         self.wait_for(
             lambda evs: (
                 sum(
