@@ -405,17 +405,26 @@ static PyTypeObject TrackerType = {
  * - An allocation that fails ends that tunnel (both sides reset, outcome
  *   INTERNAL_ERROR) and is counted (Relay.internal_errors), which the Python
  *   side reports as relay_error().
+ * - The set also holds an eventfd (Relay.poke) and a timerfd (Relay.wake_at:
+ *   the owner's next timer, so that its sleep needs no trio cancel scope),
+ *   and can hold the host loop's own epoll descriptor (Relay.host: trio's).
+ *   Relay.serve then waits in epoll_wait itself, the GIL released, and
+ *   serves rounds until the owner has something to take or to do (an ended
+ *   tunnel, a handshake event, the timer, the host's I/O): the worker's loop
+ *   in C (engine/trio_host.py).
  */
 
 #include <errno.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <sys/timerfd.h>
 #include <time.h>
 #include <unistd.h>
 
 #define SP_BUFFER 65536
 #define SP_MAX_EVENTS 1024
+#define SP_HOST ((uint64_t)2 << 32)  /* Relay.host's descriptor, in the event's data */
 #define SP_PING_BATCH 0.01   /* seconds: a round's pings go out in batches */
 #define SP_PING_DUE (-1.0)   /* ping_sent: our Ping waits for frame boundaries */
 #define SP_FD_BITS 32
@@ -471,6 +480,11 @@ typedef struct {
     PyObject_HEAD
     int epfd;
     int wake_fd;              /* eventfd in the set: Relay.poke wakes a timerless sleep */
+    int timer_fd;             /* timerfd in the set: Relay.wake_at's time makes it readable */
+    double armed;             /* the time timer_fd is set for; 0: none, or it went off */
+    int host_fd;              /* Relay.host's descriptor (trio's epoll set), or -1 */
+    uint8_t woken;            /* serve: the timer or a poke went off in this round */
+    uint8_t host_ready;       /* serve: host_fd is readable */
     PyObject *handshaker;     /* sharing the set (Relay.attach): its events are its own */
     sp_tunnel **by_fd;        /* both descriptors of every tunnel */
     uint32_t *uses;           /* per client descriptor: tunnels it carried */
@@ -998,6 +1012,12 @@ sp_dispatch(Relay *e, int fd, uint32_t ev)
         if (fd == e->wake_fd) {
             eventfd_t count;
             (void)eventfd_read(fd, &count);
+            e->woken = 1;
+        } else if (fd == e->timer_fd) {
+            uint64_t expirations;
+            if (read(fd, &expirations, sizeof expirations) > 0)
+                e->armed = 0;
+            e->woken = 1;
         }
         return;
     }
@@ -1238,6 +1258,12 @@ Relay_init(Relay *self, PyObject *args, PyObject *kwds)
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
+    self->timer_fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    ev.data.u64 = (uint32_t)self->timer_fd;
+    if (self->timer_fd < 0 || epoll_ctl(self->epfd, EPOLL_CTL_ADD, self->timer_fd, &ev) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
     return 0;
 }
 
@@ -1250,6 +1276,8 @@ Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (self) {
         self->epfd = -1;
         self->wake_fd = -1;
+        self->timer_fd = -1;
+        self->host_fd = -1;
     }
     return (PyObject *)self;
 }
@@ -1270,6 +1298,9 @@ sp_close_all(Relay *e)
     if (e->wake_fd >= 0)
         close(e->wake_fd);
     e->wake_fd = -1;
+    if (e->timer_fd >= 0)
+        close(e->timer_fd);
+    e->timer_fd = -1;
 }
 
 static void
@@ -1379,6 +1410,35 @@ done:
     return result;
 }
 
+/* One round's events, handed to their tunnels or the attached handshaker;
+ * SP_HOST's (Relay.host) only noted. */
+static void
+sp_round(Relay *self, struct epoll_event *evs, int n)
+{
+    for (int i = 0; i < n; i++) {
+        uint64_t data = evs[i].data.u64;
+        if (data & SP_HOST) {
+            self->host_ready = 1;
+            continue;
+        }
+        if (data >> 32) {  /* the attached handshaker's descriptor (SP_HS_SHARED) */
+            if (self->handshaker != NULL)
+                sp_handshaker_dispatch(self->handshaker, (int)(uint32_t)data);
+            continue;
+        }
+        sp_dispatch(self, (int)data, evs[i].events);
+    }
+    sp_sweep(self);
+}
+
+/* Whether the owner has something to take: an ended tunnel, a handshake event. */
+static int
+sp_owner_work(Relay *self)
+{
+    return PyList_GET_SIZE(self->closed) > 0 || self->internal_errors != self->errors_seen
+           || (self->handshaker != NULL && sp_handshaker_pending(self->handshaker));
+}
+
 /* Relay.poll() -> events handled: one epoll_wait(0) round. */
 static PyObject *
 Relay_poll(Relay *self, PyObject *Py_UNUSED(ignored))
@@ -1392,17 +1452,70 @@ Relay_poll(Relay *self, PyObject *Py_UNUSED(ignored))
             return PyLong_FromLong(0);
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    for (int i = 0; i < n; i++) {
-        uint64_t data = evs[i].data.u64;
-        if (data >> 32) {  /* the attached handshaker's descriptor (SP_HS_SHARED) */
-            if (self->handshaker != NULL)
-                sp_handshaker_dispatch(self->handshaker, (int)(uint32_t)data);
-            continue;
-        }
-        sp_dispatch(self, (int)data, evs[i].events);
-    }
-    sp_sweep(self);
+    sp_round(self, evs, n);
     return PyLong_FromLong(n);
+}
+
+/* Relay.host(fd): the host loop's own epoll descriptor (trio's) in the set,
+ * level-triggered, so that serve returns when the host has events. */
+static PyObject *
+Relay_host(Relay *self, PyObject *arg)
+{
+    long fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    if (sp_ready(self) < 0)
+        return NULL;
+    if (fd < 0 || fd > INT32_MAX || self->host_fd >= 0) {
+        PyErr_SetString(PyExc_ValueError, "one host descriptor, not negative");
+        return NULL;
+    }
+    struct epoll_event ev = {.events = EPOLLIN, .data = {.u64 = SP_HOST | (uint32_t)fd}};
+    if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, (int)fd, &ev) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    self->host_fd = (int)fd;
+    Py_RETURN_NONE;
+}
+
+/* Relay.unhost(): Relay.host undone. */
+static PyObject *
+Relay_unhost(Relay *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->host_fd >= 0 && self->epfd >= 0)
+        (void)epoll_ctl(self->epfd, EPOLL_CTL_DEL, self->host_fd, NULL);
+    self->host_fd = -1;
+    self->host_ready = 0;
+    Py_RETURN_NONE;
+}
+
+/* Relay.serve() -> whether the host has events: block in epoll_wait (the
+ * GIL released) and serve rounds in C until the owner has something to
+ * take, the timer (wake_at) or a poke went off, the host's descriptor
+ * (Relay.host) is readable, or a signal came. The worker's loop in C: a
+ * busy relay's rounds cost no Python and no pass through trio's scheduler. */
+static PyObject *
+Relay_serve(Relay *self, PyObject *Py_UNUSED(ignored))
+{
+    struct epoll_event evs[SP_MAX_EVENTS];
+    if (sp_ready(self) < 0)
+        return NULL;
+    self->woken = 0;
+    self->host_ready = 0;
+    for (;;) {
+        int n;
+        Py_BEGIN_ALLOW_THREADS
+        n = epoll_wait(self->epfd, evs, SP_MAX_EVENTS, -1);
+        Py_END_ALLOW_THREADS
+        if (n < 0) {
+            if (errno == EINTR)
+                break;  /* Python's handlers run on the way out */
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        sp_round(self, evs, n);
+        if (self->woken || self->host_ready || sp_owner_work(self))
+            break;
+    }
+    return PyBool_FromLong(self->host_ready);
 }
 
 /* Relay.process(now): the keepalive's timers. */
@@ -1636,6 +1749,35 @@ Relay_attach(Relay *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* Relay.wake_at(when): make the epoll set readable at time.monotonic()
+ * ``when`` at the latest (or stay as set, for None), so that the owner's
+ * loop sleeps with no timer of its own: a trio cancel scope per sleep
+ * costs more than the sleep. The timer is set only when ``when`` is sooner
+ * than the time it is set for (or it is not set): an owner whose next time
+ * moves later, as a FIFO of deadlines does, gets one early wake-up at the
+ * old time instead of a system call per look. */
+static PyObject *
+Relay_wake_at(Relay *self, PyObject *arg)
+{
+    if (sp_ready(self) < 0)
+        return NULL;
+    if (arg == Py_None)
+        Py_RETURN_NONE;
+    double when = PyFloat_AsDouble(arg);
+    if (when == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (self->armed != 0 && self->armed <= when)
+        Py_RETURN_NONE;
+    if (when <= 0)
+        when = 1e-9;  /* a time gone by, but a set timer (0 would disarm it) */
+    struct itimerspec spec = {.it_value = {.tv_sec = (time_t)when,
+                                           .tv_nsec = (long)((when - (double)(time_t)when) * 1e9)}};
+    if (timerfd_settime(self->timer_fd, TFD_TIMER_ABSTIME, &spec, NULL) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    self->armed = when;
+    Py_RETURN_NONE;
+}
+
 /* Relay.poke(): make the epoll set readable, so that a loop asleep with no
  * timer looks at its timers again (loop.Sleep). */
 static PyObject *
@@ -1700,7 +1842,11 @@ static PyMethodDef Relay_methods[] = {
     {"close", (PyCFunction)Relay_close, METH_NOARGS, "End every tunnel (STOPPED) and close the epoll set."},
     {"fileno", (PyCFunction)Relay_fileno, METH_NOARGS, "The epoll descriptor."},
     {"poke", (PyCFunction)Relay_poke, METH_NOARGS, "Make the epoll set readable (loop.Sleep)."},
+    {"wake_at", (PyCFunction)Relay_wake_at, METH_O, "wake_at(when): the set readable at that time.monotonic() at the latest."},
     {"attach", (PyCFunction)Relay_attach, METH_O, "attach(handshaker): share the epoll set"},
+    {"host", (PyCFunction)Relay_host, METH_O, "host(fd): the host loop's epoll descriptor in the set"},
+    {"unhost", (PyCFunction)Relay_unhost, METH_NOARGS, "host undone"},
+    {"serve", (PyCFunction)Relay_serve, METH_NOARGS, "Serve in C until the owner or the host has something to do."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1385,6 +1385,12 @@ sp_handshaker_dispatch(PyObject *o, int fd)
         hs_dispatch(self, fd);
 }
 
+int
+sp_handshaker_pending(PyObject *o)
+{
+    return PyList_GET_SIZE(((Handshaker *)o)->events) > 0;
+}
+
 static PyMethodDef hs_functions[] = {
     {"connect_tcp", (PyCFunction)sp_connect_tcp, METH_VARARGS,
      "connect_tcp(family, source, host, port, options) -> fd"},

@@ -20,4 +20,7 @@ int sp_handshaker_check(PyObject *o);
 /* One event of the Handshaker o (sp_handshaker_check) for descriptor fd. */
 void sp_handshaker_dispatch(PyObject *o, int fd);
 
+/* Whether the Handshaker o has events for take_events. */
+int sp_handshaker_pending(PyObject *o);
+
 #endif

@@ -5,8 +5,11 @@
 The C core does the per-event work of ``engine/relay.py`` with the same
 semantics (reads, writes, parking, frame tracking, Close and Ping injection
 at frame boundaries, our Pong taken out, FIN and RST passed on, the
-keepalive's pings and checks); each tunnel is a C struct. This module keeps
-what is rare and what needs Python: the trio loop around it, the Close
+keepalive's pings and checks); each tunnel is a C struct. Where trio's
+internals are as known, the relay's loop waits in C with trio's epoll set
+inside its own, and yields to trio only when trio has something to do
+(engine/trio_host.py); elsewhere it waits inside trio. This module keeps
+what is rare and what needs Python: that loop, the Close
 frames' construction, close waves and their waits (loop.Closes), and the
 hand-over of ended tunnels to :class:`~shardproxy.engine.api.TunnelEvents`,
 which the core records during a call and this module delivers after it, in
@@ -47,6 +50,7 @@ from shardproxy.engine.choice import COMPILED
 from shardproxy.engine.loop import BUSY_ROUND, Closes
 from shardproxy.engine.relay import RelayEngine
 from shardproxy.engine.transport import PLAIN_PAIR, Transports
+from shardproxy.engine.trio_host import TrioLoop
 from shardproxy.protocol.frames import close_frame
 
 if TYPE_CHECKING:
@@ -93,6 +97,7 @@ class CompiledRelayEngine:
         self._closes.sleep.poke = self._core.poke  # wakes a sleep with no timer (loop.Sleep)
         self._internal_errors = 0
         self._shared: SharedSet | None = None
+        self.hosting = False  # the loop waits in C, trio's set inside the core's
 
     def attach(self, other: SharedSet) -> None:
         """``other`` registers its descriptors in this relay's epoll set
@@ -226,27 +231,69 @@ class CompiledRelayEngine:
     # -- the loop ---------------------------------------------------------------
 
     async def _run(self) -> None:
+        trio_loop = TrioLoop.current()
+        if trio_loop is not None:
+            async with trio_loop:
+                await self._run_hosting(trio_loop)  # returns if trio must see the task blocked
+        await self._run_in_trio()
+
+    async def _run_hosting(self, trio_loop: TrioLoop) -> None:
+        """The loop, waiting in C with trio's epoll set inside the core's
+        (engine/trio_host.py says why and how): ``Relay.serve`` serves
+        rounds until a tunnel ended, a handshake has an event, a timer is
+        due or trio has I/O; the task yields to trio only when trio has
+        something to do (I/O, a deadline, a runnable task)."""
+        core = self._core
+        core.host(trio_loop.fd)
+        self.hosting = True
+        try:
+            while not trio_loop.watched():
+                now = time.monotonic()
+                wake = self._next_wake(now)
+                theirs = None
+                try:
+                    if trio_loop.runnable():
+                        core.poll()
+                        to_trio = True
+                    else:
+                        theirs = trio_loop.next_deadline(now)
+                        sooner = theirs is not None and (wake is None or theirs < wake)
+                        core.wake_at(theirs if sooner else wake)
+                        to_trio = core.serve()
+                finally:
+                    self._deliver_all()
+                now = time.monotonic()
+                if wake is not None and now >= wake:
+                    self.process(now)
+                if to_trio or (theirs is not None and now >= theirs) or trio_loop.runnable():
+                    await trio.lowlevel.checkpoint()
+        finally:
+            self.hosting = False
+            core.unhost()
+
+    async def _run_in_trio(self) -> None:
         """loop.run_epoll's rhythm: sleep in trio until the core's epoll set
-        is readable or a timer is due, then poll rounds until one is quiet."""
+        is readable, then poll rounds until one is quiet. The core's timer
+        descriptor (``Relay.wake_at``) makes the set readable when the next
+        timer is due, so the sleep is always a bare ``wait_readable``: no
+        cancel scope, which would double what a wake-up costs. A timer that
+        another task sets meanwhile pokes the set (loop.Sleep)."""
         core = self._core
         epoll_fd = core.fileno()
         sleep = self._closes.sleep
+        wait_readable = trio.lowlevel.wait_readable
         while True:
             wake = self._next_wake(time.monotonic())
-            if wake is None:
-                sleep.bare = True
-                await trio.lowlevel.wait_readable(epoll_fd)
-                sleep.bare = False
-            else:
-                await sleep.until(epoll_fd, wake)
+            core.wake_at(wake)
+            sleep.bare = True
+            await wait_readable(epoll_fd)
+            sleep.bare = False
             wake = self._sooner_close(wake)  # one set while asleep
             while True:
                 try:
                     handled = core.poll()
                 finally:
-                    self._deliver()  # returns at once when nothing ended
-                    if self._shared is not None:
-                        self._shared.deliver()
+                    self._deliver_all()
                 # Timers only once due: a timer set during this round (a
                 # Ping's check) is due later than ``wake`` anyway. Not so
                 # the shared engine's: every round arms handshake deadlines,
@@ -304,6 +351,13 @@ class CompiledRelayEngine:
             if due is not None:
                 wake = due if wake is None else min(wake, due)
         return wake
+
+    def _deliver_all(self) -> None:
+        """The ended tunnels, then the shared engine's events (both return
+        at once when there is nothing)."""
+        self._deliver()
+        if self._shared is not None:
+            self._shared.deliver()
 
     def _deliver(self) -> None:
         """Hand the tunnels that ended during the last call to the events,
