@@ -95,19 +95,22 @@ class Proxy:
             raise
 
     def _started(self, workers: int) -> None:
-        """Every worker ready, on the engine the test asked for."""
-        self.wait_for(
-            lambda evs: (
-                sum(
-                    1
-                    for e in evs
-                    if e.get("event", {}).get("action") == "worker-ready"
-                    and e.get("process", {}).get("name") == "supervisor"
-                )
-                >= workers
-            ),
-            what="every worker ready",
-        )
+        """Every worker ready, on the engine the test asked for: the
+        supervisor's worker-ready for each, and each worker's own, which
+        says its engines (the two lines come in either order: a test that
+        took worker_pids after the supervisor's alone once missed one)."""
+
+        def ready(evs: list[dict[str, Any]]) -> bool:
+            said = [e for e in evs if e.get("event", {}).get("action") == "worker-ready"]
+            by_supervisor = sum(1 for e in said if e.get("process", {}).get("name") == "supervisor")
+            slots = {
+                e.get("shardproxy", {}).get("worker")
+                for e in said
+                if e.get("process", {}).get("name") == "worker"
+            }
+            return by_supervisor >= workers and len(slots) >= workers
+
+        self.wait_for(ready, what="every worker ready")
         expected = "python" if os.environ.get("SHARDPROXY_PURE") == "1" else ENGINE
         engines = {
             e.get("shardproxy", {}).get("engine")
