@@ -29,6 +29,12 @@ def parse_request(
 def parse_response(
     head: bytes | bytearray | memoryview,
 ) -> tuple[bytes, int, bytes, list[tuple[bytes, bytes]]]: ...
+def parse_upgrade(
+    buffer: bytes | bytearray | memoryview, end: int, /
+) -> (
+    tuple[bytes, bytes, tuple[tuple[bytes, bytes], ...], tuple[tuple[bytes, bytes], ...], str, str]
+    | None
+): ...
 
 class Relay:
     """The relay's C core (engine/crelay.py wraps it as a TunnelEngine)."""

@@ -453,6 +453,221 @@ http_parse_request(PyObject *module, PyObject *args, PyObject *kwds)
     return result;
 }
 
+/* -- the upgrade request's fast path (protocol/upgrade.py) ------------------
+ *
+ * parse_upgrade(buffer, end) answers for the common head only: one that
+ * RequestReader.feed's parse_request + validate_upgrade accept, with the
+ * same fields, or None, and then the reference decides (and words any
+ * refusal). So the C side may be stricter than Python (None for a head
+ * Python accepts costs one parse more) but never looser: it answers only
+ * for GET, HTTP/1.1, an origin-form target, at most SP_HTTP_FIELDS lines,
+ * no Content-Length or Transfer-Encoding, one Host of visible ASCII not in
+ * brackets, "websocket" among the Upgrade tokens and "upgrade" among the
+ * Connection ones, one Sec-WebSocket-Version "13" and one Sec-WebSocket-Key
+ * of 22 base64 characters and "==" (16 bytes). tests/unit/test_chttp.py
+ * holds it to that against validate_upgrade, on any bytes. */
+
+static uint8_t
+sp_lower(uint8_t c)
+{
+    return c >= 'A' && c <= 'Z' ? (uint8_t)(c + 32) : c;
+}
+
+/* span == lower-case name, ASCII case-insensitively (bytes.lower()). */
+static int
+sp_is_name(const uint8_t *head, struct sp_span span, const char *name)
+{
+    size_t n = strlen(name);
+    if (span.len != n)
+        return 0;
+    for (size_t i = 0; i < n; i++)
+        if (sp_lower(head[span.off + i]) != (uint8_t)name[i])
+            return 0;
+    return 1;
+}
+
+/* Whether token (lower case) is among the comma-separated tokens of the
+ * value, each stripped and lowered (upgrade.py's _tokens). */
+static int
+sp_has_token(const uint8_t *head, struct sp_span value, const char *token)
+{
+    size_t at = value.off, end = value.off + value.len;
+    while (at <= end) {
+        size_t comma = sp_find(head, at, end, ',');
+        size_t stop = comma == SP_NONE ? end : comma, a = at, b = stop;
+        while (a < b && (head[a] == ' ' || head[a] == '\t'))
+            a++;
+        while (b > a && (head[b - 1] == ' ' || head[b - 1] == '\t'))
+            b--;
+        if (sp_is_name(head, sp_span(a, b), token))
+            return 1;
+        if (comma == SP_NONE)
+            break;
+        at = comma + 1;
+    }
+    return 0;
+}
+
+static int
+sp_b64char(uint8_t c)
+{
+    return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '+'
+           || c == '/';
+}
+
+/* base64 of 16 bytes: 22 characters of the alphabet, then "==". */
+static int
+sp_is_key(const uint8_t *head, struct sp_span v)
+{
+    if (v.len != 24 || head[v.off + 22] != '=' || head[v.off + 23] != '=')
+        return 0;
+    for (size_t i = 0; i < 22; i++)
+        if (!sp_b64char(head[v.off + i]))
+            return 0;
+    return 1;
+}
+
+/* _host_name for a Host of visible ASCII (and inner spaces) not in
+ * brackets: lower case, the port cut off when there is one colon. NULL
+ * with no error set when the value is not such a Host. */
+static PyObject *
+sp_host_name(const uint8_t *head, struct sp_span v)
+{
+    char name[256];
+    size_t colons = 0, colon = 0;
+    if (v.len == 0 || v.len > sizeof name || head[v.off] == '[')
+        return NULL;
+    for (size_t i = 0; i < v.len; i++) {
+        uint8_t c = head[v.off + i];
+        if (c < 0x20 || c > 0x7e)
+            return NULL;
+        if (c == ':') {
+            colons++;
+            colon = i;
+        }
+        name[i] = (char)sp_lower(c);
+    }
+    return PyUnicode_DecodeASCII(name, (Py_ssize_t)(colons == 1 ? colon : v.len), NULL);
+}
+
+/* The fields a pair of tuples: (raw_headers, headers), names lowered in
+ * the second. */
+static int
+sp_header_tuples(const uint8_t *head, const struct sp_request *r, PyObject **raw,
+                 PyObject **lowered)
+{
+    Py_ssize_t n = (Py_ssize_t)r->nfields;
+    *raw = PyTuple_New(n);
+    *lowered = PyTuple_New(n);
+    if (*raw == NULL || *lowered == NULL)
+        return -1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const struct sp_field *f = &r->fields[i];
+        PyObject *name = sp_bytes(head, f->name);
+        PyObject *value = sp_bytes(head, f->value);
+        PyObject *low = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)f->name.len);
+        if (name == NULL || value == NULL || low == NULL) {
+            Py_XDECREF(name);
+            Py_XDECREF(value);
+            Py_XDECREF(low);
+            return -1;
+        }
+        char *out = PyBytes_AS_STRING(low);
+        for (size_t j = 0; j < f->name.len; j++)
+            out[j] = (char)sp_lower(head[f->name.off + j]);
+        PyObject *pair = PyTuple_Pack(2, name, value);
+        PyObject *lpair = PyTuple_Pack(2, low, value);
+        Py_DECREF(name);
+        Py_DECREF(value);
+        Py_DECREF(low);
+        if (pair == NULL || lpair == NULL) {
+            Py_XDECREF(pair);
+            Py_XDECREF(lpair);
+            return -1;
+        }
+        PyTuple_SET_ITEM(*raw, i, pair);
+        PyTuple_SET_ITEM(*lowered, i, lpair);
+    }
+    return 0;
+}
+
+/* (method, target, raw_headers, headers, host, path), or None. */
+static PyObject *
+sp_upgrade(const uint8_t *head, size_t n)
+{
+    struct sp_request r;
+    const char *error;
+    if (sp_parse_request(head, n, &r, &error) != SP_HTTP_OK)
+        Py_RETURN_NONE;
+    if (r.method.len != 3 || memcmp(head + r.method.off, "GET", 3) != 0 || r.version.len != 3
+        || memcmp(head + r.version.off, "1.1", 3) != 0 || head[r.target.off] != '/')
+        Py_RETURN_NONE;
+    int hosts = 0, versions = 0, keys = 0, upgrade = 0, connection = 0;
+    struct sp_span host = {0, 0};
+    for (size_t i = 0; i < r.nfields; i++) {
+        struct sp_span name = r.fields[i].name, value = r.fields[i].value;
+        if (sp_is_name(head, name, "host")) {
+            hosts++;
+            host = value;
+        } else if (sp_is_name(head, name, "upgrade")) {
+            upgrade |= sp_has_token(head, value, "websocket");
+        } else if (sp_is_name(head, name, "connection")) {
+            connection |= sp_has_token(head, value, "upgrade");
+        } else if (sp_is_name(head, name, "sec-websocket-version")) {
+            versions += value.len == 2 && memcmp(head + value.off, "13", 2) == 0 ? 1 : 2;
+        } else if (sp_is_name(head, name, "sec-websocket-key")) {
+            keys += sp_is_key(head, value) ? 1 : 2;
+        } else if (sp_is_name(head, name, "content-length")
+                   || sp_is_name(head, name, "transfer-encoding")) {
+            Py_RETURN_NONE;
+        }
+    }
+    if (hosts != 1 || versions != 1 || keys != 1 || !upgrade || !connection)
+        Py_RETURN_NONE;
+    PyObject *host_name = sp_host_name(head, host);
+    if (host_name == NULL) {
+        if (PyErr_Occurred())
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    size_t q = sp_find(head, r.target.off, r.target.off + r.target.len, '?');
+    size_t path_len = (q == SP_NONE ? r.target.off + r.target.len : q) - r.target.off;
+    PyObject *raw = NULL, *lowered = NULL, *result = NULL;
+    PyObject *path = PyUnicode_DecodeLatin1((const char *)head + r.target.off,
+                                            (Py_ssize_t)path_len, NULL);
+    if (path != NULL && sp_header_tuples(head, &r, &raw, &lowered) == 0) {
+        PyObject *method = sp_bytes(head, r.method);
+        PyObject *target = sp_bytes(head, r.target);
+        if (method != NULL && target != NULL)
+            result = PyTuple_Pack(6, method, target, raw, lowered, host_name, path);
+        Py_XDECREF(method);
+        Py_XDECREF(target);
+    }
+    Py_XDECREF(raw);
+    Py_XDECREF(lowered);
+    Py_XDECREF(path);
+    Py_DECREF(host_name);
+    return result;
+}
+
+static PyObject *
+http_parse_upgrade(PyObject *module, PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t end;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "y*n:parse_upgrade", &view, &end))
+        return NULL;
+    if (end < 0 || end > view.len) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "end is not within the buffer");
+        return NULL;
+    }
+    PyObject *result = sp_upgrade(view.buf, (size_t)end);
+    PyBuffer_Release(&view);
+    return result;
+}
+
 static PyObject *
 http_parse_response(PyObject *module, PyObject *args, PyObject *kwds)
 {
@@ -517,6 +732,10 @@ static PyMethodDef sp_http_methods[] = {
      "parse_request($module, /, head)\n--\n\n"
      "protocol.http1.parse_request in C: (method, target, version, headers).\n"
      "Raises protocol.http1.HeadError."},
+    {"parse_upgrade", (PyCFunction)http_parse_upgrade, METH_VARARGS,
+     "parse_upgrade($module, buffer, end, /)\n--\n\n"
+     "buffer[:end] as (method, target, raw_headers, headers, host, path) when\n"
+     "protocol.upgrade's validate_upgrade accepts it as such, or None: ask it."},
     {"parse_response", (PyCFunction)(void (*)(void))http_parse_response,
      METH_VARARGS | METH_KEYWORDS,
      "parse_response($module, /, head)\n--\n\n"

@@ -35,7 +35,9 @@ COMPILED: ModuleType | None = _load()
 PARSERS = (
     http1.PARSERS
     if COMPILED is None
-    else http1.HeadParsers(COMPILED.head_end, COMPILED.parse_request, COMPILED.parse_response)
+    else http1.HeadParsers(
+        COMPILED.head_end, COMPILED.parse_request, COMPILED.parse_response, COMPILED.parse_upgrade
+    )
 )
 # The engines the workers run: "compiled" (the C relay) or "python".
 ENGINE = "python" if COMPILED is None else "compiled"

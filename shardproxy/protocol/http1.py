@@ -101,15 +101,33 @@ def _fields(head: bytes, line_end: int) -> Headers:
     return fields
 
 
+# An upgrade request as protocol/upgrade.py's UpgradeRequest takes it: method,
+# target, raw headers, lower-cased headers, host, path.
+_Pairs = tuple[tuple[bytes, bytes], ...]
+UpgradeFields = tuple[bytes, bytes, _Pairs, _Pairs, str, str]
+
+
+def no_fast_upgrade(buffer: bytes, end: int) -> UpgradeFields | None:
+    """HeadParsers.parse_upgrade of this module: None, so that every head
+    takes :func:`parse_request` and ``upgrade.validate_upgrade``."""
+    return None
+
+
 class HeadParsers(NamedTuple):
-    """The three functions of this module as a set, so that a caller can be
+    """The functions of this module as a set, so that a caller can be
     handed another implementation of them: the compiled engine has one in C
     (``engine/_chttp.c``) that gives the same results and raises the same
-    :class:`HeadError` for any bytes (tests/unit/test_chttp.py)."""
+    :class:`HeadError` for any bytes (tests/unit/test_chttp.py).
+
+    ``parse_upgrade(buffer, end)`` is a fast path for the common upgrade
+    request: the fields of ``buffer[:end]`` when ``upgrade.validate_upgrade``
+    would accept it, or None, and then the reference path decides. The C
+    one answers for the usual head; this module's answers None."""
 
     head_end: Callable[[bytes, int], int]
     parse_request: Callable[[bytes], tuple[bytes, bytes, bytes, Headers]]
     parse_response: Callable[[bytes], tuple[bytes, int, bytes, Headers]]
+    parse_upgrade: Callable[[bytes, int], UpgradeFields | None] = no_fast_upgrade
 
 
 PARSERS: Final = HeadParsers(head_end, parse_request, parse_response)

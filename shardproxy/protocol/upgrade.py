@@ -120,6 +120,10 @@ class RequestReader:
             return NEED_DATA
         if end > self._max:
             raise Reject(431, "header_too_large", "request head is too large")
+        fast = self._parsers.parse_upgrade(buffer, end)
+        if fast is not None:  # validate_upgrade's answer, found in C (http1.HeadParsers)
+            self.trailing = buffer[end:]
+            return UpgradeRequest(*fast)
         try:
             method, target, version, fields = self._parsers.parse_request(buffer[:end])
         except http1.HeadError as e:
