@@ -425,7 +425,6 @@ static PyTypeObject TrackerType = {
 #define SP_BUFFER 65536
 #define SP_MAX_EVENTS 1024
 #define SP_HOST ((uint64_t)2 << 32)  /* Relay.host's descriptor, in the event's data */
-#define SP_LEFT 0x80  /* sp_flow.mask: in the set with the handshaker's data (hs_leave) */
 #define SP_PING_BATCH 0.01   /* seconds: a round's pings go out in batches */
 #define SP_PING_DUE (-1.0)   /* ping_sent: our Ping waits for frame boundaries */
 #define SP_FD_BITS 32
@@ -596,10 +595,7 @@ sp_update(Relay *e, sp_tunnel *t)
             continue;
         struct epoll_event ev = {.events = mask, .data = {.u64 = (uint32_t)src->src}};
         int op = src->mask == 0 ? EPOLL_CTL_ADD : mask == 0 ? EPOLL_CTL_DEL : EPOLL_CTL_MOD;
-        int rc = epoll_ctl(e->epfd, op, src->src, &ev);
-        if (rc < 0 && src->mask == SP_LEFT && errno == ENOENT)  /* the handshaker let it go */
-            rc = op == EPOLL_CTL_DEL ? 0 : epoll_ctl(e->epfd, EPOLL_CTL_ADD, src->src, &ev);
-        if (rc < 0) {
+        if (epoll_ctl(e->epfd, op, src->src, &ev) < 0) {
             sp_internal(e, t);
             return;
         }
@@ -1386,12 +1382,6 @@ Relay_add(Relay *self, PyObject *args)
     sp_tracker_init(&t->down.tr);
     t->up.src = cfd;
     t->down.src = bfd;
-    if (self->handshaker != NULL) {  /* registered in the set still, by the handshaker */
-        if (sp_handshaker_take_left(self->handshaker, cfd))
-            t->up.mask = SP_LEFT;
-        if (sp_handshaker_take_left(self->handshaker, bfd))
-            t->down.mask = SP_LEFT;
-    }
     t->token = Py_NewRef(token);
     t->started = sp_now();
     memcpy(t->note, note.buf, (size_t)note.len);

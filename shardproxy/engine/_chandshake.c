@@ -141,7 +141,6 @@ typedef struct {
     uint8_t shared;               /* epfd is another engine's (SP_HS_SHARED) */
     uint64_t tag;                 /* SP_HS_SHARED when shared: in every event's data */
     sp_hs **by_fd;                /* client and backend descriptors */
-    uint8_t *left;                /* shared: handed over, still in the set (hs_hand_over) */
     size_t cap;
     int *listeners;
     uint8_t *raw;                 /* per listener: its connections read raw */
@@ -222,11 +221,6 @@ hs_slot(Handshaker *self, int fd)
         return -1;
     memset(table + self->cap, 0, (cap - self->cap) * sizeof(*table));
     self->by_fd = table;
-    uint8_t *left = PyMem_Realloc(self->left, cap);
-    if (left == NULL)
-        return -1;  /* by_fd is bigger than cap says: harmless */
-    memset(left + self->cap, 0, cap - self->cap);
-    self->left = left;
     self->cap = cap;
     return 0;
 }
@@ -493,28 +487,12 @@ hs_write(Handshaker *self, sp_hs *h)
     hs_after_write(self, h);  /* which sets the masks: one epoll_ctl MOD, not a DEL and an ADD */
 }
 
-/* A descriptor handed over in a shared set stays registered, marked left:
- * the relay's add takes it over with one EPOLL_CTL_MOD (its own event
- * data) instead of a DEL here and an ADD there (sp_handshaker_take_left). */
-static void
-hs_leave(Handshaker *self, int fd, uint8_t *mask)
-{
-    if (*mask)
-        self->left[fd] = 1;
-    *mask = 0;
-}
-
 /* HandshakeEngine._hand_over: both descriptors go to the owner. */
 static void
 hs_hand_over(Handshaker *self, sp_hs *h)
 {
-    if (self->shared) {
-        hs_leave(self, h->cfd, &h->cmask);
-        hs_leave(self, h->bfd, &h->bmask);
-    } else {
-        hs_want(self, h->cfd, &h->cmask, 0);
-        hs_want(self, h->bfd, &h->bmask, 0);
-    }
+    hs_want(self, h->cfd, &h->cmask, 0);
+    hs_want(self, h->bfd, &h->bmask, 0);
     self->by_fd[h->bfd] = NULL;
     uint64_t hid = h->hid;
     int cfd = h->cfd, bfd = h->bfd;
@@ -750,14 +728,8 @@ hs_dispatch(Handshaker *self, int fd)
 {
     sp_hs *h = (size_t)fd < self->cap ? self->by_fd[fd] : NULL;
     if (h == NULL) {
-        if (hs_is_listener(self, fd)) {
+        if (hs_is_listener(self, fd))
             hs_accept(self, fd);
-        } else if ((size_t)fd < self->cap && self->left[fd]) {
-            /* handed over, not taken yet: out of the set, which the
-             * relay's add then finds (an ADD after its MOD fails) */
-            (void)epoll_ctl(self->epfd, EPOLL_CTL_DEL, fd, NULL);
-            self->left[fd] = 0;
-        }
         return;
     }
     switch (h->state) {
@@ -932,7 +904,6 @@ Handshaker_dealloc(Handshaker *self)
             close(self->epfd);
     }
     PyMem_Free(self->by_fd);
-    PyMem_Free(self->left);
     PyMem_Free(self->listeners);
     PyMem_Free(self->raw);
     PyMem_Free(self->scratch);
@@ -1412,16 +1383,6 @@ sp_handshaker_dispatch(PyObject *o, int fd)
     Handshaker *self = (Handshaker *)o;
     if (self->epfd >= 0)
         hs_dispatch(self, fd);
-}
-
-int
-sp_handshaker_take_left(PyObject *o, int fd)
-{
-    Handshaker *self = (Handshaker *)o;
-    if (fd < 0 || (size_t)fd >= self->cap || !self->left[fd])
-        return 0;
-    self->left[fd] = 0;
-    return 1;
 }
 
 int

@@ -20,11 +20,6 @@ int sp_handshaker_check(PyObject *o);
 /* One event of the Handshaker o (sp_handshaker_check) for descriptor fd. */
 void sp_handshaker_dispatch(PyObject *o, int fd);
 
-/* Whether fd was handed over by the Handshaker o still registered in the
- * shared set (with its data): the mark is cleared, and the caller takes
- * the registration over with EPOLL_CTL_MOD. */
-int sp_handshaker_take_left(PyObject *o, int fd);
-
 /* Whether the Handshaker o has events for take_events. */
 int sp_handshaker_pending(PyObject *o);
 
