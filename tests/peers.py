@@ -238,6 +238,29 @@ def closed_port() -> Iterator[int]:
         s.close()
 
 
+@contextlib.contextmanager
+def unanswered_port() -> Iterator[int]:
+    """A port on 127.0.0.1 whose listener's accept queue is full, so that
+    the kernel drops a new SYN: a connect to it stays in progress (until
+    its timeout), as to a backend host that is down."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)  # room for one connection not yet accepted
+    port = server.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(2):  # the one it has room for, and one its SYN queue holds
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        yield port
+    finally:
+        for filler in fillers:
+            filler.close()
+        server.close()
+
+
 def parse_json_lines(text: str) -> list[dict[str, Any]]:
     events = []
     for line in text.splitlines():

@@ -557,6 +557,18 @@ hs_after_write(Handshaker *self, sp_hs *h)
     }
 }
 
+static void hs_backend_up(Handshaker *self, sp_hs *h);
+
+/* The connect failed (err): Python tries the next server. */
+static void
+hs_connect_failed(Handshaker *self, sp_hs *h, int err, int timed_out)
+{
+    hs_drop_backend(self, h);
+    hs_decide(self, h);
+    hs_event(self, "(iKii)", SP_EV_CONNECT_FAILED, (unsigned long long)h->hid, err,
+             err == ETIMEDOUT && timed_out);
+}
+
 /* HandshakeEngine._connected: the connect's outcome is in SO_ERROR. */
 static void
 hs_connected(Handshaker *self, sp_hs *h, int timed_out)
@@ -574,12 +586,17 @@ hs_connected(Handshaker *self, sp_hs *h, int timed_out)
             err = ETIMEDOUT;
     }
     if (err) {
-        hs_drop_backend(self, h);
-        hs_decide(self, h);
-        hs_event(self, "(iKii)", SP_EV_CONNECT_FAILED, (unsigned long long)h->hid, err,
-                 err == ETIMEDOUT && timed_out);
+        hs_connect_failed(self, h, err, timed_out);
         return;
     }
+    hs_backend_up(self, h);
+}
+
+/* The connect completed: its source port (and address, when asked), then
+ * the head to the backend. */
+static void
+hs_backend_up(Handshaker *self, sp_hs *h)
+{
     struct sockaddr_storage local;
     socklen_t llen = sizeof(local);
     int port = 0;
@@ -1089,7 +1106,19 @@ Handshaker_connect(Handshaker *self, PyObject *args)
     self->by_fd[bfd] = h;
     h->state = SP_HS_CONNECTING;
     hs_arm(self, h, SP_T_CONNECT);
-    hs_want(self, bfd, &h->bmask, SP_OUT);
+    /* A connect to a near backend (loopback, a backend on the same host)
+     * has often completed by now, within connect(2) itself. The head goes
+     * at once, as HAProxy sends it: taken, the connect is up (no EPOLLOUT
+     * registration, no SO_ERROR, no round); EAGAIN, the SYN is still out;
+     * an error, the connect's own, as SO_ERROR would have said. */
+    ssize_t sent = send(bfd, h->buf ? (const char *)h->buf : "", h->len, MSG_NOSIGNAL);
+    if (sent >= 0) {
+        h->off = (uint32_t)sent;
+        hs_backend_up(self, h);
+    } else if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+        hs_want(self, bfd, &h->bmask, SP_OUT);
+    else
+        hs_connect_failed(self, h, errno, 0);
     Py_RETURN_NONE;
 }
 

@@ -31,6 +31,7 @@ from peers import (
     closed_port,
     read_head,
     read_until_closed,
+    unanswered_port,
     upgrade_head,
     websocket_accept,
 )
@@ -99,6 +100,26 @@ def test_a_refused_server_is_retried_on_the_next_one() -> None:
 
     with closed_port() as refusing, RawServer(accepting_backend) as backend:
         run([refusing, backend.port], test)
+
+
+def test_a_connect_that_stays_in_progress_times_out_and_goes_to_the_next_server() -> None:
+    """A server whose SYNs go unanswered: the connect is still in progress
+    when the engine would send the head, and ends at connect_timeout (1 s
+    here) as a connect failure, retried on the next server."""
+
+    async def test(h: Harness) -> None:
+        clients = [client(h.port) for _ in range(2)]
+        for c in clients:  # round robin: one of the two picks the silent server first
+            c.sendall(upgrade_head("/"))
+        await h.events.until(lambda: len(h.events.tunnels) == 2, "two tunnels")
+        assert h.events.connect_failures == ["s0"]
+        assert not h.events.refusals
+        for c in clients:
+            assert (await trio.to_thread.run_sync(read_head, c)).startswith(b"HTTP/1.1 101")
+            c.close()
+
+    with unanswered_port() as silent, RawServer(accepting_backend) as backend:
+        run([silent, backend.port], test)
 
 
 def test_servers_added_and_removed_at_runtime() -> None:
