@@ -4,8 +4,10 @@
  *
  * The split: this core does every system call of a handshake and keeps its
  * state in a C struct (sp_hs): accept, reading the request head under
- * max_header_bytes, waiting for the upstream connect and its SO_ERROR,
- * writing the forwarded head, reading the backend's answer, writing it to
+ * max_header_bytes, the upstream connect's completion (the forwarded head
+ * sent at once, since a near backend's connect is often up already; else
+ * EPOLLOUT and SO_ERROR), writing the forwarded head, reading the backend's
+ * answer, writing it to
  * the client, the lingering close after an answer of our own, and the
  * deadlines (header, connect, response, linger). What needs policy stays in
  * Python and is asked in batches: the core records events during a call
