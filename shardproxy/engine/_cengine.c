@@ -1431,12 +1431,19 @@ sp_round(Relay *self, struct epoll_event *evs, int n)
     sp_sweep(self);
 }
 
+/* Whether anything waits for take_closed (or internal_errors changed since
+ * the owner last took the ends). */
+static int
+sp_ended(Relay *self)
+{
+    return PyList_GET_SIZE(self->closed) > 0 || self->internal_errors != self->errors_seen;
+}
+
 /* Whether the owner has something to take: an ended tunnel, a handshake event. */
 static int
 sp_owner_work(Relay *self)
 {
-    return PyList_GET_SIZE(self->closed) > 0 || self->internal_errors != self->errors_seen
-           || (self->handshaker != NULL && sp_handshaker_pending(self->handshaker));
+    return sp_ended(self) || (self->handshaker != NULL && sp_handshaker_pending(self->handshaker));
 }
 
 /* Relay.poll() -> events handled: one epoll_wait(0) round. */
@@ -1813,8 +1820,7 @@ Relay_get_internal_errors(Relay *self, void *Py_UNUSED(closure))
 static PyObject *
 Relay_get_ended(Relay *self, void *Py_UNUSED(closure))
 {
-    return PyBool_FromLong(PyList_GET_SIZE(self->closed) > 0
-                           || self->internal_errors != self->errors_seen);
+    return PyBool_FromLong(sp_ended(self));
 }
 
 /* Bytes of C memory the relay holds for one idle tunnel: its struct and

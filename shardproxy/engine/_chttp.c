@@ -464,7 +464,7 @@ http_parse_request(PyObject *module, PyObject *args, PyObject *kwds)
  * no Content-Length or Transfer-Encoding, one Host of visible ASCII not in
  * brackets, "websocket" among the Upgrade tokens and "upgrade" among the
  * Connection ones, one Sec-WebSocket-Version "13" and one Sec-WebSocket-Key
- * of 22 base64 characters and "==" (16 bytes). tests/unit/test_chttp.py
+ * of 22 base64 characters and "==" (16 bytes). tests/unit/test_upgrade_fast.py
  * holds it to that against validate_upgrade, on any bytes. */
 
 static uint8_t

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -90,8 +91,14 @@ async def through(client: socket.socket, backend: socket.socket, data: bytes) ->
     assert await trio.to_thread.run_sync(relay_once) == data
 
 
-@pytest.mark.skipif(COMPILED is None, reason="the compiled engine was not built")
-def test_trio_tasks_timers_io_and_threads_run_while_the_relay_waits_in_c() -> None:
+Sock = socket.socket
+Test = Callable[[Any, Sock, Sock, trio.Nursery], Awaitable[None]]
+
+
+def with_a_tunnel(test: Test, clock: trio.abc.Clock | None = None) -> None:
+    """``test(relay, client, backend, nursery)`` with a compiled relay
+    running one tunnel in a trio loop (on ``clock``); the relay's loop
+    is ended by a cancel, and must be out of C then."""
     from shardproxy.engine.crelay import CompiledRelayEngine
 
     relay = CompiledRelayEngine(Ends(), Keepalive())
@@ -100,75 +107,71 @@ def test_trio_tasks_timers_io_and_threads_run_while_the_relay_waits_in_c() -> No
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(relay.run)
-            with trio.fail_after(10):  # every wait below is for a trio turn, none for time
-                await through(client, backend, b"first")
-                assert relay.hosting
-                await trio.sleep(0.05)  # a timer of trio's, while the relay is idle in C
-                a, b = trio.socket.socketpair()  # trio's own I/O
-                with a, b:
-                    await a.send(b"x")
-                    assert await b.recv(1) == b"x"
-                ready, seen = trio.Event(), trio.Event()
-
-                async def waiter() -> None:
-                    await ready.wait()
-                    seen.set()
-
-                nursery.start_soon(waiter)
-                await trio.lowlevel.checkpoint()
-                ready.set()  # a task made runnable by another
-                await seen.wait()
-                await through(client, backend, b"still relaying")
-            nursery.cancel_scope.cancel()  # ends the relay's loop, which was in C
+            await test(relay, client, backend, nursery)
+            nursery.cancel_scope.cancel()  # ends the relay's loop, wherever it waits
         assert not relay.hosting
         relay.close()
 
-    trio.run(main)
+    trio.run(main, clock=clock)
     client.close()
     backend.close()
 
 
-@pytest.mark.skipif(COMPILED is None, reason="the compiled engine was not built")
+compiled_only = pytest.mark.skipif(COMPILED is None, reason="the compiled engine was not built")
+
+
+@compiled_only
+def test_trio_tasks_timers_io_and_threads_run_while_the_relay_waits_in_c() -> None:
+    async def test(
+        relay: Any, client: socket.socket, backend: socket.socket, nursery: trio.Nursery
+    ) -> None:
+        with trio.fail_after(10):  # every wait below is for a trio turn, none for time
+            await through(client, backend, b"first")
+            assert relay.hosting
+            await trio.sleep(0.05)  # a timer of trio's, while the relay is idle in C
+            a, b = trio.socket.socketpair()  # trio's own I/O
+            with a, b:
+                await a.send(b"x")
+                assert await b.recv(1) == b"x"
+            ready, seen = trio.Event(), trio.Event()
+
+            async def waiter() -> None:
+                await ready.wait()
+                seen.set()
+
+            nursery.start_soon(waiter)
+            await trio.lowlevel.checkpoint()
+            ready.set()  # a task made runnable by another
+            await seen.wait()
+            await through(client, backend, b"still relaying")
+
+    with_a_tunnel(test)
+
+
+@compiled_only
 def test_wait_all_tasks_blocked_sees_the_relay_idle() -> None:
     """trio.testing.wait_all_tasks_blocked needs the relay's task blocked in
     trio: the loop leaves C for good when a task waits for that."""
-    from shardproxy.engine.crelay import CompiledRelayEngine
 
-    relay = CompiledRelayEngine(Ends(), Keepalive())
-    client, backend = echo_through(relay)
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(relay.run)
-            with trio.fail_after(10):
-                await through(client, backend, b"hosted")
-                assert relay.hosting
-                await trio.testing.wait_all_tasks_blocked()
-                assert not relay.hosting
-                await through(client, backend, b"in trio")
-            nursery.cancel_scope.cancel()
-        relay.close()
-
-    trio.run(main)
-    client.close()
-    backend.close()
-
-
-@pytest.mark.skipif(COMPILED is None, reason="the compiled engine was not built")
-def test_with_a_test_clock_the_relay_waits_inside_trio() -> None:
-    from shardproxy.engine.crelay import CompiledRelayEngine
-
-    relay = CompiledRelayEngine(Ends(), Keepalive())
-    client, backend = echo_through(relay)
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(relay.run)
-            await through(client, backend, b"relayed")
+    async def test(
+        relay: Any, client: socket.socket, backend: socket.socket, _: trio.Nursery
+    ) -> None:
+        with trio.fail_after(10):
+            await through(client, backend, b"hosted")
+            assert relay.hosting
+            await trio.testing.wait_all_tasks_blocked()
             assert not relay.hosting
-            nursery.cancel_scope.cancel()
-        relay.close()
+            await through(client, backend, b"in trio")
 
-    trio.run(main, clock=trio.testing.MockClock())
-    client.close()
-    backend.close()
+    with_a_tunnel(test)
+
+
+@compiled_only
+def test_with_a_test_clock_the_relay_waits_inside_trio() -> None:
+    async def test(
+        relay: Any, client: socket.socket, backend: socket.socket, _: trio.Nursery
+    ) -> None:
+        await through(client, backend, b"relayed")
+        assert not relay.hosting
+
+    with_a_tunnel(test, clock=trio.testing.MockClock())
