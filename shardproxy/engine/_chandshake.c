@@ -32,12 +32,17 @@
  *                                     source address, if connect asked
  *                                     for it (the first of a tuple space)
  *   CONNECT_FAILED(hid, errno, timed_out)  the backend socket is closed
- *   RESPONSE(hid, bytes)              one read of the backend's answer (b"": EOF)
+ *   RESPONSE(hid, bytes)              one read of the backend's answer (b"": EOF);
+ *                                     not sent when the first read holds a
+ *                                     whole 101 head: the core passes that
+ *                                     on itself (hs_pass_101)
  *   BACKEND_FAILED(hid, errno)        writing the head or reading failed
  *   BODY(hid, bytes)                  one read of a non-101 answer's body
  *                                     (b"": EOF or reset)
- *   ESTABLISHED(hid, cfd, bfd, seconds, source_port)  the 101 is out; the
- *                                     fds are the owner's
+ *   ESTABLISHED(hid, cfd, bfd, seconds, source_port, behind)  the 101 is
+ *                                     out; the fds are the owner's; behind:
+ *                                     the backend's bytes after a 101 the
+ *                                     core passed on, None after a respond
  *   ANSWERED(hid)                     our answer is out: lingering now
  *   TIMEOUT(hid, what)                a deadline passed (SP_TO_*), after a
  *                                     last look where one can help
@@ -128,6 +133,9 @@ typedef struct sp_hs {
     uint8_t want_address;         /* CONNECTED wanted: the source address is news */
     uint16_t sport;               /* the upstream connection's source port */
     uint8_t expired;              /* its header deadline passed during a last look */
+    uint8_t answer_read;          /* a RESPONSE went out: the answer is Python's to read */
+    uint8_t *trail;               /* a 101 passed on here: the bytes behind its head */
+    uint32_t trail_len;
 } sp_hs;
 
 #define SP_IN 1
@@ -315,6 +323,7 @@ hs_free(Handshaker *self, sp_hs *h)
     if (h->cfd >= 0 && self->by_fd[h->cfd] == h)
         self->by_fd[h->cfd] = NULL;
     PyMem_Free(h->buf);
+    PyMem_Free(h->trail);
     PyMem_Free(h);
     self->count--;
     size_t resume = self->max_handshakes * 3 / 4;
@@ -501,9 +510,14 @@ hs_hand_over(Handshaker *self, sp_hs *h)
     uint16_t sport = h->sport;
     double seconds = hs_now() - h->started;
     h->bfd = -1;
+    if (h->trail != NULL || h->answer_read == 0) /* the 101 was passed on here */
+        hs_event(self, "(iKiidiy#)", SP_EV_ESTABLISHED, (unsigned long long)hid, cfd, bfd,
+                 seconds, (int)sport, h->trail ? (const char *)h->trail : "",
+                 (Py_ssize_t)h->trail_len);
+    else
+        hs_event(self, "(iKiidiO)", SP_EV_ESTABLISHED, (unsigned long long)hid, cfd, bfd,
+                 seconds, (int)sport, Py_None);
     hs_free(self, h);
-    hs_event(self, "(iKiidi)", SP_EV_ESTABLISHED, (unsigned long long)hid, cfd, bfd, seconds,
-             (int)sport);
 }
 
 /* HandshakeEngine._linger: read and drop until the client closes. */
@@ -623,7 +637,45 @@ hs_backend_up(Handshaker *self, sp_hs *h)
     hs_write(self, h);
 }
 
-/* HandshakeEngine._read_response and _pass_body: one read, to Python. */
+/* The backend's first read holds a whole 101 head that ResponseReader.feed
+ * would pass on as it came (ResponseHead(101, head)): pass it on here and
+ * hand over, as respond(hid, head, THEN_HAND_OVER) would, without a RESPONSE
+ * event; the bytes behind the head go with ESTABLISHED. 1: done; 0: the
+ * read is Python's (any other answer, a head not whole, no memory). */
+static int
+hs_pass_101(Handshaker *self, sp_hs *h, const uint8_t *data, size_t n)
+{
+    int64_t end = sp_head_end(data, n, 0);
+    if (end < 0 || (uint64_t)end > self->max_header)
+        return 0;
+    struct sp_response r;
+    const char *error;
+    int code = sp_parse_response(data, (size_t)end, &r, &error);
+    if ((code != SP_HTTP_OK && code != SP_HTTP_TOO_MANY) || r.status != 101)
+        return 0;
+    size_t rest = n - (size_t)end;
+    if (rest) {
+        if ((h->trail = PyMem_Malloc(rest)) == NULL)
+            return 0;
+        memcpy(h->trail, data + end, rest);
+        h->trail_len = (uint32_t)rest;
+    }
+    if (hs_set_out(h, (const char *)data, (Py_ssize_t)end) < 0) {
+        PyMem_Free(h->trail);
+        h->trail = NULL;
+        h->trail_len = 0;
+        return 0;
+    }
+    hs_want(self, h->bfd, &h->bmask, 0);
+    h->state = SP_HS_WRITE;
+    h->to_backend = 0;
+    h->then = SP_THEN_HAND_OVER;
+    hs_write(self, h);
+    return 1;
+}
+
+/* HandshakeEngine._read_response and _pass_body: one read, to Python (a
+ * whole 101 in the first read: passed on here, hs_pass_101). */
 static void
 hs_read_backend(Handshaker *self, sp_hs *h)
 {
@@ -640,6 +692,9 @@ hs_read_backend(Handshaker *self, sp_hs *h)
             hs_event(self, "(iKi)", SP_EV_BACKEND_FAILED, (unsigned long long)h->hid, err);
         return;
     }
+    if (!body && !h->answer_read && n > 0 && hs_pass_101(self, h, self->scratch, (size_t)n))
+        return;
+    h->answer_read = 1;
     hs_decide(self, h);
     hs_event(self, "(iKy#)", body ? SP_EV_BODY : SP_EV_RESPONSE, (unsigned long long)h->hid,
              (const char *)self->scratch, (Py_ssize_t)n);

@@ -396,8 +396,7 @@ class CompiledHandshakeEngine:
                 )
                 return False
             p.lease.hold_upstream(endpoint, space, port)
-            assert p.request is not None
-            p.response = ResponseReader(p.request, self.proxy.max_header_bytes, self._parsers)
+            p.response = None  # made when an answer comes to Python (_response)
             wanted = space.seen_address is None  # the kernel's choice, not seen yet
             self._core.connect(hid, fd, self._head(hid, p), wanted)
             return True
@@ -410,7 +409,8 @@ class CompiledHandshakeEngine:
         if self.decisions.sends_proxy_header(lease.route):
             local = p.local or local_address(hid & _FD)
             return encode_v2((lease.client_ip, lease.client_port), local) + request_head(request)
-        return forward_head(request, lease.client_ip, PLAIN.forwarded_proto, p.port)
+        proto = PLAIN.forwarded_proto
+        return forward_head(request, lease.client_ip, proto, p.port, self._parsers)
 
     def _connected(self, event: tuple[int, int, str | None, int]) -> None:
         """The first connect from a space whose source address the kernel
@@ -435,9 +435,13 @@ class CompiledHandshakeEngine:
         self._connect_next(hid, p)
 
     def _response(self, event: tuple[int, int, bytes]) -> None:
+        """A read of the backend's answer (a whole 101 in the first read the
+        core passes on itself: ESTABLISHED then carries the bytes behind it)."""
         _, hid, data = event
         p = self._pending[hid]
-        assert p.response is not None
+        if p.response is None:
+            assert p.request is not None
+            p.response = ResponseReader(p.request, self.proxy.max_header_bytes, self._parsers)
         try:
             head = p.response.feed(data)
         except BackendError as e:
@@ -475,17 +479,20 @@ class CompiledHandshakeEngine:
         reject = Reject(502, "bad_gateway", f"backend failed the handshake: {e}")
         self._reject(hid, self._pending[hid], reject)
 
-    def _established(self, event: tuple[int, int, int, int, float, int]) -> None:
-        _, hid, client_fd, backend_fd, seconds, source_port = event
+    def _established(self, event: tuple[int, int, int, int, float, int, bytes | None]) -> None:
+        _, hid, client_fd, backend_fd, seconds, source_port, behind = event
         p = self._pending.pop(hid)
         p.lease.source_port = source_port
-        assert p.request is not None and p.response is not None
+        assert p.request is not None
+        if behind is None:  # the 101 came through _response
+            assert p.response is not None
+            behind = p.response.trailing
         tunnel = Upgraded(
             p.lease,
             client_fd,
             backend_fd,
             p.first_up,
-            p.response.trailing,
+            behind,
             PLAIN_PAIR,
             p.request,
             seconds,

@@ -276,6 +276,57 @@ def test_the_first_tunnel_bytes_each_way_are_handed_over() -> None:
         run([server.port], test)
 
 
+def _answering_101(*sends: bytes, pause: float = 0.0):  # type: ignore[no-untyped-def]
+    """A backend whose answer is ``sends``, with the Sec-WebSocket-Accept
+    header line put in for ``{accept}`` (a pause between the sends: they
+    arrive as separate reads, or else they merely coalesce)."""
+
+    def backend(conn: socket.socket) -> None:
+        head = read_head(conn)
+        key = [v for v in head.split(b"\r\n") if v.lower().startswith(b"sec-websocket-key:")]
+        accept = websocket_accept(key[0].split(b":", 1)[1].strip())
+        for i, data in enumerate(sends):
+            if i:
+                time.sleep(pause)
+            conn.sendall(data.replace(b"{accept}", accept))
+        conn.recv(1)
+
+    return backend
+
+
+_101 = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: {accept}\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("sends", "pause"),
+    [
+        ((_101 + b"\x81\x02hi",), 0.0),  # whole in one read (the compiled core passes it on)
+        ((_101[:20], _101[20:] + b"\x81\x02hi"), 0.05),  # in pieces: the reader's
+        ((b"HTTP/1.1 100 Continue\r\n\r\n" + _101 + b"\x81\x02hi",), 0.0),  # behind a 1xx
+    ],
+    ids=["whole", "in-pieces", "behind-100"],
+)
+def test_a_101_is_passed_on_alone_and_the_bytes_behind_it_go_to_the_relay(
+    sends: tuple[bytes, ...], pause: float
+) -> None:
+    async def test(h: Harness) -> None:
+        c = client(h.port)
+        c.sendall(upgrade_head("/"))
+        await h.events.until(lambda: bool(h.events.tunnels), "the tunnel")
+        (u,) = h.events.tunnels
+        assert u.to_client == b"\x81\x02hi"
+        head = await trio.to_thread.run_sync(read_head, c)
+        assert head.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+        assert b"100 Continue" not in head and b"Sec-WebSocket-Accept: " in head
+        c.close()
+
+    with RawServer(_answering_101(*sends, pause=pause)) as backend:
+        run([backend.port], test)
+
+
 def test_a_proxy_header_names_the_client_even_in_pieces_and_a_bad_one_is_400() -> None:
     """An accept_proxy listener: the PROXY header (v1 whole, v2 cut into
     pieces with the head behind it) makes its source the client; garbage
