@@ -1,5 +1,6 @@
 # The compiled engine's interface (shardproxy/engine/_cengine.c).
 
+from collections.abc import Sequence
 from typing import Any
 
 TRACKER_BYTES: int
@@ -35,6 +36,15 @@ def parse_upgrade(
     tuple[bytes, bytes, tuple[tuple[bytes, bytes], ...], tuple[tuple[bytes, bytes], ...], str, str]
     | None
 ): ...
+def forwarded_head(
+    method: bytes,
+    target: bytes,
+    raw_headers: Sequence[tuple[bytes, bytes]],
+    client_ip: str,
+    proto: str,
+    port: int,
+    /,
+) -> bytes: ...
 
 class Relay:
     """The relay's C core (engine/crelay.py wraps it as a TunnelEngine)."""

@@ -722,6 +722,109 @@ http_head_end(PyObject *module, PyObject *args, PyObject *kwds)
     return PyLong_FromLongLong((long long)end);
 }
 
+/* -- the forwarded head (http1.forwarded_head) ------------------------------ */
+
+/* Which X-Forwarded-* field name n[0, len) is, ASCII case-insensitively:
+ * 1 For, 2 Proto, 3 Port, 0 none. */
+static int
+sp_forwarded_name(const char *n, Py_ssize_t len)
+{
+    static const char *names[] = {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-port"};
+    struct sp_span all = {0, (size_t)len};
+    for (int i = 0; i < 3; i++)
+        if (sp_is_name((const uint8_t *)n, all, names[i]))
+            return i + 1;
+    return 0;
+}
+
+static void
+sp_put(char **at, const char *data, size_t n)
+{
+    memcpy(*at, data, n);
+    *at += n;
+}
+
+/* http1.forwarded_head in C: the same bytes, in one pass to size the head
+ * and one to write it. raw_headers: a sequence of (name, value) bytes. */
+static PyObject *
+http_forwarded_head(PyObject *module, PyObject *args)
+{
+    const char *method, *target, *ip, *proto;
+    Py_ssize_t method_len, target_len, ip_len, proto_len;
+    PyObject *raw, *port;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "y#y#Os#s#O:forwarded_head", &method, &method_len, &target,
+                          &target_len, &raw, &ip, &ip_len, &proto, &proto_len, &port))
+        return NULL;
+    PyObject *port_text = PyObject_Str(port);  /* str(port), as the reference */
+    if (port_text == NULL)
+        return NULL;
+    Py_ssize_t port_len;
+    const char *port_chars = PyUnicode_AsUTF8AndSize(port_text, &port_len);
+    PyObject *fields = PySequence_Fast(raw, "raw_headers must be a sequence");
+    PyObject *result = NULL;
+    if (port_chars == NULL || fields == NULL)
+        goto done;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(fields);
+    PyObject **items = PySequence_Fast_ITEMS(fields);
+    static const char xff[] = "X-Forwarded-For: ", xfproto[] = "\r\nX-Forwarded-Proto: ",
+                      xfport[] = "\r\nX-Forwarded-Port: ", version[] = " HTTP/1.1\r\n";
+    size_t total = (size_t)method_len + 1 + (size_t)target_len + sizeof(version) - 1;
+    size_t prior = 0;  /* bytes of earlier X-Forwarded-For values and their ", " */
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *pair = items[i];
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 ||
+            !PyBytes_Check(PyTuple_GET_ITEM(pair, 0)) ||
+            !PyBytes_Check(PyTuple_GET_ITEM(pair, 1))) {
+            PyErr_SetString(PyExc_TypeError, "raw_headers: (name, value) pairs of bytes");
+            goto done;
+        }
+        PyObject *name = PyTuple_GET_ITEM(pair, 0), *value = PyTuple_GET_ITEM(pair, 1);
+        int which = sp_forwarded_name(PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name));
+        if (which == 1)
+            prior += (size_t)PyBytes_GET_SIZE(value) + 2;
+        else if (which == 0)
+            total += (size_t)PyBytes_GET_SIZE(name) + 2 + (size_t)PyBytes_GET_SIZE(value) + 2;
+    }
+    total += sizeof(xff) - 1 + prior + (size_t)ip_len + sizeof(xfproto) - 1 + (size_t)proto_len +
+             sizeof(xfport) - 1 + (size_t)port_len + 4;
+    result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+    if (result == NULL)
+        goto done;
+    char *at = PyBytes_AS_STRING(result);
+    sp_put(&at, method, (size_t)method_len);
+    sp_put(&at, " ", 1);
+    sp_put(&at, target, (size_t)target_len);
+    sp_put(&at, version, sizeof(version) - 1);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *name = PyTuple_GET_ITEM(items[i], 0), *value = PyTuple_GET_ITEM(items[i], 1);
+        if (sp_forwarded_name(PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name)) != 0)
+            continue;
+        sp_put(&at, PyBytes_AS_STRING(name), (size_t)PyBytes_GET_SIZE(name));
+        sp_put(&at, ": ", 2);
+        sp_put(&at, PyBytes_AS_STRING(value), (size_t)PyBytes_GET_SIZE(value));
+        sp_put(&at, "\r\n", 2);
+    }
+    sp_put(&at, xff, sizeof(xff) - 1);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *name = PyTuple_GET_ITEM(items[i], 0), *value = PyTuple_GET_ITEM(items[i], 1);
+        if (sp_forwarded_name(PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name)) != 1)
+            continue;
+        sp_put(&at, PyBytes_AS_STRING(value), (size_t)PyBytes_GET_SIZE(value));
+        sp_put(&at, ", ", 2);
+    }
+    sp_put(&at, ip, (size_t)ip_len);
+    sp_put(&at, xfproto, sizeof(xfproto) - 1);
+    sp_put(&at, proto, (size_t)proto_len);
+    sp_put(&at, xfport, sizeof(xfport) - 1);
+    sp_put(&at, port_chars, (size_t)port_len);
+    sp_put(&at, "\r\n\r\n", 4);
+done:
+    Py_XDECREF(fields);
+    Py_DECREF(port_text);
+    return result;
+}
+
 static PyMethodDef sp_http_methods[] = {
     {"head_end", (PyCFunction)(void (*)(void))http_head_end, METH_VARARGS | METH_KEYWORDS,
      "head_end($module, /, buffer, start=0)\n--\n\n"
@@ -736,6 +839,9 @@ static PyMethodDef sp_http_methods[] = {
      "parse_upgrade($module, buffer, end, /)\n--\n\n"
      "buffer[:end] as (method, target, raw_headers, headers, host, path) when\n"
      "protocol.upgrade's validate_upgrade accepts it as such, or None: ask it."},
+    {"forwarded_head", (PyCFunction)http_forwarded_head, METH_VARARGS,
+     "forwarded_head($module, method, target, raw_headers, client_ip, proto, port, /)\n--\n\n"
+     "protocol.http1.forwarded_head in C: the same head for the backend."},
     {"parse_response", (PyCFunction)(void (*)(void))http_parse_response,
      METH_VARARGS | METH_KEYWORDS,
      "parse_response($module, /, head)\n--\n\n"

@@ -36,7 +36,11 @@ PARSERS = (
     http1.PARSERS
     if COMPILED is None
     else http1.HeadParsers(
-        COMPILED.head_end, COMPILED.parse_request, COMPILED.parse_response, COMPILED.parse_upgrade
+        COMPILED.head_end,
+        COMPILED.parse_request,
+        COMPILED.parse_response,
+        COMPILED.parse_upgrade,
+        COMPILED.forwarded_head,
     )
 )
 # The engines the workers run: "compiled" (the C relay) or "python".

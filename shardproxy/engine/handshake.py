@@ -498,7 +498,10 @@ class HandshakeEngine:
             local = h.local or local_address(h.client)
             head = encode_v2((h.client_ip, h.client_port), local) + request_head(h.request)
         else:
-            head = forward_head(h.request, h.client_ip, h.listener.proto, h.listener.port)
+            listener = h.listener
+            head = forward_head(
+                h.request, h.client_ip, listener.proto, listener.port, self._parsers
+            )
         h.response = ResponseReader(h.request, self.proxy.max_header_bytes, self._parsers)
         self._arm(h, self.proxy.response_timeout)
         self._send(h, sock.fileno(), head, self._await_response)  # still waits for OUT

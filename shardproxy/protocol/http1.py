@@ -21,7 +21,7 @@ rare path that is not worth a second framing implementation.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final, NamedTuple
 
 # RFC 9110 §5.6.2: token = 1*tchar
@@ -113,6 +113,29 @@ def no_fast_upgrade(buffer: bytes, end: int) -> UpgradeFields | None:
     return None
 
 
+_FORWARDED = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-port")
+
+
+def forwarded_head(
+    method: bytes,
+    target: bytes,
+    raw_headers: Sequence[tuple[bytes, bytes]],
+    client_ip: str,
+    proto: str,
+    port: int,
+) -> bytes:
+    """A request head for the backend: the request line (as HTTP/1.1) and
+    ``raw_headers``, with X-Forwarded-For appended to (the chain grows by
+    one hop, as nginx's $proxy_add_x_forwarded_for does) and
+    X-Forwarded-Proto and -Port replaced by the listener's."""
+    prior = [v for n, v in raw_headers if n.lower() == b"x-forwarded-for"]
+    fields = [n + b": " + v for n, v in raw_headers if n.lower() not in _FORWARDED]
+    fields.append(b"X-Forwarded-For: " + b", ".join([*prior, client_ip.encode()]))
+    fields.append(b"X-Forwarded-Proto: " + proto.encode())
+    fields.append(b"X-Forwarded-Port: " + str(port).encode())
+    return b"\r\n".join([method + b" " + target + b" HTTP/1.1", *fields]) + b"\r\n\r\n"
+
+
 class HeadParsers(NamedTuple):
     """The functions of this module as a set, so that a caller can be
     handed another implementation of them: the compiled engine has one in C
@@ -122,12 +145,18 @@ class HeadParsers(NamedTuple):
     ``parse_upgrade(buffer, end)`` is a fast path for the common upgrade
     request: the fields of ``buffer[:end]`` when ``upgrade.validate_upgrade``
     would accept it, or None, and then the reference path decides. The C
-    one answers for the usual head; this module's answers None."""
+    one answers for the usual head; this module's answers None.
+
+    ``forwarded_head`` builds the head the backend gets (:func:`forwarded_head`);
+    the C one gives the same bytes (tests/unit/test_chttp.py)."""
 
     head_end: Callable[[bytes, int], int]
     parse_request: Callable[[bytes], tuple[bytes, bytes, bytes, Headers]]
     parse_response: Callable[[bytes], tuple[bytes, int, bytes, Headers]]
     parse_upgrade: Callable[[bytes, int], UpgradeFields | None] = no_fast_upgrade
+    forwarded_head: Callable[
+        [bytes, bytes, Sequence[tuple[bytes, bytes]], str, str, int], bytes
+    ] = forwarded_head
 
 
 PARSERS: Final = HeadParsers(head_end, parse_request, parse_response)

@@ -236,23 +236,19 @@ def _host_name(value: bytes) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
-_FORWARDED = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-port")
-
-
-def forward_head(request: UpgradeRequest, client_ip: str, proto: str, listen_port: int) -> bytes:
-    """The request head to send upstream: the client's, plus X-Forwarded-*.
-
-    X-Forwarded-For is appended to (the chain grows by one hop, as nginx's
-    $proxy_add_x_forwarded_for does); X-Forwarded-Proto and -Port describe the
-    listener and replace whatever the client claimed.
-    """
-    prior_xff = [v for n, v in request.headers if n == b"x-forwarded-for"]
-    fields = [n + b": " + v for n, v in request.raw_headers if n.lower() not in _FORWARDED]
-    xff = b", ".join([*prior_xff, client_ip.encode()])
-    fields.append(b"X-Forwarded-For: " + xff)
-    fields.append(b"X-Forwarded-Proto: " + proto.encode())
-    fields.append(b"X-Forwarded-Port: " + str(listen_port).encode())
-    return _head(request, fields)
+def forward_head(
+    request: UpgradeRequest,
+    client_ip: str,
+    proto: str,
+    listen_port: int,
+    parsers: http1.HeadParsers = http1.PARSERS,
+) -> bytes:
+    """The request head to send upstream: the client's, plus X-Forwarded-*
+    (http1.forwarded_head: X-Forwarded-For appended to, -Proto and -Port
+    those of the listener, whatever the client claimed)."""
+    return parsers.forwarded_head(
+        request.method, request.target, request.raw_headers, client_ip, proto, listen_port
+    )
 
 
 def request_head(request: UpgradeRequest) -> bytes:

@@ -325,3 +325,52 @@ def test_the_error_is_http1s_own_class() -> None:
         compiled.parse_request("GET / HTTP/1.1\r\n\r\n")
     with pytest.raises(TypeError):
         compiled.head_end(b"", "0")
+
+
+# -- the forwarded head ---------------------------------------------------------
+
+_FORWARDED_NAMES = st.sampled_from(
+    [
+        b"X-Forwarded-For",
+        b"x-forwarded-for",
+        b"X-FORWARDED-PROTO",
+        b"X-Forwarded-Port",
+        b"x-forwarded-po",
+    ]
+)
+header_pairs = st.lists(
+    st.tuples(_FORWARDED_NAMES | st.binary(min_size=1, max_size=20), st.binary(max_size=30)),
+    max_size=12,
+)
+
+
+@given(
+    st.binary(min_size=1, max_size=10),
+    st.binary(min_size=1, max_size=40),
+    header_pairs,
+    st.text(max_size=40),
+    st.sampled_from(["http", "https", "wß"]),
+    st.integers(-(2**70), 2**70),
+)
+def test_the_forwarded_head_is_the_references(
+    method: bytes,
+    target: bytes,
+    pairs: list[tuple[bytes, bytes]],
+    client_ip: str,
+    proto: str,
+    port: int,
+) -> None:
+    """The C builder gives http1.forwarded_head's bytes: every X-Forwarded-*
+    field the client sent dropped (any case), its X-Forwarded-For values
+    kept in order before the client's address, for any field bytes."""
+    assert compiled is not None
+    raw = tuple(pairs)
+    args = (method, target, raw, client_ip, proto, port)
+    assert compiled.forwarded_head(*args) == http1.forwarded_head(*args)
+
+
+def test_the_forwarded_head_refuses_what_is_not_pairs_of_bytes() -> None:
+    assert compiled is not None
+    for raw in ([(b"a", "b")], [(b"a",)], [b"ab"], 3):
+        with pytest.raises(TypeError):
+            compiled.forwarded_head(b"GET", b"/", raw, "1.2.3.4", "http", 80)
