@@ -97,19 +97,21 @@ def ecs_json(_: WrappedLogger, method_name: str, event: EventDict) -> str:
 
 
 _static: dict[str, Any] = {}  # configure's static fields, nested
+_generation = 0  # configure's calls
 _min_level = logging.INFO
 _LEVELS = logging.getLevelNamesMapping()
 
 
-def emit_nested(message: str, fields: dict[str, Any], level: str = "info") -> None:
-    """One event whose fields are nested already (namespaces as dicts, no
-    dotted keys), written without structlog's chain: the same document as
-    a ``log.<level>(message, **fields)`` would give, for the access event
-    a worker writes per tunnel (structlog's bound logger and the nesting of
-    every key took 14 µs of it). ``fields`` may be changed (the static
-    fields are merged into its namespaces)."""
-    if _LEVELS[level.upper()] < _min_level:
-        return
+def enabled(level: str) -> bool:
+    """Whether events of ``level`` are written."""
+    return _LEVELS[level.upper()] >= _min_level
+
+
+def document(message: str, fields: dict[str, Any], level: str = "info") -> bytes:
+    """The line :func:`emit_nested` writes for these fields (nested already,
+    namespaces as dicts, no dotted keys): the same document as a
+    ``log.<level>(message, **fields)`` would give. ``fields`` may be changed
+    (the static fields are merged into its namespaces)."""
     for key, value in _static.items():
         have = fields.get(key)
         if have is None:
@@ -124,11 +126,59 @@ def emit_nested(message: str, fields: dict[str, Any], level: str = "info") -> No
     }
     doc.update(fields)
     doc["ecs"] = {"version": ECS_VERSION}
-    text = orjson.dumps(
+    return orjson.dumps(
         doc, default=str, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE
     )
-    _stream.write(text.decode())
+
+
+def emit_nested(message: str, fields: dict[str, Any], level: str = "info") -> None:
+    """One event whose fields are nested already, written without
+    structlog's chain (:func:`document`), for the access event a worker
+    writes per tunnel (structlog's bound logger and the nesting of every
+    key took 14 µs of it)."""
+    if _LEVELS[level.upper()] < _min_level:
+        return
+    write_line(document(message, fields, level))
+
+
+def write_line(line: bytes) -> None:
+    """A whole line of :func:`document` or :func:`template`'s making."""
+    _stream.write(line.decode())
     _stream.flush()
+
+
+def generation() -> int:
+    """How many times :func:`configure` ran: a :func:`template` made at
+    another generation has other static fields."""
+    return _generation
+
+
+def timestamp(now: float) -> bytes:
+    """``now`` as @timestamp's text, for a :func:`template`'s slot."""
+    return _timestamp(now).encode()
+
+
+def template(message: str, fields: dict[str, Any], slots: Mapping[str, bytes]) -> bytes:
+    """:func:`document` of ``fields`` as a bytes %-format, for events of one
+    shape whose other fields stay the same: every value of ``fields`` that
+    is a key of ``slots`` (a marker string) is replaced, quotes and all, by
+    its directive (``b"%d"``; ``b'"%s"'`` for bytes that need no JSON
+    escaping; ``b"%s"`` for JSON text), and the @timestamp by ``%s``. The
+    markers must come in the document in the order of ``slots``, so that
+    ``template(...) % (timestamp(t), *values)`` is the document of those
+    values at ``t`` (tests/unit/test_access.py holds the two equal)."""
+    line = document(message, fields).replace(b"%", b"%%")
+    stamp = line.index(b'"@timestamp":"') + len(b'"@timestamp":"')
+    line = line[:stamp] + b"%s" + line[line.index(b'"', stamp) :]
+    at = stamp
+    for marker, directive in slots.items():
+        quoted = orjson.dumps(marker)
+        found = line.find(quoted, at)
+        if found < 0 or line.count(quoted) != 1:
+            raise ValueError(f"template: {marker!r} is not once in the document, in order")
+        line = line[:found] + directive + line[found + len(quoted) :]
+        at = found + len(directive)
+    return line
 
 
 class LogFile:
@@ -195,7 +245,8 @@ def configure(
             event.setdefault(key, value)
         return event
 
-    global _stream, _static, _min_level
+    global _stream, _static, _min_level, _generation
+    _generation += 1
     _stream = stream or sys.stdout
     _static = _nest(fields)
     _min_level = logging.getLevelNamesMapping()[level.upper()]

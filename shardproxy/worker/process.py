@@ -55,8 +55,6 @@ from shardproxy.control.channel import Channel
 from shardproxy.control.messages import Ack, Drained, Health, Ready, Request, Retire, Start, Stats
 from shardproxy.engine import choice
 from shardproxy.engine.api import (
-    CLOSED,
-    DRAINED,
     PING_TIMEOUT,
     FlowStats,
     Handshakes,
@@ -84,6 +82,7 @@ from shardproxy.telemetry.snapshot import (
     Tally,
     WorkerSnapshot,
 )
+from shardproxy.worker import access
 from shardproxy.worker.tunnels import Placement, Placements, pack_note, unpack_note
 
 # ECS categorisation (event.category, event.type): a tunnel is a network
@@ -95,18 +94,12 @@ _DENIED = ("connection", "denied")
 GOING_AWAY = 1001  # RFC 6455 §7.4.1: "an endpoint is going away, such as a server going down"
 DRAIN_POLL = 0.05  # seconds between looks whether a draining worker is empty
 RETIRED_POLL = 0.5  # seconds between looks whether a retired worker is empty
-_TYPE_END = ("connection", "end")
 _EVENT = "event"
-_GET = {"request": {"method": "GET"}}  # every tunnel began with a GET (RFC 6455 §4.1)
 SUPPRESSED_REPORT_EVERY = 10.0  # seconds between log-suppressed events during a flood
 # Close codes that say the stream received was bad (RFC 6455 §7.4.1): 1002
 # protocol error, 1007 data inconsistent with the message type (invalid
 # UTF-8 in a text message). A tunnel closed with one went bad on the way.
 BAD_STREAM_CODES = frozenset({1002, 1007})
-
-
-def _route_name(route: RouteConfig) -> str:
-    return f"{route.host}{route.path_prefix}"
 
 
 class Worker:
@@ -329,7 +322,6 @@ class Worker:
         self.tunnel_seconds.observe(duration)
         up, down = stats.up, stats.down
         assert isinstance(info.space, TupleSpace)
-        ep = info.endpoint.endpoint
         counts = self.counts
         counts.bytes["up"] += up.bytes
         counts.bytes["down"] += down.bytes
@@ -346,49 +338,10 @@ class Worker:
         route = info.route
         if not self.config.log.access or not self.access_sampler.keep(route, route.access_sample):
             return
-        ours: dict[str, Any] = {
-            "route": _route_name(route),
-            "pool": route.pool,
-            "server": info.endpoint.server.name,
-            "outcome": outcome,
-            "bytes": {"up": up.bytes, "down": down.bytes},
-            "messages": {"up": up.messages, "down": down.messages},
-            "close": {"client_code": up.close_code, "backend_code": down.close_code},
-        }
-        if error_by is not None:
-            ours["close"]["error_by"] = error_by
-        if up.frame_error is not None or down.frame_error is not None:
-            ours["frame_error"] = {
-                name: flow.frame_error
-                for name, flow in (("up", up), ("down", down))
-                if flow.frame_error
-            }
-        if route.access_sample < 1.0:  # one event stands for 1/access_sample tunnels
-            ours["access_sample"] = route.access_sample
-        fields: dict[str, Any] = {
-            "client": {"ip": client_ip, "port": peer.client_port},
-            "source": {"ip": info.space.seen_address, "port": peer.source_port},
-            "destination": {"ip": ep.host, "port": ep.port},
-            "url": {"path": info.path},
-            "http": _GET,
-            "shardproxy": ours,
-            "event": {
-                "kind": _EVENT,
-                "category": _NETWORK,
-                "type": _TYPE_END,
-                "action": "tunnel-closed",
-                "outcome": (
-                    "success" if outcome in (CLOSED, DRAINED) and error_by is None else "failure"
-                ),
-                "duration": int(duration * 1e9),
-            },
-        }
-        if info.user_agent is not None:
-            fields["user_agent"] = {"original": info.user_agent}
-        if forwarded_ip is not None:
-            fields["network"] = {"forwarded_ip": forwarded_ip}
-        # Once per tunnel: nested already, past structlog's chain (logs.emit_nested).
-        logs.emit_nested("tunnel closed", fields)
+        access.write(
+            info, client_ip, peer.client_port, peer.source_port, forwarded_ip, outcome, up, down,
+            duration, error_by,
+        )  # fmt: skip
 
     def _count_bad_stream(self, up: FlowStats, down: FlowStats) -> str | None:
         """The side (``client`` or ``backend``) whose Close said the stream
@@ -507,7 +460,7 @@ class Worker:
             upstream=tuple(SpaceUsage.from_json(space) for space in self.upstream.snapshot()),
             handshake_seconds=self.handshake_seconds.freeze(),
             tunnel_seconds=self.tunnel_seconds.freeze(),
-            routes={_route_name(r): n for r, n in self.route_tunnels.items() if n},
+            routes={access.route_name(r): n for r, n in self.route_tunnels.items() if n},
             servers={
                 (pool.name, server.name): server.active
                 for pool in self.pools.values()

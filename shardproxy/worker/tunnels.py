@@ -42,6 +42,8 @@ class Placement:
     client_ip: str | None = None
     forwarded_ip: str | None = None
     tunnels: int = field(default=0)  # how many hold it
+    # The access event's format for its tunnels (worker/access.py), once made.
+    access_template: tuple[int, bytes | None] | None = field(default=None, repr=False)
 
     def key(self) -> tuple[Any, ...]:
         return _key(
