@@ -100,6 +100,15 @@ class RouteConfig:
     path_prefix: str
     pool: str
     access_sample: float = 1.0  # share of this route's tunnels that get an access event
+    # A worker counts tunnels by route twice per tunnel: the hash is made once.
+    _hash: int = field(init=False, repr=False, compare=False, default=0)
+
+    def __post_init__(self) -> None:
+        key = (self.host, self.path_prefix, self.pool, self.access_sample)
+        object.__setattr__(self, "_hash", hash(key))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ import binascii
 import ipaddress
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import h11
@@ -34,8 +35,10 @@ from shardproxy.protocol import http1
 from shardproxy.protocol.errors import NEED_DATA, BackendError, NeedData, Reject
 
 
-@dataclass(frozen=True, slots=True)
-class UpgradeRequest:
+class UpgradeRequest(NamedTuple):
+    """A valid upgrade request (a named tuple: made once per handshake,
+    see engine/api.py's FlowStats)."""
+
     method: bytes
     target: bytes
     raw_headers: tuple[tuple[bytes, bytes], ...]  # as sent, original case

@@ -142,9 +142,29 @@ def emit_nested(message: str, fields: dict[str, Any], level: str = "info") -> No
 
 
 def write_line(line: bytes) -> None:
-    """A whole line of :func:`document` or :func:`template`'s making."""
-    _stream.write(line.decode())
-    _stream.flush()
+    """A whole line of :func:`document` or :func:`template`'s making, as
+    bytes where the stream takes them (every writer flushes its line, so
+    bytes and text do not overtake each other)."""
+    _write_bytes(line)
+
+
+def _bytes_writer(stream: Any) -> Any:
+    if isinstance(stream, LogFile):
+        return stream.write_bytes
+    raw = getattr(stream, "buffer", None)  # a text file's binary layer
+    if raw is not None:
+
+        def write(line: bytes) -> None:
+            raw.write(line)
+            raw.flush()
+
+        return write
+
+    def write_text(line: bytes) -> None:
+        stream.write(line.decode())
+        stream.flush()
+
+    return write_text
 
 
 def generation() -> int:
@@ -194,11 +214,13 @@ class LogFile:
         return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
     def write(self, text: str) -> int:
-        data = text.encode("utf-8", "replace")
+        self.write_bytes(text.encode("utf-8", "replace"))
+        return len(text)
+
+    def write_bytes(self, data: bytes) -> None:
         written = 0
         while written < len(data):  # a regular file takes it whole, short of a full disk
             written += os.write(self._fd, data[written:])
-        return len(text)
 
     def flush(self) -> None:
         pass
@@ -210,6 +232,7 @@ class LogFile:
 
 
 _stream: Any = None  # what this process logs to
+_write_bytes: Any = None  # and how a line of bytes goes there (_bytes_writer)
 
 
 def reopen() -> None:
@@ -245,9 +268,10 @@ def configure(
             event.setdefault(key, value)
         return event
 
-    global _stream, _static, _min_level, _generation
+    global _stream, _static, _min_level, _generation, _write_bytes
     _generation += 1
     _stream = stream or sys.stdout
+    _write_bytes = _bytes_writer(_stream)
     _static = _nest(fields)
     _min_level = logging.getLevelNamesMapping()[level.upper()]
     structlog.configure(
