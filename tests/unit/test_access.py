@@ -14,7 +14,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shardproxy.config import Endpoint, RouteConfig, ServerConfig
+from shardproxy.config import RouteConfig, ServerConfig
 from shardproxy.engine.api import CLOSED, DRAINED, PING_TIMEOUT, STOPPED, FlowStats
 from shardproxy.policy.registry import ServerState
 from shardproxy.telemetry import logs
