@@ -19,6 +19,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <arpa/inet.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -1881,6 +1882,113 @@ static PyTypeObject RelayType = {
     .tp_as_sequence = &Relay_as_sequence,
 };
 
+/* -- the worker's note (worker/tunnels.py's pack_note and note_fields) ------- */
+
+/* An address's packed bytes into out (4 or 16), its length; 0 when it has
+ * no packed form (a zone: "fe80::1%eth0"), as socket.inet_pton refuses it.
+ * -1 with an exception: not a str, or a NUL in it (inet_pton's ValueError). */
+static int
+sp_note_address(PyObject *address, uint8_t out[16])
+{
+    if (address == Py_None)
+        return 0;
+    Py_ssize_t n;
+    const char *text = PyUnicode_AsUTF8AndSize(address, &n);
+    if (text == NULL)
+        return -1;
+    if ((Py_ssize_t)strlen(text) != n) {
+        PyErr_SetString(PyExc_ValueError, "embedded null character");
+        return -1;
+    }
+    int v6 = strchr(text, ':') != NULL;
+    if (inet_pton(v6 ? AF_INET6 : AF_INET, text, out) != 1)
+        return 0;
+    return v6 ? 16 : 4;
+}
+
+/* pack_note(client_ip, client_port, source_port, forwarded_ip=None) ->
+ * (note, client_left, forwarded_left): worker/tunnels.py's pack_note. */
+static PyObject *
+sp_pack_note(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    PyObject *client, *forwarded = Py_None;
+    int client_port, source_port;
+    if (!PyArg_ParseTuple(args, "Oii|O:pack_note", &client, &client_port, &source_port,
+                          &forwarded))
+        return NULL;
+    if (client_port < 0 || client_port > 65535 || source_port < 0 || source_port > 65535) {
+        PyErr_SetString(PyExc_ValueError, "pack_note: a port is 0 to 65535");
+        return NULL;
+    }
+    uint8_t note[5 + 16 + 16];
+    int clen = sp_note_address(client, note + 5);
+    if (clen < 0)
+        return NULL;
+    int flen = sp_note_address(forwarded, note + 5 + clen);
+    if (flen < 0)
+        return NULL;
+    note[0] = (uint8_t)((clen == 0 ? 0 : clen == 4 ? 1 : 2) << 2 | (flen == 0 ? 0 : flen == 4 ? 1 : 2));
+    note[1] = (uint8_t)(client_port >> 8);
+    note[2] = (uint8_t)client_port;
+    note[3] = (uint8_t)(source_port >> 8);
+    note[4] = (uint8_t)source_port;
+    return Py_BuildValue("(y#OO)", (const char *)note, (Py_ssize_t)(5 + clen + flen),
+                         clen || client == Py_None ? Py_None : client,
+                         flen || forwarded == Py_None ? Py_None : forwarded);
+}
+
+/* note_fields(note) -> (client_ip | None, client_port, source_port,
+ * forwarded bytes | None): worker/tunnels.py's note_fields. */
+static PyObject *
+sp_note_fields(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    static const int lengths[3] = {0, 4, 16};
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "note_fields: a bytes note");
+        return NULL;
+    }
+    const uint8_t *note = (const uint8_t *)PyBytes_AS_STRING(arg);
+    Py_ssize_t n = PyBytes_GET_SIZE(arg);
+    if (n < 5 || (note[0] >> 2) > 2 || (note[0] & 3) > 2) {
+        PyErr_SetString(PyExc_ValueError, "note_fields: not a note");
+        return NULL;
+    }
+    Py_ssize_t clen = lengths[note[0] >> 2], flen = lengths[note[0] & 3];
+    if (n < 5 + clen + flen) {
+        PyErr_SetString(PyExc_ValueError, "note_fields: not a note");
+        return NULL;
+    }
+    PyObject *client;
+    if (clen) {
+        char text[INET6_ADDRSTRLEN];
+        inet_ntop(clen == 16 ? AF_INET6 : AF_INET, note + 5, text, sizeof(text));
+        client = PyUnicode_FromString(text);
+        if (client == NULL)
+            return NULL;
+    } else {
+        client = Py_NewRef(Py_None);
+    }
+    PyObject *forwarded = flen ? PyBytes_FromStringAndSize((const char *)note + 5 + clen, flen)
+                               : Py_NewRef(Py_None);
+    if (forwarded == NULL) {
+        Py_DECREF(client);
+        return NULL;
+    }
+    return Py_BuildValue("(NiiN)", client, note[1] << 8 | note[2], note[3] << 8 | note[4],
+                         forwarded);
+}
+
+static PyMethodDef sp_note_functions[] = {
+    {"pack_note", (PyCFunction)sp_pack_note, METH_VARARGS,
+     "pack_note(client_ip, client_port, source_port, forwarded_ip=None, /)\n--\n\n"
+     "worker/tunnels.py's pack_note in C: (note, client_left, forwarded_left)."},
+    {"note_fields", (PyCFunction)sp_note_fields, METH_O,
+     "note_fields(note, /)\n--\n\n"
+     "worker/tunnels.py's note_fields in C: (client_ip, client_port, source_port,\n"
+     "forwarded address bytes), None for an address the note does not hold."},
+    {NULL, NULL, 0, NULL},
+};
+
 /* -- the module ----------------------------------------------------------- */
 
 static struct PyModuleDef cengine_module = {
@@ -1911,7 +2019,8 @@ PyInit__cengine(void)
         return NULL;
     }
     if (PyModule_AddIntConstant(module, "TRACKER_BYTES", (long)sizeof(sp_tracker)) < 0
-        || sp_http_add(module) < 0 || sp_handshaker_add(module) < 0) {
+        || sp_http_add(module) < 0 || sp_handshaker_add(module) < 0
+        || PyModule_AddFunctions(module, sp_note_functions) < 0) {
         Py_DECREF(module);
         return NULL;
     }

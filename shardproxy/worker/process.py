@@ -83,7 +83,13 @@ from shardproxy.telemetry.snapshot import (
     WorkerSnapshot,
 )
 from shardproxy.worker import access
-from shardproxy.worker.tunnels import Placement, Placements, pack_note, unpack_note
+from shardproxy.worker.tunnels import (
+    Placement,
+    Placements,
+    forwarded_text,
+    note_fields,
+    pack_note,
+)
 
 # ECS categorisation (event.category, event.type): a tunnel is a network
 # connection; ECS expects "connection" and "end" with "network" but not with
@@ -166,7 +172,7 @@ class Worker:
         the relay, as a shared placement and a note (worker/tunnels.py)."""
         lease = u.lease
         assert lease.endpoint is not None and lease.space is not None
-        note = pack_note(
+        note, client_left, forwarded_left = pack_note(
             lease.client_ip, lease.client_port, lease.source_port, u.request.forwarded_ip()
         )
         agent = u.request.user_agent()
@@ -176,19 +182,18 @@ class Worker:
             lease.space,
             u.request.path,
             None if agent is None else sys.intern(agent),
-            note.client_ip,
-            note.forwarded_ip,
+            client_left,
+            forwarded_left,
         )
         lease.hand_over()  # given back in tunnel_closed
         self.handshake_seconds.observe(u.seconds)
         self.route_tunnels[lease.route] += 1
         self.counts.tunnels += 1
         tunnel = self.relay.add(
-            u.client_fd, u.backend_fd, placement, u.to_backend, u.to_client, u.io, note.note
+            u.client_fd, u.backend_fd, placement, u.to_backend, u.to_client, u.io, note
         )
-        if not self.relay.alive(tunnel):  # its first bytes could not be written: it ended
-            return
-        if self.draining:  # came up during a drain
+        # Came up during a drain (and alive: its first bytes could be written).
+        if self.draining and self.relay.alive(tunnel):
             self.relay.begin_close(tunnel, *self._going_away())
 
     def accept_error(self, e: OSError) -> None:
@@ -312,11 +317,12 @@ class Worker:
 
     def tunnel_closed(self, token: Any, outcome: str, stats: TunnelStats) -> None:
         info: Placement = token
-        peer = unpack_note(stats.note)
-        client_ip = info.client_ip if peer.client_ip is None else peer.client_ip
-        forwarded_ip = info.forwarded_ip if peer.forwarded_ip is None else peer.forwarded_ip
+        client_ip, client_port, source_port, forwarded = note_fields(stats.note)
+        if client_ip is None:
+            client_ip = info.client_ip
+        forwarded_ip = info.forwarded_ip if forwarded is None else forwarded_text(forwarded)
         self.placements.give_back(info)
-        self.admission.give_back(info.endpoint, info.space, peer.source_port)
+        self.admission.give_back(info.endpoint, info.space, source_port)
         self.route_tunnels[info.route] -= 1
         duration = stats.duration
         self.tunnel_seconds.observe(duration)
@@ -329,7 +335,7 @@ class Worker:
         counts.messages["down"] += down.messages
         counts.closed[outcome] += 1
         if outcome == PING_TIMEOUT:
-            self._ping_timed_out(client_ip, peer.client_port)
+            self._ping_timed_out(client_ip, client_port)
         error_by = None
         if up.close_code in BAD_STREAM_CODES or down.close_code in BAD_STREAM_CODES:
             error_by = self._count_bad_stream(up, down)
@@ -339,7 +345,7 @@ class Worker:
         if not self.config.log.access or not self.access_sampler.keep(route, route.access_sample):
             return
         access.write(
-            info, client_ip, peer.client_port, peer.source_port, forwarded_ip, outcome, up, down,
+            info, client_ip, client_port, source_port, forwarded_ip, outcome, up, down,
             duration, error_by,
         )  # fmt: skip
 

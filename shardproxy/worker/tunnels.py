@@ -22,9 +22,11 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from shardproxy.engine import choice
 from shardproxy.policy.admission import UpstreamTuple
 from shardproxy.policy.registry import EndpointState
 
@@ -119,12 +121,6 @@ _HEAD = struct.Struct("!BHH")  # address kinds (client << 2 | forwarded), client
 _KINDS = (0, 4, 16)  # an address kind: its length in the note
 
 
-class Note(NamedTuple):
-    note: bytes
-    client_ip: str | None  # what the note could not hold (an IPv6 address with a zone)
-    forwarded_ip: str | None
-
-
 def _packed(address: str | None) -> tuple[bytes, str | None]:
     """The address's bytes, or b"" and the address when it has no packed
     form (``fe80::1%eth0``: the zone)."""
@@ -137,29 +133,58 @@ def _packed(address: str | None) -> tuple[bytes, str | None]:
         return b"", address
 
 
-def pack_note(
-    client_ip: str, client_port: int, source_port: int, forwarded_ip: str | None = None
-) -> Note:
-    """A tunnel's note (at most 37 bytes), and the addresses it could not hold."""
+def py_pack_note(
+    client_ip: str | None, client_port: int, source_port: int, forwarded_ip: str | None = None
+) -> tuple[bytes, str | None, str | None]:
+    """A tunnel's note (at most 37 bytes), and the addresses it could not
+    hold (the placement keeps those)."""
+    if not (0 <= client_port <= 65535 and 0 <= source_port <= 65535):
+        raise ValueError("pack_note: a port is 0 to 65535")
     client, client_left = _packed(client_ip)
     forwarded, forwarded_left = _packed(forwarded_ip)
     kinds = _KINDS.index(len(client)) << 2 | _KINDS.index(len(forwarded))
     head = _HEAD.pack(kinds, client_port, source_port)
-    return Note(head + client + forwarded, client_left, forwarded_left)
+    return head + client + forwarded, client_left, forwarded_left
 
 
-def unpack_note(note: bytes) -> Peer:
+def py_note_fields(note: bytes) -> tuple[str | None, int, int, bytes | None]:
+    """A note's client address (as the kernel's getpeername writes it:
+    inet_ntop), ports and forwarded address bytes; None: not in the note."""
+    if len(note) < _HEAD.size:
+        raise ValueError("note_fields: not a note")
     kinds, client_port, source_port = _HEAD.unpack_from(note)
+    if kinds >> 2 > 2 or kinds & 3 > 2:
+        raise ValueError("note_fields: not a note")
     client_len, forwarded_len = _KINDS[kinds >> 2], _KINDS[kinds & 3]
     at = _HEAD.size
+    if len(note) < at + client_len + forwarded_len:
+        raise ValueError("note_fields: not a note")
     client = note[at : at + client_len]
     forwarded = note[at + client_len : at + client_len + forwarded_len]
-    # Each address comes back in the form it went in: the client's as the
-    # kernel's getpeername writes it (inet_ntop: "::ffff:1.2.3.4"), the
-    # forwarded one as UpgradeRequest.forwarded_ip does (ipaddress: "::ffff:102:304").
     client_ip = None
     if client:
         family = socket.AF_INET6 if len(client) == 16 else socket.AF_INET
         client_ip = socket.inet_ntop(family, client)
-    forwarded_ip = str(ipaddress.ip_address(forwarded)) if forwarded else None
+    return client_ip, client_port, source_port, forwarded or None
+
+
+# The compiled module's twins where it was built (once per tunnel each;
+# tests/unit/test_placements.py holds them to these).
+pack_note: Callable[..., tuple[bytes, str | None, str | None]] = (
+    py_pack_note if choice.COMPILED is None else choice.COMPILED.pack_note
+)
+note_fields: Callable[[bytes], tuple[str | None, int, int, bytes | None]] = (
+    py_note_fields if choice.COMPILED is None else choice.COMPILED.note_fields
+)
+
+
+def forwarded_text(packed: bytes) -> str:
+    """A note's forwarded address in the form it went in: as
+    UpgradeRequest.forwarded_ip writes it (ipaddress: "::ffff:102:304")."""
+    return str(ipaddress.ip_address(packed))
+
+
+def unpack_note(note: bytes) -> Peer:
+    client_ip, client_port, source_port, forwarded = note_fields(note)
+    forwarded_ip = None if forwarded is None else forwarded_text(forwarded)
     return Peer(client_ip, client_port, source_port, forwarded_ip)

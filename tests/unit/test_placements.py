@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import ipaddress
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from shardproxy.engine import choice
 from shardproxy.engine.api import NOTE_BYTES
+from shardproxy.worker import tunnels
 from shardproxy.worker.tunnels import Placements, pack_note, unpack_note
 
 ROUTE, SPACE = object(), object()
@@ -27,18 +30,56 @@ def test_a_note_holds_any_addresses_and_ports(
     forwarded: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
 ) -> None:
     fwd = None if forwarded is None else str(forwarded)
-    note = pack_note(str(address), client_port, source_port, fwd)
-    assert (note.client_ip, note.forwarded_ip) == (None, None) and len(note.note) <= NOTE_BYTES
-    peer = unpack_note(note.note)
+    note, client_left, forwarded_left = pack_note(str(address), client_port, source_port, fwd)
+    assert (client_left, forwarded_left) == (None, None) and len(note) <= NOTE_BYTES
+    peer = unpack_note(note)
     assert ipaddress.ip_address(peer.client_ip or "") == address
     assert (peer.client_port, peer.source_port) == (client_port, source_port)
     assert peer.forwarded_ip == (None if forwarded is None else str(ipaddress.ip_address(fwd)))
 
 
 def test_an_address_with_a_zone_stays_out_of_the_note() -> None:
-    note = pack_note("fe80::1%eth0", 1234, 5678, "fe80::2%eth1")
-    assert (note.client_ip, note.forwarded_ip) == ("fe80::1%eth0", "fe80::2%eth1")
-    assert unpack_note(note.note) == (None, 1234, 5678, None)
+    note, client_left, forwarded_left = pack_note("fe80::1%eth0", 1234, 5678, "fe80::2%eth1")
+    assert (client_left, forwarded_left) == ("fe80::1%eth0", "fe80::2%eth1")
+    assert unpack_note(note) == (None, 1234, 5678, None)
+
+
+# -- the compiled twins (engine/_cengine.c) against the reference ----------------
+
+compiled = pytest.mark.skipif(choice.COMPILED is None, reason="the compiled engine was not built")
+TEXTS = ADDRESSES.map(str) | st.text(max_size=45) | st.sampled_from(["fe80::1%eth0", "1.2.3", ""])
+
+
+def _outcome(f, *args):  # type: ignore[no-untyped-def]
+    try:
+        return repr(f(*args))
+    except (ValueError, TypeError, OSError) as e:
+        return type(e).__name__
+
+
+@compiled
+@given(st.none() | TEXTS, st.integers(-1, 65536), st.integers(-1, 65536), st.none() | TEXTS)
+def test_the_compiled_note_is_the_references(
+    client: str | None, client_port: int, source_port: int, forwarded: str | None
+) -> None:
+    """The same note and leftovers for any text (a zone, not an address, a
+    NUL), the same refusal for a port out of range; and back."""
+    assert choice.COMPILED is not None
+    args = (client, client_port, source_port, forwarded)
+    expected = _outcome(tunnels.py_pack_note, *args)
+    assert _outcome(choice.COMPILED.pack_note, *args) == expected
+    if not expected.startswith("("):
+        return
+    note = tunnels.py_pack_note(*args)[0]
+    assert choice.COMPILED.note_fields(note) == tunnels.py_note_fields(note)
+
+
+@compiled
+@given(st.binary(max_size=40))
+def test_any_bytes_give_both_note_readers_the_same_answer(note: bytes) -> None:
+    assert choice.COMPILED is not None
+    expected = _outcome(tunnels.py_note_fields, note)
+    assert _outcome(choice.COMPILED.note_fields, note) == expected
 
 
 def test_similar_tunnels_share_one_placement_until_the_last_goes() -> None:
