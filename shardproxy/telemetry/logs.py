@@ -143,20 +143,24 @@ def emit_nested(message: str, fields: dict[str, Any], level: str = "info") -> No
 
 def write_line(line: bytes) -> None:
     """A whole line of :func:`document` or :func:`template`'s making, as
-    bytes where the stream takes them (every writer flushes its line, so
-    bytes and text do not overtake each other)."""
+    bytes, in one ``write`` where the stream is a file (every writer
+    flushes its line, so bytes and text do not overtake each other)."""
     _write_bytes(line)
 
 
 def _bytes_writer(stream: Any) -> Any:
     if isinstance(stream, LogFile):
         return stream.write_bytes
-    raw = getattr(stream, "buffer", None)  # a text file's binary layer
-    if raw is not None:
+    try:
+        fd = stream.fileno()  # a real file (stdout): straight to its descriptor
+    except (AttributeError, OSError, ValueError):
+        fd = None  # io.StringIO and the like
+    if fd is not None:
 
         def write(line: bytes) -> None:
-            raw.write(line)
-            raw.flush()
+            written = os.write(fd, line)
+            while written < len(line):  # a pipe may take it in parts
+                written += os.write(fd, line[written:])
 
         return write
 
