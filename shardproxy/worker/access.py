@@ -8,8 +8,9 @@ fields): :func:`write` fills a %-format of that placement's document
 tunnel's own figures; an event of a rarer shape (a Close that said the
 stream was bad, a lost framing, an X-Forwarded-For address, a source
 address not known) is built whole by :func:`fields`. The two give the same
-line (tests/unit/test_access.py); the template takes about a fifth of the
-time, and this event is written once per handshake.
+line (tests/unit/test_access.py); the template takes half the time (2.9
+against 5.7 µs, the write included, in a micro-benchmark), and this event
+is written once per handshake.
 """
 
 from __future__ import annotations
