@@ -49,8 +49,8 @@ INTERNAL_ERROR = "internal_error"  # a bug of ours while relaying; both sides re
 
 class FlowStats(NamedTuple):
     """One direction of an ended tunnel. (These records made once per
-    tunnel are named tuples: a frozen dataclass takes three times as long
-    to make, and the handshake path makes five of them.)"""
+    tunnel are named tuples: a frozen dataclass of five fields takes 550 ns
+    to make, a named tuple 230, and the handshake path makes five of them.)"""
 
     bytes: int
     messages: int  # WebSocket data messages, from frame headers
