@@ -52,6 +52,7 @@ from shardproxy.engine.relay import RelayEngine
 from shardproxy.engine.transport import PLAIN_PAIR, Transports
 from shardproxy.engine.trio_host import TrioLoop
 from shardproxy.protocol.frames import close_frame
+from shardproxy.telemetry import logs
 
 if TYPE_CHECKING:
     from shardproxy.engine._cengine import Relay
@@ -261,7 +262,8 @@ class CompiledRelayEngine:
                         core.wake_at(theirs if sooner else wake)
                         to_trio = core.serve()
                 finally:
-                    self._deliver_all()
+                    with logs.batched:  # the round's access events in one write
+                        self._deliver_all()
                 now = time.monotonic()
                 if wake is not None and now >= wake:
                     self.process(now)
@@ -293,7 +295,8 @@ class CompiledRelayEngine:
                 try:
                     handled = core.poll()
                 finally:
-                    self._deliver_all()
+                    with logs.batched:
+                        self._deliver_all()
                 # Timers only once due: a timer set during this round (a
                 # Ping's check) is due later than ``wake`` anyway. Not so
                 # the shared engine's: every round arms handshake deadlines,

@@ -29,6 +29,8 @@ from typing import Generic, TypeVar
 
 import trio
 
+from shardproxy.telemetry import logs
+
 MAX_EVENTS = 1024
 BUSY_ROUND = 8  # events in a round that make the next one a poll, not a sleep
 
@@ -171,12 +173,13 @@ async def run_epoll(
             await sleep.until(epoll_fd, wake)
         while True:
             events = poll(0, MAX_EVENTS)
-            for fd, ev in events:
-                try:
-                    dispatch(fd, ev)
-                except Exception:
-                    contain(fd)
-            process(time.monotonic())
+            with logs.batched:  # the round's events in one write
+                for fd, ev in events:
+                    try:
+                        dispatch(fd, ev)
+                    except Exception:
+                        contain(fd)
+                process(time.monotonic())
             if len(events) < BUSY_ROUND:
                 break
             await trio.lowlevel.checkpoint()

@@ -144,8 +144,58 @@ def emit_nested(message: str, fields: dict[str, Any], level: str = "info") -> No
 def write_line(line: bytes) -> None:
     """A whole line of :func:`document` or :func:`template`'s making, as
     bytes, in one ``write`` where the stream is a file (every writer
-    flushes its line, so bytes and text do not overtake each other)."""
-    _write_bytes(line)
+    flushes its line, so bytes and text do not overtake each other);
+    inside :data:`batched`, at its end."""
+    if _batch is None:
+        _write_bytes(line)
+    else:
+        _batch.append(line)
+
+
+_batch: list[bytes] | None = None  # lines held by `batched`
+
+
+class _Batched:
+    """``with logs.batched:`` the lines written meanwhile go out together,
+    in one ``write`` at the end (also when it ends by an exception): the
+    engines' loops hold their round's events so, one system call for many
+    tunnels' access events. A round is a few hundred microseconds of work
+    with no wait inside, so no line waits on anything else. Nested: the
+    outermost writes. Every event goes through :func:`write_line` (the
+    structlog chain too, :class:`_Lines`), so lines keep their order."""
+
+    __slots__ = ("_depth",)
+
+    def __init__(self) -> None:
+        self._depth = 0
+
+    def __enter__(self) -> None:
+        global _batch
+        self._depth += 1
+        if self._depth == 1:
+            _batch = []
+
+    def __exit__(self, *_: object) -> None:
+        global _batch
+        self._depth -= 1
+        if self._depth:
+            return
+        lines, _batch = _batch, None
+        if lines:
+            _write_bytes(b"".join(lines))
+
+
+class _Lines:
+    """What structlog writes to: each rendered event through :func:`write_line`."""
+
+    def write(self, text: str) -> None:
+        write_line(text.encode("utf-8", "replace"))
+
+    def flush(self) -> None:
+        pass
+
+
+batched = _Batched()
 
 
 def _bytes_writer(stream: Any) -> Any:
@@ -283,7 +333,7 @@ def configure(
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.WriteLoggerFactory(_stream),
+        logger_factory=structlog.WriteLoggerFactory(_Lines()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
 

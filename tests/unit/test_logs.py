@@ -96,3 +96,35 @@ def test_a_nested_event_is_the_document_the_logger_writes() -> None:
     by_logger.pop("@timestamp"), nested.pop("@timestamp")
     assert nested == by_logger
     assert nested["shardproxy"]["worker"] == 3 and nested["observer"]["product"] == "shardproxy"
+
+
+def test_a_batch_writes_its_lines_at_its_end_in_order_once() -> None:
+    """logs.batched: nothing reaches the stream until the outermost batch
+    ends, then every line in the order written (structlog's and the
+    nested access path's alike), in one write; an exception ends it too."""
+    writes: list[str] = []
+
+    class Stream(io.StringIO):
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+    logs.configure("info", stream=Stream())
+    with logs.batched:
+        logs.get_logger().info("first")
+        with logs.batched:
+            logs.emit_nested("second", {"event": {"action": "x"}})
+        logs.get_logger().warning("third")
+        assert writes == []
+    assert len(writes) == 1
+    assert [json.loads(line)["message"] for line in writes[0].splitlines()] == [
+        "first",
+        "second",
+        "third",
+    ]
+    with pytest.raises(RuntimeError), logs.batched:
+        logs.get_logger().info("fourth")
+        raise RuntimeError("the round failed")
+    assert json.loads(writes[-1])["message"] == "fourth"
+    logs.get_logger().info("fifth")  # no batch: at once
+    assert json.loads(writes[-1])["message"] == "fifth"
