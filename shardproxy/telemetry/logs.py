@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import sys
 import time
@@ -153,11 +154,16 @@ def write_line(line: bytes) -> None:
 
 
 _batch: list[bytes] | None = None  # lines held by `batched`
+# Workers share the supervisor's stdout, often a pipe: a write of at most
+# PIPE_BUF bytes to a pipe is never interleaved with another process's
+# (pipe(7)), so a batch goes out in writes of whole lines up to that size.
+ATOMIC_WRITE = select.PIPE_BUF
 
 
 class _Batched:
-    """``with logs.batched:`` the lines written meanwhile go out together,
-    in one ``write`` at the end (also when it ends by an exception): the
+    """``with logs.batched:`` the lines written meanwhile go out together
+    at the end, in writes of :data:`ATOMIC_WRITE` bytes at most (a longer
+    line alone), also when it ends by an exception: the
     engines' loops hold their round's events so, one system call for many
     tunnels' access events. A round is a few hundred microseconds of work
     with no wait inside, so no line waits on anything else. Nested: the
@@ -181,8 +187,16 @@ class _Batched:
         if self._depth:
             return
         lines, _batch = _batch, None
-        if lines:
-            _write_bytes(b"".join(lines))
+        chunk: list[bytes] = []
+        size = 0
+        for line in lines or ():
+            if size + len(line) > ATOMIC_WRITE and chunk:
+                _write_bytes(b"".join(chunk))
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line)
+        if chunk:
+            _write_bytes(b"".join(chunk))
 
 
 class _Lines:

@@ -128,3 +128,25 @@ def test_a_batch_writes_its_lines_at_its_end_in_order_once() -> None:
     assert json.loads(writes[-1])["message"] == "fourth"
     logs.get_logger().info("fifth")  # no batch: at once
     assert json.loads(writes[-1])["message"] == "fifth"
+
+
+def test_a_batch_goes_out_in_writes_a_pipe_keeps_whole() -> None:
+    """Workers share a pipe: each write of a batch is whole lines of at most
+    PIPE_BUF bytes (pipe(7): such a write is never interleaved), and a line
+    longer than that goes alone."""
+    writes: list[str] = []
+
+    class Stream(io.StringIO):
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+    logs.configure("info", stream=Stream())
+    with logs.batched:
+        for i in range(40):
+            logs.emit_nested(f"line {i}", {"labels": {"pad": "x" * (300 if i != 7 else 5000)}})
+    assert len(writes) > 1
+    for w in writes:
+        assert w.endswith("\n") and (len(w.encode()) <= logs.ATOMIC_WRITE or w.count("\n") == 1)
+    lines = "".join(writes).splitlines()
+    assert [json.loads(line)["message"] for line in lines] == [f"line {i}" for i in range(40)]
