@@ -26,6 +26,7 @@ import os
 import select
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Mapping
@@ -147,13 +148,15 @@ def write_line(line: bytes) -> None:
     bytes, in one ``write`` where the stream is a file (every writer
     flushes its line, so bytes and text do not overtake each other);
     inside :data:`batched`, at its end."""
-    if _batch is None:
-        _write_bytes(line)
+    batch = _batch
+    if batch is None or threading.get_ident() != _batch_thread:
+        _write_bytes(line)  # another thread's line does not wait for this one's batch
     else:
-        _batch.append(line)
+        batch.append(line)
 
 
 _batch: list[bytes] | None = None  # lines held by `batched`
+_batch_thread = 0  # the thread whose batch it is
 # Workers share the supervisor's stdout, often a pipe: a write of at most
 # PIPE_BUF bytes to a pipe is never interleaved with another process's
 # (pipe(7)), so a batch goes out in writes of whole lines up to that size.
@@ -163,12 +166,14 @@ ATOMIC_WRITE = select.PIPE_BUF
 class _Batched:
     """``with logs.batched:`` the lines written meanwhile go out together
     at the end, in writes of :data:`ATOMIC_WRITE` bytes at most (a longer
-    line alone), also when it ends by an exception: the
-    engines' loops hold their round's events so, one system call for many
-    tunnels' access events. A round is a few hundred microseconds of work
-    with no wait inside, so no line waits on anything else. Nested: the
-    outermost writes. Every event goes through :func:`write_line` (the
-    structlog chain too, :class:`_Lines`), so lines keep their order."""
+    line alone), also when it ends by an exception. The engines' loops hold
+    each round's events so: one system call for many tunnels' access
+    events. A round is a few hundred microseconds of work with no wait
+    inside, so no line waits on anything else. Only the lines of the thread
+    that opened the batch wait (another thread's could come after it was
+    written). Nested: the outermost writes. Every event goes through
+    :func:`write_line` (the structlog chain too, :class:`_Lines`), so lines
+    keep their order."""
 
     __slots__ = ("_depth",)
 
@@ -176,9 +181,10 @@ class _Batched:
         self._depth = 0
 
     def __enter__(self) -> None:
-        global _batch
+        global _batch, _batch_thread
         self._depth += 1
         if self._depth == 1:
+            _batch_thread = threading.get_ident()
             _batch = []
 
     def __exit__(self, *_: object) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from typing import Any
 
 import ecs_logging
@@ -150,3 +151,21 @@ def test_a_batch_goes_out_in_writes_a_pipe_keeps_whole() -> None:
         assert w.endswith("\n") and (len(w.encode()) <= logs.ATOMIC_WRITE or w.count("\n") == 1)
     lines = "".join(writes).splitlines()
     assert [json.loads(line)["message"] for line in lines] == [f"line {i}" for i in range(40)]
+
+
+def test_another_threads_line_does_not_wait_for_a_batch() -> None:
+    writes: list[str] = []
+
+    class Stream(io.StringIO):
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+    logs.configure("info", stream=Stream())
+    with logs.batched:
+        logs.emit_nested("held", {})
+        other = threading.Thread(target=logs.emit_nested, args=("from a thread", {}))
+        other.start()
+        other.join()
+        assert [json.loads(w)["message"] for w in writes] == ["from a thread"]
+    assert json.loads(writes[-1])["message"] == "held"
