@@ -9,9 +9,10 @@ tested against (``ecs-logging`` stamps 1.6.0 whatever the fields). Fields
 of our own live under ``shardproxy.*``. Every process logs to its stdout,
 which workers inherit from the supervisor, so one stream carries the whole
 instance; or, with ``[log] file``, every process appends to that
-file (:class:`LogFile`: one ``write`` per line on an ``O_APPEND``
-descriptor, so lines of different processes do not mix), and SIGUSR1 makes
-them reopen it after logrotate moved it away.
+file (:class:`LogFile`: whole lines in each ``write`` on an ``O_APPEND``
+descriptor, at most PIPE_BUF bytes of them when :data:`batched` holds a
+round's lines, so lines of different processes do not mix), and SIGUSR1
+makes them reopen it after logrotate moved it away.
 
 Why not ``ecs-logging``'s formatter itself: it costs about 50 µs per event
 (generic dict normalising and merging, three ``json.dumps`` calls), and a
