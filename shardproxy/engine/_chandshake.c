@@ -510,7 +510,7 @@ hs_hand_over(Handshaker *self, sp_hs *h)
     uint16_t sport = h->sport;
     double seconds = hs_now() - h->started;
     h->bfd = -1;
-    if (h->trail != NULL || h->answer_read == 0) /* the 101 was passed on here */
+    if (!h->answer_read) /* the 101 was passed on here (hs_pass_101) */
         hs_event(self, "(iKiidiy#)", SP_EV_ESTABLISHED, (unsigned long long)hid, cfd, bfd,
                  seconds, (int)sport, h->trail ? (const char *)h->trail : "",
                  (Py_ssize_t)h->trail_len);

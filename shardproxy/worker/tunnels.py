@@ -9,7 +9,7 @@ tunnel's own: its client's address and port, its upstream source port and
 the X-Forwarded-For address it came with, packed into at most 37 bytes
 (:func:`pack_note`) that the compiled relay keeps inside its C struct. So
 an idle tunnel costs the worker nothing in Python; its end brings both
-back (:func:`unpack_note`), and the lease's holdings, handed over when the
+back (:func:`note_fields`), and the lease's holdings, handed over when the
 tunnel came up, go back then.
 
 The tunnels of an endpoint are those whose placement has that endpoint:
@@ -24,7 +24,7 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 from shardproxy.engine import choice
 from shardproxy.policy.admission import UpstreamTuple
@@ -105,15 +105,6 @@ class Placements:
         return self._by_endpoint.get(endpoint, set())
 
 
-class Peer(NamedTuple):
-    """A tunnel's own, from its note (an address None: not in the note)."""
-
-    client_ip: str | None
-    client_port: int
-    source_port: int
-    forwarded_ip: str | None
-
-
 # The note: a byte saying how long each address is, the two ports, the
 # client's address (4 or 16 bytes, or 0: its placement holds it), the
 # forwarded address (4, 16, or 0: none, or its placement holds it).
@@ -182,9 +173,3 @@ def forwarded_text(packed: bytes) -> str:
     """A note's forwarded address in the form it went in: as
     UpgradeRequest.forwarded_ip writes it (ipaddress: "::ffff:102:304")."""
     return str(ipaddress.ip_address(packed))
-
-
-def unpack_note(note: bytes) -> Peer:
-    client_ip, client_port, source_port, forwarded = note_fields(note)
-    forwarded_ip = None if forwarded is None else forwarded_text(forwarded)
-    return Peer(client_ip, client_port, source_port, forwarded_ip)

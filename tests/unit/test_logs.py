@@ -99,10 +99,8 @@ def test_a_nested_event_is_the_document_the_logger_writes() -> None:
     assert nested["shardproxy"]["worker"] == 3 and nested["observer"]["product"] == "shardproxy"
 
 
-def test_a_batch_writes_its_lines_at_its_end_in_order_once() -> None:
-    """logs.batched: nothing reaches the stream until the outermost batch
-    ends, then every line in the order written (structlog's and the
-    nested access path's alike), in one write; an exception ends it too."""
+def _configure_recording() -> list[str]:
+    """Logging to a stream that records each write it gets, as one item."""
     writes: list[str] = []
 
     class Stream(io.StringIO):
@@ -111,6 +109,14 @@ def test_a_batch_writes_its_lines_at_its_end_in_order_once() -> None:
             return len(text)
 
     logs.configure("info", stream=Stream())
+    return writes
+
+
+def test_a_batch_writes_its_lines_at_its_end_in_order_once() -> None:
+    """logs.batched: nothing reaches the stream until the outermost batch
+    ends, then every line in the order written (structlog's and the
+    nested access path's alike), in one write; an exception ends it too."""
+    writes = _configure_recording()
     with logs.batched:
         logs.get_logger().info("first")
         with logs.batched:
@@ -135,14 +141,7 @@ def test_a_batch_goes_out_in_writes_a_pipe_keeps_whole() -> None:
     """Workers share a pipe: each write of a batch is whole lines of at most
     PIPE_BUF bytes (pipe(7): such a write is never interleaved), and a line
     longer than that goes alone."""
-    writes: list[str] = []
-
-    class Stream(io.StringIO):
-        def write(self, text: str) -> int:
-            writes.append(text)
-            return len(text)
-
-    logs.configure("info", stream=Stream())
+    writes = _configure_recording()
     with logs.batched:
         for i in range(40):
             logs.emit_nested(f"line {i}", {"labels": {"pad": "x" * (300 if i != 7 else 5000)}})
@@ -154,14 +153,7 @@ def test_a_batch_goes_out_in_writes_a_pipe_keeps_whole() -> None:
 
 
 def test_another_threads_line_does_not_wait_for_a_batch() -> None:
-    writes: list[str] = []
-
-    class Stream(io.StringIO):
-        def write(self, text: str) -> int:
-            writes.append(text)
-            return len(text)
-
-    logs.configure("info", stream=Stream())
+    writes = _configure_recording()
     with logs.batched:
         logs.emit_nested("held", {})
         other = threading.Thread(target=logs.emit_nested, args=("from a thread", {}))

@@ -13,9 +13,23 @@ from hypothesis import strategies as st
 from shardproxy.engine import choice
 from shardproxy.engine.api import NOTE_BYTES
 from shardproxy.worker import tunnels
-from shardproxy.worker.tunnels import Placements, pack_note, unpack_note
+from shardproxy.worker.tunnels import Placements, forwarded_text, note_fields, pack_note
 
 ROUTE, SPACE = object(), object()
+
+
+def unpack_note(note: bytes) -> tuple[str | None, int, int, str | None]:
+    """What the worker reads back from a note at a tunnel's end (its
+    tunnel_closed): the addresses as text, the ports."""
+    client_ip, client_port, source_port, forwarded = note_fields(note)
+    return (
+        client_ip,
+        client_port,
+        source_port,
+        None if forwarded is None else forwarded_text(forwarded),
+    )
+
+
 EP1, EP2 = object(), object()  # stand-ins: placements compare them by identity
 
 
@@ -32,10 +46,10 @@ def test_a_note_holds_any_addresses_and_ports(
     fwd = None if forwarded is None else str(forwarded)
     note, client_left, forwarded_left = pack_note(str(address), client_port, source_port, fwd)
     assert (client_left, forwarded_left) == (None, None) and len(note) <= NOTE_BYTES
-    peer = unpack_note(note)
-    assert ipaddress.ip_address(peer.client_ip or "") == address
-    assert (peer.client_port, peer.source_port) == (client_port, source_port)
-    assert peer.forwarded_ip == (None if forwarded is None else str(ipaddress.ip_address(fwd)))
+    client_ip, peer_client_port, peer_source_port, forwarded_ip = unpack_note(note)
+    assert ipaddress.ip_address(client_ip or "") == address
+    assert (peer_client_port, peer_source_port) == (client_port, source_port)
+    assert forwarded_ip == (None if forwarded is None else str(ipaddress.ip_address(fwd)))
 
 
 def test_an_address_with_a_zone_stays_out_of_the_note() -> None:
