@@ -461,11 +461,46 @@ typedef struct {              /* what few tunnels need at a time */
 
 #define SP_NOTE_BYTES 37      /* engine/api.py's NOTE_BYTES */
 
+/* Ends told in summaries (Relay.summarize, engine/api.py's EndSummary): the
+ * tunnels of one token that ended the ordinary way since the owner last
+ * took them, counted together, and their access lines written here from
+ * the token's form (worker/access.py's summary_form), so that such an end
+ * costs the owner no Python call of its own. */
+#define SP_MAX_BOUNDS 32      /* of the durations' histogram */
+#define SP_MAX_BAD 8          /* Close codes that make an end not ordinary */
+#define SP_MAX_SUMMARIES 64   /* tokens per take; the next one's ends go one by one */
+#define SP_FORM_SEGMENTS 14   /* a form: the texts around a line's 13 slots */
+#define SP_SLOTS_ROOM 256     /* the 13 slots' texts take at most this */
+#define SP_ATOMIC_WRITE 4096  /* logs.ATOMIC_WRITE (PIPE_BUF): a chunk of whole lines */
+
+typedef struct {
+    PyObject *token;          /* owned */
+    uint64_t n;
+    uint64_t outcomes[7];     /* per outcome (SP_OUTCOMES) */
+    uint64_t bytes[2], messages[2];
+    double seconds_sum;
+    uint64_t buckets[SP_MAX_BOUNDS + 1];
+} sp_summary;
+
+typedef struct {
+    uint8_t on;               /* Relay.summarize was called */
+    int nbounds, nbad;
+    double bounds[SP_MAX_BOUNDS];
+    int32_t bad[SP_MAX_BAD];
+    sp_summary *sums;
+    size_t nsums, capsums;
+    char *lines;              /* whole access lines, not taken yet */
+    size_t lines_len, lines_cap;
+    size_t *cuts;             /* where each chunk but the last ends */
+    size_t ncuts, capcuts, chunk_at;
+} sp_ends;
+
 typedef struct sp_tunnel {
     sp_flow up, down;         /* client → backend, backend → client */
     PyObject *token;          /* owned; moves into the closed record */
     double started, ping_sent;
     sp_extra *x;
+    PyObject *form;           /* owned: its end may be summarized (Relay.summarize); or NULL */
     uint8_t closing, dead;
     uint8_t note_len;         /* the owner's note (TunnelEngine.add) */
     uint8_t note[SP_NOTE_BYTES];
@@ -508,6 +543,7 @@ typedef struct {
     uint32_t close_seq;
     uint64_t internal_errors;
     uint64_t errors_seen;     /* internal_errors when the owner last took the ends */
+    sp_ends ends;             /* the summarized ends not taken yet (Relay.summarize) */
 } Relay;
 
 static double
@@ -1059,6 +1095,246 @@ sp_reset(int fd)
     setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof(l));
 }
 
+/* -- ends told in summaries (see sp_ends) --------------------------------- */
+
+/* Whether an end is ordinary, so that its summary and line say all the
+ * owner's tunnel_closed would (worker/process.py): not a ping timeout (its
+ * own event), both framings intact, neither Close code a bad-stream one
+ * (error_by), and a note holding the client's address and no forwarded
+ * one (the line's addresses come from the note alone). */
+static int
+sp_ordinary(const sp_ends *ends, const sp_tunnel *t, int outcome)
+{
+    if (outcome == SP_PING_TIMEOUT || t->note_len < 5)
+        return 0;
+    unsigned client = t->note[0] >> 2;
+    if ((client != 1 && client != 2) || (t->note[0] & 3) != 0
+        || t->note_len != 5 + (client == 1 ? 4 : 16))
+        return 0;
+    if (t->up.tr.error != SP_OK || t->down.tr.error != SP_OK)
+        return 0;
+    for (int i = 0; i < ends->nbad; i++)
+        if (t->up.tr.close_code == ends->bad[i] || t->down.tr.close_code == ends->bad[i])
+            return 0;
+    return 1;
+}
+
+static char *
+sp_put(char *at, PyObject *segment)
+{
+    Py_ssize_t n = PyBytes_GET_SIZE(segment);
+    memcpy(at, PyBytes_AS_STRING(segment), (size_t)n);
+    return at + n;
+}
+
+static char *
+sp_put_code(char *at, int32_t code)
+{
+    if (code < 0) {
+        memcpy(at, "null", 4);
+        return at + 4;
+    }
+    return at + sprintf(at, "%d", (int)code);
+}
+
+/* The line of worker/access.py's write for an ordinary end, into out (room:
+ * the form's segments and SP_SLOTS_ROOM): the form's segments around the
+ * slots in write()'s order (@timestamp, client address and port, source
+ * port, outcome, bytes and messages up and down, both Close codes, the
+ * event's outcome, the duration), @timestamp that of ``now`` (time.time()'s
+ * seconds) as logs._timestamp writes it. Returns the line's length. */
+static size_t
+sp_render(char *out, PyObject *form, const uint8_t *note, PyObject *outcome, int success,
+          const sp_flow *up, const sp_flow *down, double duration, double now)
+{
+    static time_t second = -1;
+    static char second_text[32];
+    char *at = out;
+    at = sp_put(at, PyTuple_GET_ITEM(form, 0));
+    time_t whole = (time_t)now;  /* int(now): now is after 1970 */
+    if (whole != second) {
+        struct tm tm;
+        gmtime_r(&whole, &tm);
+        snprintf(second_text, sizeof(second_text), "%04d-%02d-%02dT%02d:%02d:%02d",
+                 tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec);
+        second = whole;
+    }
+    at += sprintf(at, "%s.%03dZ", second_text, (int)((now - (double)whole) * 1000));
+    at = sp_put(at, PyTuple_GET_ITEM(form, 1));
+    inet_ntop((note[0] >> 2) == 2 ? AF_INET6 : AF_INET, note + 5, at, INET6_ADDRSTRLEN);
+    at += strlen(at);
+    at = sp_put(at, PyTuple_GET_ITEM(form, 2));
+    at += sprintf(at, "%d", note[1] << 8 | note[2]);
+    at = sp_put(at, PyTuple_GET_ITEM(form, 3));
+    at += sprintf(at, "%d", note[3] << 8 | note[4]);
+    at = sp_put(at, PyTuple_GET_ITEM(form, 4));
+    Py_ssize_t n;
+    const char *name = PyUnicode_AsUTF8AndSize(outcome, &n);  /* ASCII, cached by the str */
+    if (name == NULL) {  /* cannot fail for the outcomes' names: ASCII */
+        PyErr_Clear();
+        n = 0;
+    }
+    memcpy(at, name, (size_t)n);
+    at += n;
+    at = sp_put(at, PyTuple_GET_ITEM(form, 5));
+    at += sprintf(at, "%llu", (unsigned long long)up->nbytes);
+    at = sp_put(at, PyTuple_GET_ITEM(form, 6));
+    at += sprintf(at, "%llu", (unsigned long long)down->nbytes);
+    at = sp_put(at, PyTuple_GET_ITEM(form, 7));
+    at += sprintf(at, "%llu", (unsigned long long)up->tr.messages);
+    at = sp_put(at, PyTuple_GET_ITEM(form, 8));
+    at += sprintf(at, "%llu", (unsigned long long)down->tr.messages);
+    at = sp_put(at, PyTuple_GET_ITEM(form, 9));
+    at = sp_put_code(at, up->tr.close_code);
+    at = sp_put(at, PyTuple_GET_ITEM(form, 10));
+    at = sp_put_code(at, down->tr.close_code);
+    at = sp_put(at, PyTuple_GET_ITEM(form, 11));
+    memcpy(at, success ? "success" : "failure", 7);
+    at += 7;
+    at = sp_put(at, PyTuple_GET_ITEM(form, 12));
+    at += sprintf(at, "%lld", (long long)(duration * 1e9));  /* int(): toward zero, as C's cast */
+    at = sp_put(at, PyTuple_GET_ITEM(form, 13));
+    return (size_t)(at - out);
+}
+
+/* time.time(): the realtime clock's nanoseconds over 1e9, in a double. */
+static double
+sp_wall(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)((int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec) / 1e9;
+}
+
+static size_t
+sp_form_bytes(PyObject *form)
+{
+    size_t n = 0;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(form); i++)
+        n += (size_t)PyBytes_GET_SIZE(PyTuple_GET_ITEM(form, i));
+    return n;
+}
+
+/* A form is () (no line: the owner writes none for these tunnels) or
+ * SP_FORM_SEGMENTS bytes objects. */
+static int
+sp_form_valid(PyObject *form)
+{
+    if (!PyTuple_Check(form))
+        return 0;
+    Py_ssize_t n = PyTuple_GET_SIZE(form);
+    if (n != 0 && n != SP_FORM_SEGMENTS)
+        return 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!PyBytes_Check(PyTuple_GET_ITEM(form, i)))
+            return 0;
+    return 1;
+}
+
+static sp_summary *
+sp_summary_of(sp_ends *ends, PyObject *token)
+{
+    for (size_t i = ends->nsums; i-- > 0;)
+        if (ends->sums[i].token == token)
+            return &ends->sums[i];
+    if (ends->nsums == SP_MAX_SUMMARIES)
+        return NULL;
+    if (ends->nsums == ends->capsums) {
+        size_t cap = ends->capsums ? ends->capsums * 2 : 8;
+        sp_summary *sums = realloc(ends->sums, cap * sizeof(sp_summary));
+        if (sums == NULL)
+            return NULL;
+        ends->sums = sums;
+        ends->capsums = cap;
+    }
+    sp_summary *s = &ends->sums[ends->nsums++];
+    memset(s, 0, sizeof(*s));
+    s->token = Py_NewRef(token);
+    return s;
+}
+
+/* Room for one more line of ``form`` in ends->lines (and a chunk's cut). */
+static int
+sp_line_room(sp_ends *ends, PyObject *form)
+{
+    size_t need = ends->lines_len + sp_form_bytes(form) + SP_SLOTS_ROOM;
+    if (need > ends->lines_cap) {
+        size_t cap = ends->lines_cap ? ends->lines_cap : SP_ATOMIC_WRITE * 4;
+        while (cap < need)
+            cap *= 2;
+        char *lines = realloc(ends->lines, cap);
+        if (lines == NULL)
+            return -1;
+        ends->lines = lines;
+        ends->lines_cap = cap;
+    }
+    if (ends->ncuts == ends->capcuts) {
+        size_t cap = ends->capcuts ? ends->capcuts * 2 : 16;
+        size_t *cuts = realloc(ends->cuts, cap * sizeof(size_t));
+        if (cuts == NULL)
+            return -1;
+        ends->cuts = cuts;
+        ends->capcuts = cap;
+    }
+    return 0;
+}
+
+/* Count an ordinary end in its token's summary and write its line; -1 (and
+ * nothing done) when there is no room: the end then goes alone. */
+static int
+sp_summarize(Relay *e, sp_tunnel *t, int outcome, double duration)
+{
+    sp_ends *ends = &e->ends;
+    PyObject *form = t->form;
+    int lined = PyTuple_GET_SIZE(form) != 0;
+    if (lined && sp_line_room(ends, form) < 0)
+        return -1;
+    sp_summary *s = sp_summary_of(ends, t->token);
+    if (s == NULL)
+        return -1;
+    if (lined) {
+        int success = outcome == SP_CLOSED || outcome == SP_DRAINED;
+        size_t n = sp_render(ends->lines + ends->lines_len, form, t->note,
+                             PyTuple_GET_ITEM(e->outcomes, outcome), success, &t->up, &t->down,
+                             duration, sp_wall());
+        if (ends->lines_len > ends->chunk_at
+            && ends->lines_len + n - ends->chunk_at > SP_ATOMIC_WRITE) {
+            ends->cuts[ends->ncuts++] = ends->lines_len;
+            ends->chunk_at = ends->lines_len;
+        }
+        ends->lines_len += n;
+    }
+    s->n++;
+    s->outcomes[outcome]++;
+    s->bytes[0] += t->up.nbytes;
+    s->bytes[1] += t->down.nbytes;
+    s->messages[0] += t->up.tr.messages;
+    s->messages[1] += t->down.tr.messages;
+    s->seconds_sum += duration;
+    int b = 0;  /* bisect_left(bounds, duration), as BucketCounts.observe */
+    while (b < ends->nbounds && ends->bounds[b] < duration)
+        b++;
+    s->buckets[b]++;
+    return 0;
+}
+
+static int
+sp_summaries_waiting(const sp_ends *ends)
+{
+    return ends->nsums > 0 || ends->lines_len > 0;
+}
+
+static void
+sp_ends_free(sp_ends *ends)
+{
+    for (size_t i = 0; i < ends->nsums; i++)
+        Py_DECREF(ends->sums[i].token);
+    free(ends->sums);
+    free(ends->lines);
+    free(ends->cuts);
+    memset(ends, 0, sizeof(*ends));
+}
+
 /* RelayEngine._finish: close both sockets (an abort passed on as an
  * abort) and record the end. Always returns -1. */
 static int
@@ -1088,12 +1364,17 @@ sp_finish(Relay *e, sp_tunnel *t, int outcome)
     }
     if (e->ndead < e->capdead)
         e->dead[e->ndead++] = t;
+    double duration = sp_now() - t->started;
+    if (t->form != NULL && sp_ordinary(&e->ends, t, outcome)
+        && sp_summarize(e, t, outcome, duration) == 0) {
+        Py_CLEAR(t->token);
+        return -1;
+    }
     PyObject *up = sp_flow_stats(&t->up), *down = sp_flow_stats(&t->down);
     PyObject *rec = NULL;
     if (up && down)
         rec = Py_BuildValue("(OONNdy#)", t->token, PyTuple_GET_ITEM(e->outcomes, outcome), up,
-                            down, sp_now() - t->started, (const char *)t->note,
-                            (Py_ssize_t)t->note_len);
+                            down, duration, (const char *)t->note, (Py_ssize_t)t->note_len);
     else {
         Py_XDECREF(up);
         Py_XDECREF(down);
@@ -1111,6 +1392,7 @@ static void
 sp_free_tunnel(sp_tunnel *t)
 {
     Py_XDECREF(t->token);
+    Py_XDECREF(t->form);
     free(t->up.parked);
     free(t->down.parked);
     free(t->x);
@@ -1312,6 +1594,7 @@ Relay_dealloc(Relay *self)
     Py_XDECREF(self->closed);
     Py_XDECREF(self->outcomes);
     Py_XDECREF(self->handshaker);
+    sp_ends_free(&self->ends);
     free(self->by_fd);
     free(self->uses);
     free(self->buf);
@@ -1350,19 +1633,26 @@ sp_ready(Relay *e)
     return 0;
 }
 
-/* Relay.add(client_fd, backend_fd, token, to_backend, to_client, note) -> id */
+/* Relay.add(client_fd, backend_fd, token, to_backend, to_client, note,
+ * form=None) -> id; form: its end may be summarized (sp_ends). */
 static PyObject *
 Relay_add(Relay *self, PyObject *args)
 {
     int cfd, bfd;
-    PyObject *token;
+    PyObject *token, *form = Py_None;
     Py_buffer first[2], note;
     if (sp_ready(self) < 0
-        || !PyArg_ParseTuple(args, "iiOy*y*y*", &cfd, &bfd, &token, &first[0], &first[1], &note))
+        || !PyArg_ParseTuple(args, "iiOy*y*y*|O", &cfd, &bfd, &token, &first[0], &first[1], &note,
+                             &form))
         return NULL;
     PyObject *result = NULL;
     if (note.len > SP_NOTE_BYTES) {
         PyErr_SetString(PyExc_ValueError, "a tunnel's note holds at most 37 bytes");
+        goto done;
+    }
+    if (form != Py_None && (!self->ends.on || !sp_form_valid(form))) {
+        PyErr_SetString(PyExc_ValueError,
+                        "a summary form is () or 14 bytes segments, after Relay.summarize");
         goto done;
     }
     if (cfd < 0 || bfd < 0 || cfd == bfd) {
@@ -1384,6 +1674,7 @@ Relay_add(Relay *self, PyObject *args)
     t->up.src = cfd;
     t->down.src = bfd;
     t->token = Py_NewRef(token);
+    t->form = form == Py_None ? NULL : Py_NewRef(form);
     t->started = sp_now();
     memcpy(t->note, note.buf, (size_t)note.len);
     t->note_len = (uint8_t)note.len;
@@ -1437,7 +1728,8 @@ sp_round(Relay *self, struct epoll_event *evs, int n)
 static int
 sp_ended(Relay *self)
 {
-    return PyList_GET_SIZE(self->closed) > 0 || self->internal_errors != self->errors_seen;
+    return PyList_GET_SIZE(self->closed) > 0 || sp_summaries_waiting(&self->ends)
+           || self->internal_errors != self->errors_seen;
 }
 
 /* Whether the owner has something to take: an ended tunnel, a handshake event. */
@@ -1736,6 +2028,127 @@ Relay_take_closed(Relay *self, PyObject *Py_UNUSED(ignored))
     return taken;
 }
 
+/* Relay.summarize(bounds, bad_codes): ends of tunnels added with a form
+ * may be summarized from now on (sp_ends), their durations counted over
+ * ``bounds`` (ascending), an end with a Close code of ``bad_codes`` told
+ * alone. */
+static PyObject *
+Relay_summarize(Relay *self, PyObject *args)
+{
+    PyObject *bounds, *bad;
+    if (!PyArg_ParseTuple(args, "O!O!:summarize", &PyTuple_Type, &bounds, &PyTuple_Type, &bad))
+        return NULL;
+    Py_ssize_t nb = PyTuple_GET_SIZE(bounds), nc = PyTuple_GET_SIZE(bad);
+    if (nb > SP_MAX_BOUNDS || nc > SP_MAX_BAD) {
+        PyErr_SetString(PyExc_ValueError, "summarize: at most 32 bounds and 8 codes");
+        return NULL;
+    }
+    sp_ends *ends = &self->ends;
+    if (ends->nsums || ends->lines_len) {
+        PyErr_SetString(PyExc_ValueError, "summarize: take the summaries first");
+        return NULL;
+    }
+    double b[SP_MAX_BOUNDS];
+    int32_t c[SP_MAX_BAD];
+    for (Py_ssize_t i = 0; i < nb; i++) {
+        b[i] = PyFloat_AsDouble(PyTuple_GET_ITEM(bounds, i));
+        if (b[i] == -1.0 && PyErr_Occurred())
+            return NULL;
+        if (i && !(b[i] > b[i - 1])) {
+            PyErr_SetString(PyExc_ValueError, "summarize: bounds ascend");
+            return NULL;
+        }
+    }
+    for (Py_ssize_t i = 0; i < nc; i++) {
+        long code = PyLong_AsLong(PyTuple_GET_ITEM(bad, i));
+        if (code == -1 && PyErr_Occurred())
+            return NULL;
+        c[i] = (int32_t)code;
+    }
+    memcpy(ends->bounds, b, sizeof(b));
+    memcpy(ends->bad, c, sizeof(c));
+    ends->nbounds = (int)nb;
+    ends->nbad = (int)nc;
+    ends->on = 1;
+    Py_RETURN_NONE;
+}
+
+/* The summaries since the last call: [(token, count, outcomes, up_bytes,
+ * down_bytes, up_messages, down_messages, buckets, seconds_sum)]. */
+static PyObject *
+Relay_take_summaries(Relay *self, PyObject *Py_UNUSED(ignored))
+{
+    sp_ends *ends = &self->ends;
+    PyObject *out = PyList_New((Py_ssize_t)ends->nsums);
+    if (out == NULL)
+        return NULL;
+    for (size_t i = 0; i < ends->nsums; i++) {
+        sp_summary *s = &ends->sums[i];
+        PyObject *outcomes = PyTuple_New(SP_OUTCOMES);
+        PyObject *buckets = PyTuple_New(ends->nbounds + 1);
+        if (outcomes == NULL || buckets == NULL)
+            goto fail_item;
+        for (int k = 0; k < SP_OUTCOMES; k++) {
+            PyObject *v = PyLong_FromUnsignedLongLong(s->outcomes[k]);
+            if (v == NULL)
+                goto fail_item;
+            PyTuple_SET_ITEM(outcomes, k, v);
+        }
+        for (int k = 0; k <= ends->nbounds; k++) {
+            PyObject *v = PyLong_FromUnsignedLongLong(s->buckets[k]);
+            if (v == NULL)
+                goto fail_item;
+            PyTuple_SET_ITEM(buckets, k, v);
+        }
+        PyObject *item = Py_BuildValue("(OKNKKKKNd)", s->token, (unsigned long long)s->n, outcomes,
+                                       (unsigned long long)s->bytes[0],
+                                       (unsigned long long)s->bytes[1],
+                                       (unsigned long long)s->messages[0],
+                                       (unsigned long long)s->messages[1], buckets,
+                                       s->seconds_sum);
+        if (item == NULL) {
+            Py_DECREF(out);
+            return NULL;  /* the summaries stay: taken next time */
+        }
+        PyList_SET_ITEM(out, (Py_ssize_t)i, item);
+        continue;
+    fail_item:
+        Py_XDECREF(outcomes);
+        Py_XDECREF(buckets);
+        Py_DECREF(out);
+        return NULL;
+    }
+    for (size_t i = 0; i < ends->nsums; i++)
+        Py_DECREF(ends->sums[i].token);
+    ends->nsums = 0;
+    return out;
+}
+
+/* The access lines since the last call, in chunks of whole lines of at
+ * most SP_ATOMIC_WRITE bytes (a longer line alone): [bytes]. */
+static PyObject *
+Relay_take_lines(Relay *self, PyObject *Py_UNUSED(ignored))
+{
+    sp_ends *ends = &self->ends;
+    PyObject *out = PyList_New(0);
+    if (out == NULL || ends->lines_len == 0)
+        return out;
+    size_t at = 0;
+    for (size_t i = 0; i <= ends->ncuts; i++) {
+        size_t end = i < ends->ncuts ? ends->cuts[i] : ends->lines_len;
+        PyObject *chunk = PyBytes_FromStringAndSize(ends->lines + at, (Py_ssize_t)(end - at));
+        if (chunk == NULL || PyList_Append(out, chunk) < 0) {
+            Py_XDECREF(chunk);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(chunk);
+        at = end;
+    }
+    ends->lines_len = ends->ncuts = ends->chunk_at = 0;
+    return out;
+}
+
 static PyObject *
 Relay_close(Relay *self, PyObject *Py_UNUSED(ignored))
 {
@@ -1834,7 +2247,7 @@ Relay_get_tunnel_bytes(Relay *self, void *Py_UNUSED(closure))
 }
 
 static PyMethodDef Relay_methods[] = {
-    {"add", (PyCFunction)Relay_add, METH_VARARGS, "add(client_fd, backend_fd, token, to_backend, to_client) -> id"},
+    {"add", (PyCFunction)Relay_add, METH_VARARGS, "add(client_fd, backend_fd, token, to_backend, to_client, note, form=None) -> id"},
     {"poll", (PyCFunction)Relay_poll, METH_NOARGS, "One epoll_wait(0) round; the events handled."},
     {"process", (PyCFunction)Relay_process, METH_O, "process(now): the keepalive's timers."},
     {"next_wake", (PyCFunction)Relay_next_wake, METH_O, "next_wake(now) -> float | None"},
@@ -1846,6 +2259,9 @@ static PyMethodDef Relay_methods[] = {
     {"inspect", (PyCFunction)Relay_inspect, METH_O, "inspect(id) -> tuple | None (TunnelView)"},
     {"tunnels", (PyCFunction)Relay_tunnels, METH_VARARGS, "tunnels(tokens=None) -> [(id, token)]"},
     {"take_closed", (PyCFunction)Relay_take_closed, METH_NOARGS, "[(token, outcome, up, down, duration, note)]"},
+    {"summarize", (PyCFunction)Relay_summarize, METH_VARARGS, "summarize(bounds, bad_codes): ordinary ends of tunnels with a form told in summaries"},
+    {"take_summaries", (PyCFunction)Relay_take_summaries, METH_NOARGS, "[(token, count, outcomes, up_bytes, down_bytes, up_messages, down_messages, buckets, seconds_sum)]"},
+    {"take_lines", (PyCFunction)Relay_take_lines, METH_NOARGS, "[bytes]: the summarized ends' access lines, in chunks of whole lines"},
     {"close", (PyCFunction)Relay_close, METH_NOARGS, "End every tunnel (STOPPED) and close the epoll set."},
     {"fileno", (PyCFunction)Relay_fileno, METH_NOARGS, "The epoll descriptor."},
     {"poke", (PyCFunction)Relay_poke, METH_NOARGS, "Make the epoll set readable (loop.Sleep)."},
@@ -1859,7 +2275,7 @@ static PyMethodDef Relay_methods[] = {
 
 static PyGetSetDef Relay_getset[] = {
     {"internal_errors", (getter)Relay_get_internal_errors, NULL, "allocations that failed", NULL},
-    {"ended", (getter)Relay_get_ended, NULL, "whether take_closed has anything (or an error is new)", NULL},
+    {"ended", (getter)Relay_get_ended, NULL, "whether take_closed, take_summaries or take_lines has anything (or an error is new)", NULL},
     {"tunnel_bytes", (getter)Relay_get_tunnel_bytes, NULL, "C bytes per idle tunnel", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
@@ -1978,7 +2394,76 @@ sp_note_fields(PyObject *Py_UNUSED(module), PyObject *arg)
                          forwarded);
 }
 
+/* render_access(form, note, outcome, success, up, down, duration, now) -> bytes:
+ * sp_render's line, for the tests (up, down: (bytes, messages, close_code | None)). */
+static PyObject *
+sp_render_access(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    PyObject *form, *outcome, *flows[2];
+    Py_buffer note;
+    int success;
+    double duration, now;
+    if (!PyArg_ParseTuple(args, "O!y*UpO!O!dd:render_access", &PyTuple_Type, &form, &note,
+                          &outcome, &success, &PyTuple_Type, &flows[0], &PyTuple_Type, &flows[1],
+                          &duration, &now))
+        return NULL;
+    PyObject *result = NULL;
+    sp_tunnel t;
+    memset(&t, 0, sizeof(t));
+    sp_flow *f[2] = {&t.up, &t.down};
+    if (PyTuple_GET_SIZE(form) != SP_FORM_SEGMENTS || !sp_form_valid(form)
+        || (size_t)note.len > SP_NOTE_BYTES || !PyUnicode_IS_ASCII(outcome)
+        || PyUnicode_GET_LENGTH(outcome) > 32) {
+        PyErr_SetString(PyExc_ValueError, "render_access: a form of 14 segments, a note, an outcome");
+        goto done;
+    }
+    memcpy(t.note, note.buf, (size_t)note.len);
+    t.note_len = (uint8_t)note.len;
+    sp_ends none = {0};
+    if (!sp_ordinary(&none, &t, SP_CLOSED)) {
+        PyErr_SetString(PyExc_ValueError, "render_access: a note with the client's address alone");
+        goto done;
+    }
+    for (int i = 0; i < 2; i++) {
+        unsigned long long nbytes, messages;
+        PyObject *code;
+        if (!PyArg_ParseTuple(flows[i], "KKO", &nbytes, &messages, &code))
+            goto done;
+        sp_tracker_init(&f[i]->tr);
+        f[i]->nbytes = nbytes;
+        f[i]->tr.messages = messages;
+        if (code != Py_None) {
+            long c = PyLong_AsLong(code);
+            if (c == -1 && PyErr_Occurred())
+                goto done;
+            if (c < 0 || c > 65535) {
+                PyErr_SetString(PyExc_ValueError, "render_access: a close code is 0 to 65535");
+                goto done;
+            }
+            f[i]->tr.close_code = (int32_t)c;
+        }
+    }
+    if (!(now >= 0 && now < 253402300800.0 && duration >= 0 && duration < 9e9)) {
+        PyErr_SetString(PyExc_ValueError, "render_access: a time after 1970, before 10000");
+        goto done;
+    }
+    char *out = malloc(sp_form_bytes(form) + SP_SLOTS_ROOM);
+    if (out == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    size_t n = sp_render(out, form, t.note, outcome, success, &t.up, &t.down, duration, now);
+    result = PyBytes_FromStringAndSize(out, (Py_ssize_t)n);
+    free(out);
+done:
+    PyBuffer_Release(&note);
+    return result;
+}
+
 static PyMethodDef sp_note_functions[] = {
+    {"render_access", (PyCFunction)sp_render_access, METH_VARARGS,
+     "render_access(form, note, outcome, success, up, down, duration, now, /)\n--\n\n"
+     "The access line the relay writes for a summarized end (the tests')."},
     {"pack_note", (PyCFunction)sp_pack_note, METH_VARARGS,
      "pack_note(client_ip, client_port, source_port, forwarded_ip=None, /)\n--\n\n"
      "worker/tunnels.py's pack_note in C: (note, client_left, forwarded_left)."},

@@ -45,6 +45,9 @@ STOPPED = "stopped"  # closed by the proxy without a WebSocket close handshake
 DRAINED = "drained"  # closed by the proxy after a WebSocket close handshake (begin_close)
 PING_TIMEOUT = "ping_timeout"  # the client sent nothing for ping_timeout after a Ping
 INTERNAL_ERROR = "internal_error"  # a bug of ours while relaying; both sides reset
+# Every outcome, in the compiled core's order (_cengine.c: SP_CLOSED ...;
+# EndSummary.outcomes counts per name in this order).
+OUTCOMES = (CLOSED, CLIENT_RESET, BACKEND_RESET, STOPPED, DRAINED, PING_TIMEOUT, INTERNAL_ERROR)
 
 
 class FlowStats(NamedTuple):
@@ -64,6 +67,21 @@ class TunnelStats(NamedTuple):
     down: FlowStats  # backend → client
     duration: float  # seconds, from the 101 to the end
     note: bytes = b""  # what the owner gave ``add`` (TunnelEngine.add)
+
+
+class EndSummary(NamedTuple):
+    """Tunnels of one token that ended the ordinary way in one round,
+    told together (:meth:`TunnelEvents.tunnels_closed`; see
+    :meth:`TunnelEngine.summarize` for which ends are ordinary)."""
+
+    tunnels: int  # how many ended
+    outcomes: tuple[int, ...]  # how many ended with each of OUTCOMES
+    up_bytes: int  # client → backend, summed
+    down_bytes: int
+    up_messages: int
+    down_messages: int
+    seconds: tuple[int, ...]  # the durations per bucket of summarize's bounds (bisect_left)
+    seconds_sum: float
 
 
 PING_STATES = ("none", "due", "sent")  # TunnelView.ping
@@ -98,7 +116,12 @@ class TunnelEvents(Protocol):
     """What an engine tells its owner. Neither may raise or block."""
 
     def tunnel_closed(self, token: Any, outcome: str, stats: TunnelStats) -> None:
-        """Called once per tunnel, after both its sockets were closed."""
+        """Called once per tunnel, after both its sockets were closed, but
+        for those an engine summarizes (:meth:`tunnels_closed`)."""
+
+    def tunnels_closed(self, token: Any, summary: EndSummary) -> None:
+        """``summary.tunnels`` tunnels of ``token`` ended the ordinary way
+        (:meth:`TunnelEngine.summarize`); their access lines are written."""
 
     def relay_error(self) -> None:
         """A bug of ours, called inside the ``except`` (the trace can be
@@ -117,12 +140,27 @@ class TunnelEngine(Protocol):
         to_client: bytes,
         io: Transports = PLAIN_PAIR,
         note: bytes = b"",
+        summary: tuple[bytes, ...] | None = None,
     ) -> int:
         """Take over two connected sockets, their bytes moving through ``io``
         (engine/transport.py); the tunnel's id. ``note``: at most
         :data:`NOTE_BYTES` of the owner's, kept with the tunnel and handed
         back in its TunnelStats (so that what differs per tunnel need not
-        be a Python object: the token may be shared by many tunnels)."""
+        be a Python object: the token may be shared by many tunnels).
+        ``summary``: the tunnel's end may be summarized (:meth:`summarize`),
+        its access line written from this form (worker/access.py's
+        summary_form; ``()``: no line)."""
+
+    def summarize(self, bounds: tuple[float, ...], bad_codes: tuple[int, ...]) -> None:
+        """From now on, an engine may tell the ordinary ends of tunnels
+        added with a ``summary`` form together, per token and round
+        (:meth:`TunnelEvents.tunnels_closed`), their durations counted over
+        ``bounds``, and write their access lines itself. Ordinary: not
+        PING_TIMEOUT, both framings intact, neither Close code one of
+        ``bad_codes``, and a note (worker/tunnels.py) that holds the
+        client's address and no forwarded address. Any other end comes to
+        ``tunnel_closed``, as every end does from an engine that ignores
+        this (the Python engines: one Python call per end either way)."""
 
     def begin_close(self, tunnel: int, code: int, reason: bytes, wait: float | None = None) -> None:
         """A WebSocket Close with ``code`` each way at frame boundaries

@@ -278,6 +278,10 @@ class RelayEngine:
             return None
         return t
 
+    def summarize(self, bounds: tuple[float, ...], bad_codes: tuple[int, ...]) -> None:
+        """Nothing: this engine tells every end alone (api.TunnelEngine.summarize),
+        as a summary would cost the same Python here."""
+
     def add(
         self,
         client_fd: int,
@@ -287,13 +291,15 @@ class RelayEngine:
         to_client: bytes,
         io: Transports = PLAIN_PAIR,
         note: bytes = b"",
+        summary: tuple[bytes, ...] | None = None,
     ) -> int:
         """Take over two connected non-blocking sockets; the tunnel's id.
 
         ``to_backend``/``to_client`` are the tunnel's first bytes, which
         arrived together with the handshake heads; they are sent first.
         ``io``: the transports the handshake used on each side; ``note``:
-        the owner's, handed back in the TunnelStats.
+        the owner's, handed back in the TunnelStats. ``summary``: unused
+        (:meth:`summarize`).
         """
         if len(note) > NOTE_BYTES:
             raise ValueError(f"a tunnel's note holds at most {NOTE_BYTES} bytes")

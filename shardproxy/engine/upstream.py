@@ -117,10 +117,13 @@ class TupleSpace:
     def give_port(self, port: int) -> None:
         self._free.append(port)
 
-    def release(self, port: int) -> None:
+    def release(self, port: int, count: int = 1) -> None:
         """A connection from this space ended (``port``: what
-        :meth:`Upstream.connect` returned with it)."""
-        self.used -= 1
+        :meth:`Upstream.connect` returned with it); or ``count`` of them,
+        with the same port (0: the kernel chose theirs)."""
+        if count != 1 and port:
+            raise ValueError("a port is given back by one connection")
+        self.used -= count
         if port and self.returns_ports:
             self.give_port(port)
 

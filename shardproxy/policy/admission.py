@@ -28,7 +28,7 @@ from shardproxy.policy.registry import EndpointState
 class UpstreamTuple(Protocol):
     """The (source address, endpoint) space an upstream connection came from."""
 
-    def release(self, port: int) -> None: ...
+    def release(self, port: int, count: int = 1) -> None: ...
 
 
 class Admission:
@@ -48,15 +48,21 @@ class Admission:
         return self.in_use > self.capacity
 
     def give_back(
-        self, endpoint: EndpointState | None, space: UpstreamTuple | None, port: int
+        self,
+        endpoint: EndpointState | None,
+        space: UpstreamTuple | None,
+        port: int,
+        count: int = 1,
     ) -> None:
         """What a lease handed over (:meth:`AdmissionLease.hand_over`) comes
-        back: the endpoint's count, the tuple's port and the slot."""
+        back: the endpoint's count, the tuple's port and the slot; or what
+        ``count`` such leases held, all from ``space`` with the same
+        ``port`` (0: the kernel's choice)."""
         if endpoint is not None:
-            endpoint.release()
+            endpoint.release(count)
         if space is not None:
-            space.release(port)
-        self.in_use -= 1
+            space.release(port, count)
+        self.in_use -= count
 
     def lease(self, client_ip: str) -> AdmissionLease:
         """A lease for a new connection. It is granted even over capacity,

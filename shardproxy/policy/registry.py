@@ -46,9 +46,9 @@ class EndpointState:
         self.active += 1
         self.server.active += 1
 
-    def release(self) -> None:
-        self.active -= 1
-        self.server.active -= 1
+    def release(self, count: int = 1) -> None:
+        self.active -= count
+        self.server.active -= count
 
 
 class ServerState:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
@@ -202,6 +202,17 @@ class BucketCounts:
     def observe(self, value: float) -> None:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
+
+    def add(self, counts: Sequence[int], total: float) -> None:
+        """Values observed elsewhere: their counts per bucket of these
+        bounds (bisect_left, as :meth:`observe`) and their sum."""
+        if len(counts) != len(self.counts):
+            raise ValueError(f"{len(counts)} buckets for a histogram of {len(self.counts)}")
+        mine = self.counts
+        for i, n in enumerate(counts):
+            if n:
+                mine[i] += n
+        self.sum += total
 
     def freeze(self) -> Histogram:
         return Histogram(self.bounds, tuple(self.counts), self.sum)

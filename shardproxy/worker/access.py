@@ -11,10 +11,18 @@ address not known) is built whole by :func:`fields`. The two give the same
 line (tests/unit/test_access.py); the template takes half the time (2.9
 against 5.7 µs, the write included, in a micro-benchmark), and this event
 is written once per handshake.
+
+The compiled relay writes the event itself, for the tunnels that end the
+ordinary way (engine/api.py's TunnelEngine.summarize): :func:`summary_form`
+gives it the template's texts around the slots, and it fills them in C
+(_cengine.c's sp_render; tests/unit/test_access.py holds its line to
+:func:`write`'s). The worker then counts such ends in a summary per
+placement (Worker.tunnels_closed): no Python runs per end.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -111,6 +119,68 @@ _SLOTS = {
 }
 
 
+def _template_of(info: Placement) -> bytes | None:
+    """The placement's format (:func:`_template`), made once per logs generation."""
+    made = info.access_template
+    if made is None or made[0] != logs.generation():
+        made = info.access_template = (logs.generation(), _template(info))
+    return made[1]
+
+
+def summary_form(info: Placement, access: bool) -> tuple[bytes, ...] | None:
+    """The compiled relay's form of the event for the tunnels of ``info``
+    (TunnelEngine.add's ``summary``), made once per logs generation: the
+    texts of its template around the slots :func:`write` fills, in that
+    order, the source address written in, and ``%%`` undone; ``()`` when
+    no event is written for them (``access``: ``[log] access``); None when
+    each end must come to tunnel_closed: a sampled route (the sampler
+    counts per end), a placement whose events are built whole, a source
+    address not known yet, a space that takes each port back by number
+    (the userspace allocator)."""
+    made = info.summary_form
+    if made is None or made[0] != (logs.generation(), access):
+        made = info.summary_form = ((logs.generation(), access), _summary_form(info, access))
+    return made[1]
+
+
+def _summary_form(info: Placement, access: bool) -> tuple[bytes, ...] | None:
+    space = info.space
+    if getattr(space, "returns_ports", True):
+        return None
+    rate = info.route.access_sample
+    if not access or rate <= 0.0 or not logs.enabled("info"):
+        return ()
+    source_ip = space.seen_address  # type: ignore[attr-defined]  # a TupleSpace
+    template = _template_of(info)
+    if rate < 1.0 or template is None or source_ip is None:
+        return None
+    texts = _texts(template)
+    # @timestamp, client.ip, client.port, source.ip, source.port, ...: the
+    # source address is the placement's.
+    return (*texts[:3], texts[3] + source_ip.encode() + texts[4], *texts[5:])
+
+
+def _texts(template: bytes) -> list[bytes]:
+    """A %-format's texts around its directives (``%s``, ``%d``), ``%%`` undone."""
+    texts: list[bytes] = []
+    text: list[bytes] = []
+    at = 0
+    for m in _DIRECTIVE.finditer(template):
+        text.append(template[at : m.start()])
+        if m.group() == b"%%":
+            text.append(b"%")
+        else:
+            texts.append(b"".join(text))
+            text = []
+        at = m.end()
+    text.append(template[at:])
+    texts.append(b"".join(text))
+    return texts
+
+
+_DIRECTIVE = re.compile(rb"%%|%[sd]")
+
+
 def _template(info: Placement) -> bytes | None:
     """The placement's format; None if a text of its own holds a marker
     (a server name in the configuration could): then every event is whole."""
@@ -164,11 +234,9 @@ def write(
     if not logs.enabled("info"):
         return
     source_ip = info.space.seen_address  # type: ignore[attr-defined]  # a TupleSpace
-    made = info.access_template
-    if made is None or made[0] != logs.generation():
-        made = info.access_template = (logs.generation(), _template(info))
+    template = _template_of(info)
     if (
-        made[1] is None
+        template is None
         or error_by is not None
         or client_ip is None
         or forwarded_ip is not None
@@ -184,7 +252,7 @@ def write(
         return
     success = outcome in _SUCCESS
     logs.write_line(
-        made[1]
+        template
         % (
             logs.timestamp(time.time()),
             client_ip.encode(),

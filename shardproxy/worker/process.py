@@ -55,7 +55,9 @@ from shardproxy.control.channel import Channel
 from shardproxy.control.messages import Ack, Drained, Health, Ready, Request, Retire, Start, Stats
 from shardproxy.engine import choice
 from shardproxy.engine.api import (
+    OUTCOMES,
     PING_TIMEOUT,
+    EndSummary,
     FlowStats,
     Handshakes,
     Keepalive,
@@ -143,6 +145,10 @@ class Worker:
         self.passive_failures: Counter[str] = Counter()  # endpoint → since the last report
         self.handshake_seconds = BucketCounts(HANDSHAKE_BOUNDS)  # accept → 101 passed on
         self.tunnel_seconds = BucketCounts(TUNNEL_BOUNDS)  # 101 → closed
+        # The ordinary ends of tunnels with a summary form may come in
+        # summaries (tunnels_closed), their access lines written by the
+        # engine (the compiled relay's, in C).
+        self.relay.summarize(TUNNEL_BOUNDS, tuple(sorted(BAD_STREAM_CODES)))
         self.route_tunnels: Counter[RouteConfig] = Counter()  # route → tunnels open now
         self.access_sampler = AccessSampler()
         self.error_budget = ErrorBudget(cfg.log.error_rate, cfg.log.error_burst)
@@ -189,8 +195,9 @@ class Worker:
         self.handshake_seconds.observe(u.seconds)
         self.route_tunnels[lease.route] += 1
         self.counts.tunnels += 1
+        summary = access.summary_form(placement, self.config.log.access)
         tunnel = self.relay.add(
-            u.client_fd, u.backend_fd, placement, u.to_backend, u.to_client, u.io, note
+            u.client_fd, u.backend_fd, placement, u.to_backend, u.to_client, u.io, note, summary
         )
         # Came up during a drain (and alive: its first bytes could be written).
         if self.draining and self.relay.alive(tunnel):
@@ -348,6 +355,25 @@ class Worker:
             info, client_ip, client_port, source_port, forwarded_ip, outcome, up, down,
             duration, error_by,
         )  # fmt: skip
+
+    def tunnels_closed(self, token: Any, summary: EndSummary) -> None:
+        """tunnel_closed for ``summary.tunnels`` ordinary ends of ``token``'s
+        tunnels at once (their access lines are written: api.TunnelEngine.summarize)."""
+        info: Placement = token
+        n = summary.tunnels
+        self.placements.give_back(info, n)
+        self.admission.give_back(info.endpoint, info.space, 0, n)
+        self.route_tunnels[info.route] -= n
+        self.tunnel_seconds.add(summary.seconds, summary.seconds_sum)
+        counts = self.counts
+        counts.bytes["up"] += summary.up_bytes
+        counts.bytes["down"] += summary.down_bytes
+        counts.messages["up"] += summary.up_messages
+        counts.messages["down"] += summary.down_messages
+        closed = counts.closed
+        for outcome, ended in zip(OUTCOMES, summary.outcomes, strict=True):
+            if ended:
+                closed[outcome] += ended
 
     def _count_bad_stream(self, up: FlowStats, down: FlowStats) -> str | None:
         """The side (``client`` or ``backend``) whose Close said the stream

@@ -46,6 +46,10 @@ class Placement:
     tunnels: int = field(default=0)  # how many hold it
     # The access event's format for its tunnels (worker/access.py), once made.
     access_template: tuple[int, bytes | None] | None = field(default=None, repr=False)
+    # and the compiled relay's form of it (access.summary_form), once made.
+    summary_form: tuple[tuple[int, bool], tuple[bytes, ...] | None] | None = field(
+        default=None, repr=False
+    )
 
     def key(self) -> tuple[Any, ...]:
         return _key(
@@ -90,9 +94,9 @@ class Placements:
         p.tunnels += 1
         return p
 
-    def give_back(self, p: Placement) -> None:
-        """One tunnel less holds ``p``; the last one lets it go."""
-        p.tunnels -= 1
+    def give_back(self, p: Placement, count: int = 1) -> None:
+        """One tunnel (or ``count``) less holds ``p``; the last one lets it go."""
+        p.tunnels -= count
         if p.tunnels:
             return
         del self._by_key[p.key()]

@@ -8,7 +8,9 @@ relays A⇄B. The test plays both peers with blocking sockets in threads
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import socket
 import struct
 import sys
@@ -26,14 +28,18 @@ from shardproxy.engine.api import (
     DRAINED,
     INTERNAL_ERROR,
     NOTE_BYTES,
+    OUTCOMES,
     PING_TIMEOUT,
     STOPPED,
+    EndSummary,
     Keepalive,
     TunnelStats,
     TunnelView,
 )
 from shardproxy.engine.transport import PLAIN, PLAIN_PAIR, PlainTransport, Transports
 from shardproxy.protocol.frames import close_frame
+from shardproxy.telemetry import logs
+from shardproxy.worker.tunnels import pack_note
 
 pytestmark = pytest.mark.usefixtures("engine_kind")
 
@@ -52,11 +58,15 @@ class Harness:
 
     def __init__(self, keepalive: Keepalive | None = None) -> None:
         self.closed: list[tuple[Any, str, TunnelStats]] = []
+        self.summaries: list[tuple[Any, EndSummary]] = []
         self.errors: list[BaseException | None] = []
         self.engine = current.relay(self, keepalive)
 
     def tunnel_closed(self, token: Any, outcome: str, stats: TunnelStats) -> None:
         self.closed.append((token, outcome, stats))
+
+    def tunnels_closed(self, token: Any, summary: EndSummary) -> None:
+        self.summaries.append((token, summary))
 
     def relay_error(self) -> None:
         self.errors.append(sys.exc_info()[1])
@@ -67,11 +77,12 @@ class Harness:
         to_client: bytes = b"",
         token: Any = "token",
         note: bytes = b"",
+        summary: tuple[bytes, ...] | None = None,
     ) -> tuple[socket.socket, socket.socket, int]:
         client, a = tcp_pair()
         backend, b = tcp_pair()
         tid = self.engine.add(
-            a.detach(), b.detach(), token, to_backend, to_client, PLAIN_PAIR, note
+            a.detach(), b.detach(), token, to_backend, to_client, PLAIN_PAIR, note, summary
         )
         for s in (client, backend):
             s.settimeout(10)
@@ -98,6 +109,10 @@ class Harness:
             while len(self.closed) < count:
                 await trio.sleep(0.01)
         return [outcome for _, outcome, _ in self.closed]
+
+    def ended(self) -> int:
+        """Ends told so far, alone or in summaries."""
+        return len(self.closed) + sum(s.tunnels for _, s in self.summaries)
 
 
 def run(test: Callable[[Harness], Awaitable[None]], keepalive: Keepalive | None = None) -> Harness:
@@ -258,6 +273,84 @@ def test_a_tunnels_note_comes_back_and_tunnels_are_found_by_token() -> None:
             backend.close()
 
     run(test)
+
+
+# A summary form whose texts name their places: |0|, the timestamp, |1|, ...
+_FORM = (*(b"|%d|" % i for i in range(13)), b"|13|\n")
+_LINE = re.compile(rb"\|0\|\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\|1\|(?P<rest>.*)\|13\|")
+
+
+def test_ordinary_ends_may_come_in_summaries_and_every_end_is_told_once() -> None:
+    """api.TunnelEngine.summarize: an engine may tell the ordinary ends of
+    tunnels with a form together, per token, their access lines written
+    from the form; every other end comes alone. Either way each end is
+    told once with its outcome and figures (the Python engine tells each
+    alone; the compiled one summarizes, and writes the lines in C)."""
+    stream = io.StringIO()
+    logs.configure("info", {}, stream=stream)
+    note = pack_note("10.1.2.3", 5555, 6666)[0]
+    forwarded = pack_note("10.1.2.3", 5555, 6666, "192.0.2.1")[0]
+    unseen = pack_note(None, 5555, 6666)[0]
+
+    async def test(h: Harness) -> None:
+        h.engine.summarize((1.0, 60.0), (1002, 1007))
+        ordinary = [h.tunnel(token="p", note=note, summary=_FORM) for _ in range(3)]
+        silent = h.tunnel(token="q", note=note, summary=())  # no line for this one
+        alone = [
+            h.tunnel(token="p", note=forwarded, summary=_FORM),  # a forwarded address
+            h.tunnel(token="p", note=unseen, summary=_FORM),  # the client's address elsewhere
+            h.tunnel(token="p", note=note, summary=_FORM),  # a bad-stream Close
+            h.tunnel(token="p", note=note),  # no form
+        ]
+        bad_close = close_frame(1002, b"", b"mask")
+        await trio.to_thread.run_sync(alone[2][0].sendall, bad_close)
+        assert await trio.to_thread.run_sync(recv_exactly, alone[2][1], len(bad_close))
+        client, backend, _ = ordinary[0]
+        message = b"\x82\x85\0\0\0\0hello"  # one masked frame (a zero mask)
+        await trio.to_thread.run_sync(client.sendall, message)
+        assert await trio.to_thread.run_sync(recv_exactly, backend, 11) == message
+        _abort(ordinary[1][0])  # a client reset is ordinary too
+        for client, backend, _ in [ordinary[0], ordinary[2], silent, *alone]:
+            client.shutdown(socket.SHUT_WR)
+            backend.shutdown(socket.SHUT_WR)
+        with trio.fail_after(10):  # every end is told
+            while h.ended() < 8:
+                await trio.sleep(0.01)
+        for client, backend, _ in [*ordinary, silent, *alone]:
+            client.close()
+            backend.close()
+
+    h = run(test)
+    everything = [(token, outcome, stats.up.bytes) for token, outcome, stats in h.closed]
+    lines = [m["rest"] for m in _LINE.finditer(stream.getvalue().encode())]
+    if current.name == "python":
+        assert not h.summaries and not lines
+        assert len(everything) == 8
+        return
+    assert sorted(everything) == [("p", CLOSED, 0)] * 3 + [("p", CLOSED, 8)]  # 1002, masked
+    assert [s.note for _, _, s in h.closed if s.up.close_code == 1002] == [note]
+    by_token: dict[str, list[int]] = {}
+    for token, summary in h.summaries:
+        totals = by_token.setdefault(token, [0] * (len(OUTCOMES) + 4))
+        figures = [*summary.outcomes, summary.tunnels, summary.up_bytes, summary.down_bytes]
+        for i, n in enumerate([*figures, sum(summary.seconds)]):
+            totals[i] += n
+        assert len(summary.seconds) == 3 and summary.seconds_sum >= 0
+    outcomes = dict.fromkeys(OUTCOMES, 0)
+    closed_p = [*outcomes.values()]
+    closed_p[OUTCOMES.index(CLOSED)] = 2
+    closed_p[OUTCOMES.index(CLIENT_RESET)] = 1
+    closed_q = [*outcomes.values()]
+    closed_q[OUTCOMES.index(CLOSED)] = 1
+    assert by_token == {"p": [*closed_p, 3, 11, 0, 3], "q": [*closed_q, 1, 0, 0, 1]}
+    # The three lines of "p" (none for "q"): client, ports, outcome, figures, codes.
+    common = b"10.1.2.3|2|5555|3|6666|4|"
+    assert sorted(line.rsplit(b"|12|", 1)[0] for line in lines) == [
+        common + b"client_reset|5|0|6|0|7|0|8|0|9|null|10|null|11|failure",
+        common + b"closed|5|0|6|0|7|0|8|0|9|null|10|null|11|success",
+        common + b"closed|5|11|6|0|7|1|8|0|9|null|10|null|11|success",
+    ]
+    assert all(line.rsplit(b"|12|", 1)[1].isdigit() for line in lines)  # the duration in ns
 
 
 def test_frames_are_tracked_per_direction() -> None:

@@ -1,7 +1,9 @@
 """The tunnel-closed access event (worker/access.py): the line a
 placement's template gives is the line of the whole document
 (access.fields through logs.document), byte for byte, for any route,
-server, path, user agent and figures; the rarer shapes are written whole."""
+server, path, user agent and figures; the rarer shapes are written whole;
+and the compiled relay's line from the placement's summary form
+(_cengine.render_access) is the template's."""
 
 from __future__ import annotations
 
@@ -11,15 +13,17 @@ import re
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from shardproxy.config import RouteConfig, ServerConfig
+from shardproxy.engine import choice
 from shardproxy.engine.api import CLOSED, DRAINED, PING_TIMEOUT, STOPPED, FlowStats
 from shardproxy.policy.registry import ServerState
 from shardproxy.telemetry import logs
 from shardproxy.worker import access
-from shardproxy.worker.tunnels import Placement
+from shardproxy.worker.tunnels import Placement, note_fields, pack_note
 
 _STAMP = re.compile(rb'^\{"@timestamp":"[^"]*"')
 
@@ -42,7 +46,7 @@ def placement(
     path: str, agent: str | None, seen: str | None,
 ) -> Placement:  # fmt: skip
     state = ServerState(ServerConfig(server, dest, (port,), 1))
-    space = SimpleNamespace(seen_address=seen, release=lambda port: None)
+    space = SimpleNamespace(seen_address=seen, release=lambda port: None, returns_ports=False)
     return Placement(
         RouteConfig(host, prefix, pool, sample), state.endpoints[0], space, path, agent
     )
@@ -133,3 +137,46 @@ def test_other_shapes_are_written_whole_and_a_new_configuration_makes_a_new_temp
     first, second = (json.loads(line) for line in lines(stream))
     assert (first["shardproxy"]["worker"], second["shardproxy"]["worker"]) == (1, 2)
     assert first["event"]["outcome"] == "success" and first["source"]["ip"] == "127.0.0.2"
+
+
+@pytest.mark.skipif(choice.COMPILED is None, reason="the compiled engine was not built here")
+@given(
+    placements,
+    ips,
+    ports,
+    ports,
+    st.sampled_from([CLOSED, DRAINED, STOPPED, "client_reset", "internal_error"]),
+    flows.filter(lambda f: f.close_code not in (1002, 1007)),
+    flows.filter(lambda f: f.close_code not in (1002, 1007)),
+    st.floats(0, 1e6),
+    st.floats(0, 4e9),
+)
+def test_the_relays_line_from_the_summary_form_is_the_templates(
+    info: Placement,
+    client_ip: str,
+    client_port: int,
+    source_port: int,
+    outcome: str,
+    up: FlowStats,
+    down: FlowStats,
+    duration: float,
+    now: float,
+) -> None:
+    assert choice.COMPILED is not None
+    stream = io.StringIO()
+    logs.configure("info", {"shardproxy.worker": 3}, stream=stream)
+    form = access.summary_form(info, True)
+    if info.route.access_sample < 1.0 or info.access_template[1] is None:  # type: ignore[index]
+        assert form is None  # sampled per end, or every event whole
+        return
+    assert form is not None and len(form) == 14
+    assert access.summary_form(info, False) == ()  # [log] access off: no line
+    note = pack_note(client_ip, client_port, source_port)[0]
+    seen_ip = note_fields(note)[0]  # the worker's client address: the note's
+    flows_c = [(f.bytes, f.messages, f.close_code) for f in (up, down)]
+    success = outcome in (CLOSED, DRAINED)
+    line = choice.COMPILED.render_access(form, note, outcome, success, *flows_c, duration, now)
+    access.write(info, seen_ip, client_port, source_port, None, outcome, up, down, duration, None)
+    (written,) = lines(stream)
+    assert _STAMP.sub(b'{"@timestamp":"T"', line) == written + b"\n"
+    assert line.startswith(b'{"@timestamp":"' + logs.timestamp(now) + b'"')

@@ -17,8 +17,8 @@ class Space:
     def __init__(self) -> None:
         self.released: list[int] = []
 
-    def release(self, port: int) -> None:
-        self.released.append(port)
+    def release(self, port: int, count: int = 1) -> None:
+        self.released += [port] * count
 
 
 def endpoints() -> tuple[EndpointState, EndpointState]:

@@ -6,6 +6,7 @@ close codes, errors and injection points (feed_to_boundary)."""
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 from framestreams import cut_points, split_at, streams
@@ -127,3 +128,41 @@ def test_the_relays_ping_payload_is_bounded_by_what_it_can_hold_back() -> None:
     compiled.Relay(outcomes, 0.0, 10.0, b"p" * 50).close()
     with pytest.raises(ValueError):
         compiled.Relay(outcomes, 0.0, 10.0, b"p" * 51)
+
+
+def test_summarized_ends_lines_come_in_chunks_of_whole_lines_up_to_pipe_buf() -> None:
+    """The relay's access lines (Relay.take_lines) come in chunks of whole
+    lines of at most PIPE_BUF bytes, a longer line alone (logs.batched's
+    rule: workers share a pipe, and only such writes are never interleaved);
+    a form is () or 14 segments, and only after summarize."""
+    assert compiled is not None
+    relay = compiled.Relay(tuple("abcdefg"), 0.0, 10.0, b"p")
+    note = compiled.pack_note("10.0.0.1", 1, 2)[0]
+    sizes = [100] * 30 + [5000] + [100] * 3  # bytes of text per line, about
+    pairs = [socket.socketpair() for _ in sizes]
+    try:
+        with pytest.raises(ValueError):  # before summarize
+            relay.add(pairs[0][0].fileno(), pairs[0][1].fileno(), "t", b"", b"", note, ())
+        relay.summarize((1.0,), (1002,))
+        for bad in ((b"x",) * 13, (b"x",) * 13 + ("x",), [b"x"] * 14):
+            with pytest.raises(ValueError):
+                relay.add(pairs[0][0].fileno(), pairs[0][1].fileno(), "t", b"", b"", note, bad)
+        for i, ((a, b), size) in enumerate(zip(pairs, sizes, strict=True)):
+            form = (b"%d:" % i + b"x" * size,) + (b"|",) * 12 + (b"\n",)
+            relay.add(a.detach(), b.detach(), "t", b"", b"", note, form)
+        relay.close()  # every tunnel ends, STOPPED: ordinary
+        chunks = relay.take_lines()
+        ((token, n, outcomes, *_),) = relay.take_summaries()
+        assert (token, n, outcomes[3]) == ("t", len(sizes), len(sizes))
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+    assert b"".join(chunks).count(b"\n") == len(sizes)
+    starts = [int(line.split(b":", 1)[0]) for c in chunks for line in c.splitlines()]
+    assert starts == list(range(len(sizes)))  # in the order they ended, none lost
+    for c in chunks:
+        assert c.endswith(b"\n")
+        assert len(c) <= 4096 or c.count(b"\n") == 1
+    assert len(chunks) >= 3 and any(len(c) > 4096 for c in chunks)
+    assert relay.take_lines() == [] and relay.take_summaries() == []
