@@ -101,7 +101,9 @@ def test_the_template_gives_the_whole_documents_line(
     access.write(info, *args, duration, None)
     assert info.access_template is not None
     if info.access_template[1] is None:  # a text of the placement's holds a marker
-        assert "\ufdd0" in repr(info) + info.endpoint.server.name
+        route = info.route
+        texts = (route.host, route.path_prefix, route.pool, info.path, info.user_agent or "")
+        assert "\ufdd0" in "".join(texts) + info.endpoint.server.name  # (repr escapes it)
     seen = info.space.seen_address  # type: ignore[attr-defined]
     doc = access.fields(
         info, client_ip, client_port, seen, source_port, None, outcome, up, down, duration, None
