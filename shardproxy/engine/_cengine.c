@@ -431,6 +431,7 @@ static PyTypeObject TrackerType = {
 #define SP_FD_BITS 32
 
 enum { SP_OPEN = 0, SP_SHUT = 1, SP_CLOSING = 2 };     /* sp_flow.state */
+#define SP_FOREIGN 0x80       /* sp_flow.mask: in the set with the handshaker's data */
 enum { SP_INJ_NONE = 0, SP_INJ_PING, SP_INJ_CLOSE };   /* sp_flow.inject */
 /* Outcomes: indexes into the tuple of names the Python side passes in. */
 enum { SP_CLOSED = 0, SP_CLIENT_RESET, SP_BACKEND_RESET, SP_STOPPED, SP_DRAINED,
@@ -962,10 +963,14 @@ sp_shut(Relay *e, sp_tunnel *t, sp_flow *f)
         if (t->dead)
             return;
     }
-    shutdown(sp_dst(t, f), SHUT_WR);  /* an error: the destination is gone, its events end it */
     if (t->up.state == SP_SHUT && t->down.state == SP_SHUT) {
+        /* The last direction: sp_finish's close sends this FIN (every byte
+         * of both sources was read, so close cannot reset), one call fewer. */
         sp_finish(e, t, t->closing ? SP_DRAINED : SP_CLOSED);
-    } else if (t->closing) {
+        return;
+    }
+    shutdown(sp_dst(t, f), SHUT_WR);  /* an error: the destination is gone, its events end it */
+    if (t->closing) {
         sp_check_closed(e, t);
         if (!t->dead)
             sp_update(e, t);
@@ -1678,6 +1683,14 @@ Relay_add(Relay *self, PyObject *args)
     t->started = sp_now();
     memcpy(t->note, note.buf, (size_t)note.len);
     t->note_len = (uint8_t)note.len;
+    /* A descriptor the attached handshaker left in the set at its hand-over:
+     * sp_update's first epoll_ctl is then a MOD, not an ADD after a DEL. */
+    if (self->handshaker != NULL) {
+        if (sp_handshaker_claim(self->handshaker, cfd))
+            t->up.mask = SP_FOREIGN;
+        if (sp_handshaker_claim(self->handshaker, bfd))
+            t->down.mask = SP_FOREIGN;
+    }
     self->uses[cfd]++;
     self->by_fd[cfd] = self->by_fd[bfd] = t;
     self->count++;
@@ -1707,6 +1720,8 @@ done:
 static void
 sp_round(Relay *self, struct epoll_event *evs, int n)
 {
+    if (self->handshaker != NULL)
+        sp_handshaker_settle(self->handshaker);
     for (int i = 0; i < n; i++) {
         uint64_t data = evs[i].data.u64;
         if (data & SP_HOST) {

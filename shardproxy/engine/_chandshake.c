@@ -168,6 +168,8 @@ typedef struct {
     uint8_t *scratch;
     PyObject *events;             /* list, taken by take_events */
     uint64_t internal_errors;     /* events that could not be recorded */
+    int *left;                    /* handed over but still in the set (sp_handshaker_claim) */
+    size_t nleft, capleft;
 } Handshaker;
 
 static double
@@ -235,6 +237,8 @@ hs_slot(Handshaker *self, int fd)
     return 0;
 }
 
+static int hs_forget_left(Handshaker *self, int fd);
+
 /* HandshakeEngine._want over the mask kept in *mask. */
 static void
 hs_want(Handshaker *self, int fd, uint8_t *mask, uint8_t want)
@@ -248,9 +252,49 @@ hs_want(Handshaker *self, int fd, uint8_t *mask, uint8_t want)
         (void)epoll_ctl(self->epfd, EPOLL_CTL_DEL, fd, NULL);
     else if (*mask)
         (void)epoll_ctl(self->epfd, EPOLL_CTL_MOD, fd, &ev);
-    else
+    else {
+        hs_forget_left(self, fd);  /* a number a left descriptor had: it was closed */
         (void)epoll_ctl(self->epfd, EPOLL_CTL_ADD, fd, &ev);
+    }
     *mask = want;
+}
+
+/* Whether fd is on the left list; taken off it. */
+static int
+hs_forget_left(Handshaker *self, int fd)
+{
+    for (size_t i = 0; i < self->nleft; i++) {
+        if (self->left[i] == fd) {
+            self->left[i] = self->left[--self->nleft];
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Hand-over in a shared set: fd stays registered (the relay claims it),
+ * or is removed when the list cannot grow. */
+static void
+hs_leave(Handshaker *self, int fd, uint8_t *mask)
+{
+    if (*mask == 0 || fd < 0)
+        return;
+    if (!self->shared || hs_forget_left(self, fd)) {
+        hs_want(self, fd, mask, 0);  /* (an fd left twice: closed meanwhile, never claimed) */
+        return;
+    }
+    if (self->nleft == self->capleft) {
+        size_t cap = self->capleft ? self->capleft * 2 : 16;
+        int *left = PyMem_Realloc(self->left, cap * sizeof(int));
+        if (left == NULL) {
+            hs_want(self, fd, mask, 0);
+            return;
+        }
+        self->left = left;
+        self->capleft = cap;
+    }
+    self->left[self->nleft++] = fd;
+    *mask = 0;
 }
 
 static void
@@ -502,8 +546,8 @@ hs_write(Handshaker *self, sp_hs *h)
 static void
 hs_hand_over(Handshaker *self, sp_hs *h)
 {
-    hs_want(self, h->cfd, &h->cmask, 0);
-    hs_want(self, h->bfd, &h->bmask, 0);
+    hs_leave(self, h->cfd, &h->cmask);
+    hs_leave(self, h->bfd, &h->bmask);
     self->by_fd[h->bfd] = NULL;
     uint64_t hid = h->hid;
     int cfd = h->cfd, bfd = h->bfd;
@@ -666,11 +710,16 @@ hs_pass_101(Handshaker *self, sp_hs *h, const uint8_t *data, size_t n)
         h->trail_len = 0;
         return 0;
     }
-    hs_want(self, h->bfd, &h->bmask, 0);
+    int cfd = h->cfd;
     h->state = SP_HS_WRITE;
     h->to_backend = 0;
     h->then = SP_THEN_HAND_OVER;
+    /* The 101 most often goes out at once: the hand-over then leaves the
+     * backend in the set for the relay (hs_leave). Else it waits for the
+     * client, out of the set until the relay takes it. */
     hs_write(self, h);
+    if (cfd < (int)self->cap && self->by_fd[cfd] == h && h->state == SP_HS_WRITE)
+        hs_want(self, h->bfd, &h->bmask, 0);
     return 1;
 }
 
@@ -981,6 +1030,7 @@ Handshaker_dealloc(Handshaker *self)
     PyMem_Free(self->listeners);
     PyMem_Free(self->raw);
     PyMem_Free(self->scratch);
+    PyMem_Free(self->left);
     Py_XDECREF(self->events);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -1475,6 +1525,22 @@ int
 sp_handshaker_pending(PyObject *o)
 {
     return PyList_GET_SIZE(((Handshaker *)o)->events) > 0;
+}
+
+int
+sp_handshaker_claim(PyObject *o, int fd)
+{
+    return hs_forget_left((Handshaker *)o, fd);
+}
+
+void
+sp_handshaker_settle(PyObject *o)
+{
+    Handshaker *self = (Handshaker *)o;
+    for (size_t i = 0; i < self->nleft; i++)
+        if (self->epfd >= 0)
+            (void)epoll_ctl(self->epfd, EPOLL_CTL_DEL, self->left[i], NULL);
+    self->nleft = 0;
 }
 
 static PyMethodDef hs_functions[] = {

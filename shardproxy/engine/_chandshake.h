@@ -23,4 +23,11 @@ void sp_handshaker_dispatch(PyObject *o, int fd);
 /* Whether the Handshaker o has events for take_events. */
 int sp_handshaker_pending(PyObject *o);
 
+/* A shared Handshaker leaves a descriptor it hands over (ESTABLISHED) in the
+ * set, with its own data; the engine that takes the descriptor claims it
+ * (1: it was left, so modify rather than add it), and before each round
+ * sp_handshaker_settle removes from the set those nobody claimed. */
+int sp_handshaker_claim(PyObject *o, int fd);
+void sp_handshaker_settle(PyObject *o);
+
 #endif
