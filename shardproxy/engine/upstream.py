@@ -136,6 +136,22 @@ class TupleSpace:
         }
 
 
+class _Towards:
+    """An endpoint's tuple spaces, whose turn it is, and what
+    ``connect_tcp`` is given for it (family, host, port, the options
+    without and with a bound source address)."""
+
+    __slots__ = ("connect", "spaces", "turn")
+
+    def __init__(self, spaces: list[TupleSpace], connect: tuple[int, str, int, Any, Any]) -> None:
+        self.spaces = spaces
+        self.turn = 0
+        self.connect = connect
+
+
+_OBJECTS_KEPT = 4096  # Upstream._by_object's bound
+
+
 class Upstream:
     """One worker's upstream side: its port slice, its source addresses and
     the tuple spaces they make with every backend endpoint: those given at
@@ -166,24 +182,44 @@ class Upstream:
         self._bound_options = (*options, (socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1))
         self._sources = tuple(sources) or (AUTO_SOURCE,)
         self._excluded = frozenset(excluded)
-        self._spaces: dict[Endpoint, list[TupleSpace]] = {}
-        self._turn: dict[Endpoint, int] = {}
+        self._spaces: dict[Endpoint, _Towards] = {}
+        # The same, by the endpoint object's identity: a connect's lookup
+        # needs no hash of the endpoint nor a comparison with an equal one
+        # (the registry's endpoints are other objects than the plan's).
+        self._by_object: dict[int, tuple[Endpoint, _Towards]] = {}
+        self._attempt_fd = self._kernel_fd if allocator == "kernel" else self._userspace_fd
         for endpoint in endpoints:
-            self._spaces_of(endpoint)
+            self._towards(endpoint)
 
-    def _spaces_of(self, endpoint: Endpoint) -> list[TupleSpace]:
+    def _towards(self, endpoint: Endpoint) -> _Towards:
         """The tuple spaces towards ``endpoint``, one per source address of
         its family, made the first time they are asked for."""
-        spaces = self._spaces.get(endpoint)
-        if spaces is None:
+        known = self._by_object.get(id(endpoint))
+        if known is not None and known[0] is endpoint:
+            return known[1]
+        towards = self._spaces.get(endpoint)
+        if towards is None:
             family = _family(endpoint.host)
-            spaces = self._spaces[endpoint] = [
-                TupleSpace(s, endpoint, self.ports, self._excluded, self.allocator == "userspace")
-                for s in self._sources
-                if s == AUTO_SOURCE or _family(s) == family
-            ]
-            self._turn[endpoint] = 0
-        return spaces
+            towards = self._spaces[endpoint] = _Towards(
+                [
+                    TupleSpace(
+                        s, endpoint, self.ports, self._excluded, self.allocator == "userspace"
+                    )
+                    for s in self._sources
+                    if s == AUTO_SOURCE or _family(s) == family
+                ],
+                (
+                    socket.AF_INET6 if family == 6 else socket.AF_INET,
+                    endpoint.host,
+                    endpoint.port,
+                    self._options,
+                    self._bound_options,
+                ),
+            )
+        if len(self._by_object) >= _OBJECTS_KEPT:  # endpoints that came and went
+            self._by_object.clear()
+        self._by_object[id(endpoint)] = (endpoint, towards)
+        return towards
 
     def connect(self, endpoint: Endpoint) -> tuple[socket.socket, TupleSpace, int]:
         """Start a non-blocking connect to ``endpoint`` from the next source
@@ -199,21 +235,28 @@ class Upstream:
         """:meth:`connect`, the socket a bare descriptor (the compiled
         handshake engine's): with the kernel allocator and the compiled
         module, made by its ``connect_tcp`` in one call, no socket object."""
-        return self._connect_from(
-            endpoint, self._kernel_fd if self.allocator == "kernel" else self._userspace_fd
-        )
+        return self._connect_from(endpoint, self._attempt_fd)
 
     def _connect_from(
         self, endpoint: Endpoint, attempt: Callable[[TupleSpace], _Attempt | None]
     ) -> _Attempt:
         """The next source address's space with room, in turn, and
         ``attempt`` on it until one succeeds."""
-        spaces = self._spaces_of(endpoint)
+        towards = self._towards(endpoint)
+        spaces = towards.spaces
         n = len(spaces)
+        if n == 1:  # one source address (or the kernel's choice): no turns to take
+            space = spaces[0]
+            if space.used < space.capacity:
+                made = attempt(space)
+                if made is not None:
+                    space.used += 1
+                    return made
+            raise Exhausted
         if not n:  # no source address of the endpoint's family
             raise Exhausted
-        turn = self._turn[endpoint]
-        self._turn[endpoint] = (turn + 1) % n
+        turn = towards.turn
+        towards.turn = (turn + 1) % n
         for i in range(n):
             space = spaces[(turn + i) % n]
             if space.full:
@@ -225,7 +268,7 @@ class Upstream:
         raise Exhausted
 
     def snapshot(self) -> list[dict[str, Any]]:
-        return [space.snapshot() for spaces in self._spaces.values() for space in spaces]
+        return [space.snapshot() for towards in self._spaces.values() for space in towards.spaces]
 
     def _socket(self, endpoint: Endpoint) -> socket.socket:
         family = socket.AF_INET6 if _family(endpoint.host) == 6 else socket.AF_INET
@@ -256,14 +299,12 @@ class Upstream:
 
     def _kernel_fd(self, space: TupleSpace) -> tuple[int, TupleSpace, int] | None:
         compiled = choice.COMPILED
-        endpoint = space.endpoint
         if compiled is not None:
-            options = self._bound_options if space.address is not None else self._options
-            family = socket.AF_INET6 if _family(endpoint.host) == 6 else socket.AF_INET
+            family, host, port, options, bound_options = self._towards(space.endpoint).connect
+            if space.address is not None:
+                options = bound_options
             try:
-                fd = compiled.connect_tcp(
-                    family, space.address, endpoint.host, endpoint.port, options
-                )
+                fd = compiled.connect_tcp(family, space.address, host, port, options)
             except ValueError:
                 pass  # an address inet_pton does not read (a scope id): the socket module does
             except OSError as e:

@@ -101,6 +101,9 @@ class LeastConn:
         self, servers: Sequence[S], key: bytes | None, exclude: Collection[S], now: float
     ) -> S | None:
         n = len(servers)
+        if n == 1:  # a pool of one: no loads to compare
+            only = servers[0]
+            return only if only.available and only not in exclude else None
         best: S | None = None
         best_load = math.inf
         self._turn = (self._turn + 1) % n if n else 0
