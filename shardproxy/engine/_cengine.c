@@ -402,7 +402,14 @@ static PyTypeObject TrackerType = {
  * - Written Pings are checked from a FIFO, not a heap: every check is due
  *   ``timeout`` after it was queued, so queue order is due order.
  * - FIN and RST go out with shutdown(2) and setsockopt(2) on the descriptor:
- *   no socket object, so no getsockname.
+ *   no socket object, so no getsockname. The last direction's FIN goes out
+ *   with the close itself (sp_shut).
+ * - A backend the attached handshaker hands over stays in the set with the
+ *   handshaker's data, and add() modifies its registration (one epoll_ctl,
+ *   not a DEL then an ADD); one nobody takes is removed before the next
+ *   round (sp_handshaker_claim, _settle).
+ * - The ordinary ends of tunnels added with a summary form are counted per
+ *   token and their access lines written here (sp_ends).
  * - An allocation that fails ends that tunnel (both sides reset, outcome
  *   INTERNAL_ERROR) and is counted (Relay.internal_errors), which the Python
  *   side reports as relay_error().
