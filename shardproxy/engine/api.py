@@ -151,7 +151,7 @@ class TunnelEngine(Protocol):
         its access line written from this form (worker/access.py's
         summary_form; ``()``: no line)."""
 
-    def summarize(self, bounds: tuple[float, ...], bad_codes: tuple[int, ...]) -> None:
+    def summarize(self, bounds: tuple[float, ...], bad_codes: tuple[int, ...]) -> bool:
         """From now on, an engine may tell the ordinary ends of tunnels
         added with a ``summary`` form together, per token and round
         (:meth:`TunnelEvents.tunnels_closed`), their durations counted over
@@ -160,7 +160,9 @@ class TunnelEngine(Protocol):
         ``bad_codes``, and a note (worker/tunnels.py) that holds the
         client's address and no forwarded address. Any other end comes to
         ``tunnel_closed``, as every end does from an engine that ignores
-        this (the Python engines: one Python call per end either way)."""
+        this (the Python engines: one Python call per end either way).
+        Returns whether this engine summarizes (else its owner need make no
+        forms)."""
 
     def begin_close(self, tunnel: int, code: int, reason: bytes, wait: float | None = None) -> None:
         """A WebSocket Close with ``code`` each way at frame boundaries

@@ -133,12 +133,13 @@ class CompiledRelayEngine:
         finally:
             self._deliver()
 
-    def summarize(self, bounds: tuple[float, ...], bad_codes: tuple[int, ...]) -> None:
+    def summarize(self, bounds: tuple[float, ...], bad_codes: tuple[int, ...]) -> bool:
         """The core summarizes (api.TunnelEngine.summarize): ends that
         cost no Python call each, and access lines written in C
         (_cengine.c's sp_ends); the Python engine inside, for other
         transports, tells each end alone."""
         self._core.summarize(bounds, bad_codes)
+        return True
 
     def begin_close(self, tunnel: int, code: int, reason: bytes, wait: float | None = None) -> None:
         if tunnel & _PYTHON_ID:

@@ -278,9 +278,10 @@ class RelayEngine:
             return None
         return t
 
-    def summarize(self, bounds: tuple[float, ...], bad_codes: tuple[int, ...]) -> None:
-        """Nothing: this engine tells every end alone (api.TunnelEngine.summarize),
+    def summarize(self, bounds: tuple[float, ...], bad_codes: tuple[int, ...]) -> bool:
+        """No: this engine tells every end alone (api.TunnelEngine.summarize),
         as a summary would cost the same Python here."""
+        return False
 
     def add(
         self,

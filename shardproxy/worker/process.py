@@ -148,7 +148,7 @@ class Worker:
         # The ordinary ends of tunnels with a summary form may come in
         # summaries (tunnels_closed), their access lines written by the
         # engine (the compiled relay's, in C).
-        self.relay.summarize(TUNNEL_BOUNDS, tuple(sorted(BAD_STREAM_CODES)))
+        self.summarizing = self.relay.summarize(TUNNEL_BOUNDS, tuple(sorted(BAD_STREAM_CODES)))
         self.route_tunnels: Counter[RouteConfig] = Counter()  # route → tunnels open now
         self.access_sampler = AccessSampler()
         self.error_budget = ErrorBudget(cfg.log.error_rate, cfg.log.error_burst)
@@ -195,7 +195,9 @@ class Worker:
         self.handshake_seconds.observe(u.seconds)
         self.route_tunnels[lease.route] += 1
         self.counts.tunnels += 1
-        summary = access.summary_form(placement, self.config.log.access)
+        summary = (
+            access.summary_form(placement, self.config.log.access) if self.summarizing else None
+        )
         tunnel = self.relay.add(
             u.client_fd, u.backend_fd, placement, u.to_backend, u.to_client, u.io, note, summary
         )
