@@ -61,13 +61,30 @@ class UpgradeRequest(NamedTuple):
         the request came from (a claim: anyone can write this header), or
         None when there is none or it is not an IP address."""
         value = self.header(b"x-forwarded-for")
-        if value is None:
-            return None
-        first = value.split(b",", 1)[0].strip().decode("latin-1")
-        try:
-            return str(ipaddress.ip_address(first))
-        except ValueError:
-            return None
+        return None if value is None else _forwarded_ip(value)
+
+    def user_agent_and_forwarded_ip(self) -> tuple[str | None, str | None]:
+        """:meth:`user_agent` and :meth:`forwarded_ip` in one pass over the
+        headers (a tunnel's placement takes both)."""
+        agent = forwarded = None
+        for n, v in self.headers:
+            if n == b"user-agent":
+                if agent is None:
+                    agent = v
+            elif n == b"x-forwarded-for" and forwarded is None:
+                forwarded = v
+        return (
+            None if agent is None else agent.decode("latin-1"),
+            None if forwarded is None else _forwarded_ip(forwarded),
+        )
+
+
+def _forwarded_ip(value: bytes) -> str | None:
+    first = value.split(b",", 1)[0].strip().decode("latin-1")
+    try:
+        return str(ipaddress.ip_address(first))
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True, slots=True)

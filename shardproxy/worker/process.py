@@ -178,10 +178,10 @@ class Worker:
         the relay, as a shared placement and a note (worker/tunnels.py)."""
         lease = u.lease
         assert lease.endpoint is not None and lease.space is not None
+        agent, forwarded = u.request.user_agent_and_forwarded_ip()
         note, client_left, forwarded_left = pack_note(
-            lease.client_ip, lease.client_port, lease.source_port, u.request.forwarded_ip()
+            lease.client_ip, lease.client_port, lease.source_port, forwarded
         )
-        agent = u.request.user_agent()
         placement = self.placements.take(
             lease.route,
             lease.endpoint,

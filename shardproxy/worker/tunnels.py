@@ -58,9 +58,16 @@ class Placement:
         )  # fmt: skip
 
 
-def _key(*fields: Any) -> tuple[Any, ...]:
-    route, endpoint, space, *rest = fields
-    return (id(route), id(endpoint), id(space), *rest)
+def _key(
+    route: Any,
+    endpoint: EndpointState,
+    space: UpstreamTuple,
+    path: str,
+    user_agent: str | None,
+    client_ip: str | None,
+    forwarded_ip: str | None,
+) -> tuple[Any, ...]:
+    return (id(route), id(endpoint), id(space), path, user_agent, client_ip, forwarded_ip)
 
 
 class Placements:
