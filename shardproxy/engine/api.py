@@ -6,7 +6,9 @@ handshake engine (:class:`Handshakes`, reporting to
 The worker hands the engine a tunnel (two connected non-blocking sockets,
 its token, its first bytes each way) and gets back a tunnel id; it asks for
 a WebSocket close or an end by id; the engine tells it of every tunnel that
-ended, with the token, the outcome and a small :class:`TunnelStats` record.
+ended, with the token, the outcome and a small :class:`TunnelStats` record
+(or, for the ordinary ends an engine summarizes, an :class:`EndSummary` per
+token and round: :meth:`TunnelEngine.summarize`).
 Nothing outside an engine reads its objects. Two engines implement it: the
 Python reference (``engine/relay.py``) and the compiled one
 (``engine/crelay.py`` over ``engine/_cengine.c``); ``engine/factory.py``
