@@ -550,8 +550,61 @@ sp_host_name(const uint8_t *head, struct sp_span v)
     return PyUnicode_DecodeASCII(name, (Py_ssize_t)(colons == 1 ? colon : v.len), NULL);
 }
 
+/* The names of an upgrade request's usual fields, as clients write them and
+ * lowered: their bytes objects are made once (sp_http_add), so that a head's
+ * usual names cost no allocation (a handshake's head objects are a good
+ * part of its Python-side cost). */
+static const char *const sp_usual_names[][2] = {
+    {"Host", "host"},
+    {"Upgrade", "upgrade"},
+    {"Connection", "connection"},
+    {"Sec-WebSocket-Key", "sec-websocket-key"},
+    {"Sec-WebSocket-Version", "sec-websocket-version"},
+    {"Sec-WebSocket-Extensions", "sec-websocket-extensions"},
+    {"Sec-WebSocket-Protocol", "sec-websocket-protocol"},
+    {"User-Agent", "user-agent"},
+    {"Origin", "origin"},
+    {"Cookie", "cookie"},
+    {"Pragma", "pragma"},
+    {"Cache-Control", "cache-control"},
+    {"Accept-Encoding", "accept-encoding"},
+    {"Accept-Language", "accept-language"},
+    {"X-Forwarded-For", "x-forwarded-for"},
+};
+#define SP_USUAL (sizeof(sp_usual_names) / sizeof(sp_usual_names[0]))
+static PyObject *sp_usual[SP_USUAL][2];
+
+/* The field name's objects as sent and lowered, new references: the usual
+ * ones shared (one object for both when it came lowered), else made. */
+static int
+sp_name_objects(const uint8_t *head, struct sp_span name, PyObject **raw, PyObject **low)
+{
+    for (size_t i = 0; i < SP_USUAL; i++) {
+        if (sp_usual[i][0] == NULL || (size_t)PyBytes_GET_SIZE(sp_usual[i][0]) != name.len)
+            continue;
+        for (int form = 0; form < 2; form++) {
+            if (memcmp(PyBytes_AS_STRING(sp_usual[i][form]), head + name.off, name.len) == 0) {
+                *raw = Py_NewRef(sp_usual[i][form]);
+                *low = Py_NewRef(sp_usual[i][1]);
+                return 0;
+            }
+        }
+    }
+    *raw = sp_bytes(head, name);
+    *low = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)name.len);
+    if (*raw == NULL || *low == NULL) {
+        Py_CLEAR(*raw);
+        Py_CLEAR(*low);
+        return -1;
+    }
+    char *out = PyBytes_AS_STRING(*low);
+    for (size_t j = 0; j < name.len; j++)
+        out[j] = (char)sp_lower(head[name.off + j]);
+    return 0;
+}
+
 /* The fields a pair of tuples: (raw_headers, headers), names lowered in
- * the second. */
+ * the second (one tuple for both where the name came lowered). */
 static int
 sp_header_tuples(const uint8_t *head, const struct sp_request *r, PyObject **raw,
                  PyObject **lowered)
@@ -563,20 +616,17 @@ sp_header_tuples(const uint8_t *head, const struct sp_request *r, PyObject **raw
         return -1;
     for (Py_ssize_t i = 0; i < n; i++) {
         const struct sp_field *f = &r->fields[i];
-        PyObject *name = sp_bytes(head, f->name);
+        PyObject *name, *low;
+        if (sp_name_objects(head, f->name, &name, &low) < 0)
+            return -1;
         PyObject *value = sp_bytes(head, f->value);
-        PyObject *low = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)f->name.len);
-        if (name == NULL || value == NULL || low == NULL) {
-            Py_XDECREF(name);
-            Py_XDECREF(value);
-            Py_XDECREF(low);
+        if (value == NULL) {
+            Py_DECREF(name);
+            Py_DECREF(low);
             return -1;
         }
-        char *out = PyBytes_AS_STRING(low);
-        for (size_t j = 0; j < f->name.len; j++)
-            out[j] = (char)sp_lower(head[f->name.off + j]);
         PyObject *pair = PyTuple_Pack(2, name, value);
-        PyObject *lpair = PyTuple_Pack(2, low, value);
+        PyObject *lpair = name == low ? Py_XNewRef(pair) : PyTuple_Pack(2, low, value);
         Py_DECREF(name);
         Py_DECREF(value);
         Py_DECREF(low);
@@ -853,5 +903,13 @@ static PyMethodDef sp_http_methods[] = {
 int
 sp_http_add(PyObject *module)
 {
+    for (size_t i = 0; i < SP_USUAL; i++) {
+        for (int form = 0; form < 2; form++) {
+            if (sp_usual[i][form] == NULL)
+                sp_usual[i][form] = PyBytes_FromString(sp_usual_names[i][form]);
+            if (sp_usual[i][form] == NULL)
+                return -1;
+        }
+    }
     return PyModule_AddFunctions(module, sp_http_methods);
 }
