@@ -72,6 +72,18 @@ class WsBackend:
 
     def _run(self) -> None:
         self._loop.run_until_complete(self._main())
+        # A connection still being handled (a health check's, closed by the
+        # checker mid-way) ends here, in the loop, and not when its
+        # coroutine is collected without one (an "exception ignored").
+        self._loop.run_until_complete(self._end_handlers())
+        self._loop.close()
+
+    @staticmethod
+    async def _end_handlers() -> None:
+        left = asyncio.all_tasks() - {asyncio.current_task()}
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
 
     async def _main(self) -> None:
         self._stop = self._loop.create_future()
