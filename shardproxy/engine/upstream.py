@@ -138,12 +138,11 @@ class TupleSpace:
 
 class _Towards:
     """An endpoint's tuple spaces, whose turn it is, and what
-    ``connect_tcp`` is given for it (family, host, port, the options
-    without and with a bound source address)."""
+    ``connect_tcp`` is given for it (family, host, port)."""
 
     __slots__ = ("connect", "spaces", "turn")
 
-    def __init__(self, spaces: list[TupleSpace], connect: tuple[int, str, int, Any, Any]) -> None:
+    def __init__(self, spaces: list[TupleSpace], connect: tuple[int, str, int]) -> None:
         self.spaces = spaces
         self.turn = 0
         self.connect = connect
@@ -208,13 +207,7 @@ class Upstream:
                     for s in self._sources
                     if s == AUTO_SOURCE or _family(s) == family
                 ],
-                (
-                    socket.AF_INET6 if family == 6 else socket.AF_INET,
-                    endpoint.host,
-                    endpoint.port,
-                    self._options,
-                    self._bound_options,
-                ),
+                (socket.AF_INET6 if family == 6 else socket.AF_INET, endpoint.host, endpoint.port),
             )
         if len(self._by_object) >= _OBJECTS_KEPT:  # endpoints that came and went
             self._by_object.clear()
@@ -245,14 +238,6 @@ class Upstream:
         towards = self._towards(endpoint)
         spaces = towards.spaces
         n = len(spaces)
-        if n == 1:  # one source address (or the kernel's choice): no turns to take
-            space = spaces[0]
-            if space.used < space.capacity:
-                made = attempt(space)
-                if made is not None:
-                    space.used += 1
-                    return made
-            raise Exhausted
         if not n:  # no source address of the endpoint's family
             raise Exhausted
         turn = towards.turn
@@ -300,9 +285,8 @@ class Upstream:
     def _kernel_fd(self, space: TupleSpace) -> tuple[int, TupleSpace, int] | None:
         compiled = choice.COMPILED
         if compiled is not None:
-            family, host, port, options, bound_options = self._towards(space.endpoint).connect
-            if space.address is not None:
-                options = bound_options
+            family, host, port = self._towards(space.endpoint).connect
+            options = self._bound_options if space.address is not None else self._options
             try:
                 fd = compiled.connect_tcp(family, space.address, host, port, options)
             except ValueError:

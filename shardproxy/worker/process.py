@@ -330,19 +330,12 @@ class Worker:
         if client_ip is None:
             client_ip = info.client_ip
         forwarded_ip = info.forwarded_ip if forwarded is None else forwarded_text(forwarded)
-        self.placements.give_back(info)
-        self.admission.give_back(info.endpoint, info.space, source_port)
-        self.route_tunnels[info.route] -= 1
+        up, down = stats.up, stats.down
+        self._give_back(info, 1, source_port, up.bytes, down.bytes, up.messages, down.messages)
         duration = stats.duration
         self.tunnel_seconds.observe(duration)
-        up, down = stats.up, stats.down
         assert isinstance(info.space, TupleSpace)
-        counts = self.counts
-        counts.bytes["up"] += up.bytes
-        counts.bytes["down"] += down.bytes
-        counts.messages["up"] += up.messages
-        counts.messages["down"] += down.messages
-        counts.closed[outcome] += 1
+        self.counts.closed[outcome] += 1
         if outcome == PING_TIMEOUT:
             self._ping_timed_out(client_ip, client_port)
         error_by = None
@@ -361,21 +354,37 @@ class Worker:
     def tunnels_closed(self, token: Any, summary: EndSummary) -> None:
         """tunnel_closed for ``summary.tunnels`` ordinary ends of ``token``'s
         tunnels at once (their access lines are written: api.TunnelEngine.summarize)."""
-        info: Placement = token
-        n = summary.tunnels
-        self.placements.give_back(info, n)
-        self.admission.give_back(info.endpoint, info.space, 0, n)
-        self.route_tunnels[info.route] -= n
-        self.tunnel_seconds.add(summary.seconds, summary.seconds_sum)
-        counts = self.counts
-        counts.bytes["up"] += summary.up_bytes
-        counts.bytes["down"] += summary.down_bytes
-        counts.messages["up"] += summary.up_messages
-        counts.messages["down"] += summary.down_messages
-        closed = counts.closed
-        for outcome, ended in zip(OUTCOMES, summary.outcomes, strict=True):
+        s = summary
+        self._give_back(
+            token, s.tunnels, 0, s.up_bytes, s.down_bytes, s.up_messages, s.down_messages
+        )
+        self.tunnel_seconds.add(s.seconds, s.seconds_sum)
+        closed = self.counts.closed
+        for outcome, ended in zip(OUTCOMES, s.outcomes, strict=True):
             if ended:
                 closed[outcome] += ended
+
+    def _give_back(
+        self,
+        info: Placement,
+        tunnels: int,
+        source_port: int,
+        up_bytes: int,
+        down_bytes: int,
+        up_messages: int,
+        down_messages: int,
+    ) -> None:
+        """What ``tunnels`` ended tunnels of ``info`` held comes back (their
+        placement, endpoint, tuple, slots and route count), and their
+        figures are counted (tunnel_closed, tunnels_closed)."""
+        self.placements.give_back(info, tunnels)
+        self.admission.give_back(info.endpoint, info.space, source_port, tunnels)
+        self.route_tunnels[info.route] -= tunnels
+        counts = self.counts
+        counts.bytes["up"] += up_bytes
+        counts.bytes["down"] += down_bytes
+        counts.messages["up"] += up_messages
+        counts.messages["down"] += down_messages
 
     def _count_bad_stream(self, up: FlowStats, down: FlowStats) -> str | None:
         """The side (``client`` or ``backend``) whose Close said the stream
