@@ -149,6 +149,8 @@ def _handshake(r: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         "latency_p50_us": _lat(lat, "p50"),
         "latency_p99_us": _lat(lat, "p99"),
         "latency_max_us": _lat(lat, "max"),
+        "close_p50_us": _lat(f.get("close_latency_us"), "p50"),
+        "close_p99_us": _lat(f.get("close_latency_us"), "p99"),
         "machine_busy_cores": f.get("machine_busy_cores"),
     }
     return figures, r.get("failures") or {}
@@ -225,6 +227,8 @@ ROWS: dict[str, list[Row]] = {
         Row("handshakes_per_s", "handshakes/s", "rate", "higher"),
         Row("latency_p50_us", "connect → 101 p50", "latency", "lower"),
         Row("latency_p99_us", "connect → 101 p99", "latency", "lower"),
+        Row("close_p50_us", "Close → EOF p50", "latency", "lower"),
+        Row("close_p99_us", "Close → EOF p99", "latency", "lower"),
     ],
     "spike": [
         Row("upgraded_pct", "**upgraded**", "pct", "higher"),

@@ -17,7 +17,9 @@ Steps (each bounded in time; everything is stopped when the run ends):
 5. figures: handshakes/s over go → the last client done (the slowest
    generator's own clock), target CPU µs per handshake
    (user + system of every process of the target ÷ completed handshakes),
-   latency (connect start → 101 verified) percentiles, failures by kind.
+   latency (connect start → 101 verified) percentiles, the close's latency
+   (Close and FIN sent → the peer's EOF: the rest of each client's cycle,
+   so it bounds the rate too), failures by kind.
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ def _figures(
             "backend_cpu_cores": scenario.cores(cpu, "backend"),
             "machine_busy_cores": cpu["machine_busy_cores"],
             "latency_us": scenario.latency(r["latency_us"] for r in results),
+            "close_latency_us": scenario.latency(r["close_latency_us"] for r in results),
         },
     )
     result["ok"] = done == n and clean == n and not reasons and not groups["target"]["gone"]
@@ -122,7 +125,7 @@ def _figures(
 
 def markdown(r: dict[str, Any]) -> str:
     f, p = r["figures"], r["parameters"]
-    lat = f.get("latency_us", {})
+    lat, closing = f.get("latency_us", {}), f.get("close_latency_us", {})
     rows = [
         ("handshakes completed / requested", f"{fmt(f.get('handshakes'))} / {fmt(p['clients'])}"
          f" ({fmt(f.get('closed_clean'))} closed cleanly)"),
@@ -138,6 +141,8 @@ def markdown(r: dict[str, Any]) -> str:
         ("machine busy", fmt(f.get("machine_busy_cores"), " cores", 2)),
         ("latency connect → 101, p50 / p99 / max",
          " / ".join(fmt(lat.get(q), " µs", 0) for q in ("p50", "p99", "max"))),
+        ("latency Close sent → EOF, p50 / p99 / max",
+         " / ".join(fmt(closing.get(q), " µs", 0) for q in ("p50", "p99", "max"))),
     ]  # fmt: skip
     title = (
         f"{p['clients']} clients, ≤ {p['concurrency_per_loadgen']} in flight x "

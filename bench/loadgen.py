@@ -198,6 +198,7 @@ class LoadGen:
         self.closed_clean = 0  # churn: Close sent, peer's EOF seen
         self.reasons: Counter[str] = Counter()
         self.latency = Histogram()  # connect() → 101 verified, µs
+        self.close_latency = Histogram()  # churn: Close and FIN sent → the peer's EOF, µs
         self.last_upgrade = 0.0  # monotonic time of the latest 101
         self.dropped = 0  # open connections the peer closed
         self.unexpected = 0  # frames nobody asked for
@@ -365,6 +366,8 @@ class LoadGen:
             self._head(fd, c)
         elif c.state == CLOSING:  # the peer's Close frame, then its EOF
             if not data:
+                if error is None:
+                    self.close_latency.add(int((time.monotonic() - c.started) * 1e6))
                 self._drop_handshake(fd, c, f"close:{error}" if error else "")
         elif not data:  # OPEN
             self._lose(fd, c)
@@ -405,6 +408,7 @@ class LoadGen:
     def _start_close(self, fd: int, c: Conn, now: float) -> None:
         """Close, then FIN: the client closes first, so TIME_WAIT lands on our side."""
         c.state = CLOSING
+        c.started = now  # from here: the close's latency
         c.deadline = now + self.close_timeout
         c.buf.clear()
         try:
@@ -424,6 +428,7 @@ class LoadGen:
             "reasons": dict(self.reasons),
             "seconds": round(seconds, 6),
             "latency_us": self.latency.to_json(),
+            "close_latency_us": self.close_latency.to_json(),
         }
 
     # -- holding --------------------------------------------------------------

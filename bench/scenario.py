@@ -146,7 +146,7 @@ def latency(histograms: Iterable[dict[str, Any]]) -> dict[str, Any]:
 
 def without_histograms(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The generators' result lines for the JSON, their (merged) histograms left out."""
-    return [{k: v for k, v in r.items() if k != "latency_us"} for r in results]
+    return [{k: v for k, v in r.items() if not k.endswith("latency_us")} for r in results]
 
 
 # -- CPU ----------------------------------------------------------------------
