@@ -70,12 +70,24 @@ def _key(
     return (id(route), id(endpoint), id(space), path, user_agent, client_ip, forwarded_ip)
 
 
+_IDLE_KEPT = 1024  # Placements' placements no tunnel holds, kept for their next tunnel
+
+
 class Placements:
-    """The placements tunnels hold now: one per distinct combination."""
+    """The placements tunnels hold now: one per distinct combination.
+
+    A placement the last of its tunnels gave back is kept a while (the
+    latest :data:`_IDLE_KEPT`), so that the next tunnel of the same
+    combination finds it with its access template and summary form made:
+    where tunnels come and go one at a time, making those again cost a
+    handshake more than all the rest of its Python. A kept placement holds
+    its route, endpoint and space, so their ids in its key cannot be
+    another object's."""
 
     def __init__(self) -> None:
         self._by_key: dict[tuple[Any, ...], Placement] = {}
         self._by_endpoint: dict[EndpointState, set[Placement]] = {}
+        self._idle: dict[tuple[Any, ...], Placement] = {}  # oldest first
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -95,7 +107,9 @@ class Placements:
         key = _key(route, endpoint, space, path, user_agent, client_ip, forwarded_ip)
         p = self._by_key.get(key)
         if p is None:
-            p = Placement(route, endpoint, space, path, user_agent, client_ip, forwarded_ip)
+            p = self._idle.pop(key, None) or Placement(
+                route, endpoint, space, path, user_agent, client_ip, forwarded_ip
+            )
             self._by_key[key] = p
             self._by_endpoint.setdefault(endpoint, set()).add(p)
         p.tunnels += 1
@@ -106,11 +120,16 @@ class Placements:
         p.tunnels -= count
         if p.tunnels:
             return
-        del self._by_key[p.key()]
+        key = p.key()
+        del self._by_key[key]
         same = self._by_endpoint[p.endpoint]
         same.discard(p)
         if not same:
             del self._by_endpoint[p.endpoint]
+        idle = self._idle
+        idle[key] = p
+        if len(idle) > _IDLE_KEPT:
+            del idle[next(iter(idle))]
 
     def of_endpoint(self, endpoint: EndpointState) -> set[Placement]:
         return self._by_endpoint.get(endpoint, set())

@@ -108,4 +108,19 @@ def test_similar_tunnels_share_one_placement_until_the_last_goes() -> None:
     placements.give_back(b)
     assert placements.of_endpoint(EP1) == set() and len(placements) == 1  # type: ignore[arg-type]
     again = placements.take(ROUTE, EP1, SPACE, "/chat", "ua", None)  # type: ignore[arg-type]
-    assert again is not a and again.tunnels == 1  # a fresh one: its count starts over
+    # The one let go, kept with what it made (its access forms); its count starts over.
+    assert again is a and again.tunnels == 1 and placements.of_endpoint(EP1) == {a}  # type: ignore[arg-type]
+
+
+def test_placements_no_tunnel_holds_are_kept_up_to_a_bound_oldest_out_first() -> None:
+    placements = Placements()
+    first = placements.take(ROUTE, EP1, SPACE, "/0", None, None)  # type: ignore[arg-type]
+    placements.give_back(first)
+    for i in range(1, tunnels._IDLE_KEPT + 1):  # as many others let go after it
+        last = placements.take(ROUTE, EP1, SPACE, f"/{i}", None, None)  # type: ignore[arg-type]
+        placements.give_back(last)
+    assert len(placements) == 0 and placements.of_endpoint(EP1) == set()  # type: ignore[arg-type]
+    newest = placements.take(ROUTE, EP1, SPACE, last.path, None, None)  # type: ignore[arg-type]
+    assert newest is last and newest.tunnels == 1
+    again = placements.take(ROUTE, EP1, SPACE, "/0", None, None)  # type: ignore[arg-type]
+    assert again is not first and again.tunnels == 1  # the oldest went: a fresh one
