@@ -171,6 +171,44 @@ def test_half_close_is_passed_on_and_the_other_direction_keeps_flowing() -> None
     run(test)
 
 
+def _until_eof(s: socket.socket) -> bytes:
+    data = bytearray()
+    while chunk := s.recv(1 << 16):
+        data += chunk
+    return bytes(data)
+
+
+@pytest.mark.parametrize("size", [6, 8 << 20], ids=["fits", "parks"])
+def test_bytes_with_the_fin_behind_them_all_arrive_then_the_fin(size: int) -> None:
+    """A read that finds the peer's FIN behind its bytes (the compiled
+    relay then reads the EOF at once and holds the bytes for its own FIN):
+    whether they fit into the destination at once or must be parked, every
+    byte arrives, in order, then the EOF; the other direction keeps flowing."""
+
+    async def test(h: Harness) -> None:
+        client, backend, _ = h.tunnel()
+        payload = os.urandom(size)
+
+        def send() -> None:
+            client.sendall(payload, socket.MSG_MORE)  # the FIN in the last segment
+            client.shutdown(socket.SHUT_WR)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, send)
+            got = await trio.to_thread.run_sync(_until_eof, backend)
+        assert got == payload
+        assert not h.closed  # half closed: the backend may still answer
+        await trio.to_thread.run_sync(backend.sendall, b"answer")
+        backend.shutdown(socket.SHUT_WR)
+        assert await trio.to_thread.run_sync(_until_eof, client) == b"answer"
+        assert await h.wait_closed() == [CLOSED]
+        assert (h.stats().up.bytes, h.stats().down.bytes) == (size, 6)
+        client.close()
+        backend.close()
+
+    run(test)
+
+
 def _abort(s: socket.socket) -> None:
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     s.close()
