@@ -4,7 +4,8 @@ The relay keeps a token and a note per tunnel (engine/api.py's
 ``TunnelEngine.add``). Here the token is a :class:`Placement`: what every
 tunnel of one route to one endpoint through one tuple space, with the same
 path and user agent, has in common; one object for all of them, kept by
-:class:`Placements` while a tunnel holds it. The note is what is the
+:class:`Placements` while a tunnel holds it (and a while after, for the
+next tunnel like it). The note is what is the
 tunnel's own: its client's address and port, its upstream source port and
 the X-Forwarded-For address it came with, packed into at most 37 bytes
 (:func:`pack_note`) that the compiled relay keeps inside its C struct. So
@@ -82,7 +83,8 @@ class Placements:
     where tunnels come and go one at a time, making those again cost a
     handshake more than all the rest of its Python. A kept placement holds
     its route, endpoint and space, so their ids in its key cannot be
-    another object's."""
+    another object's (and a server that left stays referenced until newer
+    placements push it out: at most :data:`_IDLE_KEPT` of them)."""
 
     def __init__(self) -> None:
         self._by_key: dict[tuple[Any, ...], Placement] = {}
