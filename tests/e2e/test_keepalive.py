@@ -162,9 +162,16 @@ def test_a_client_that_stops_answering_is_closed_after_ping_timeout(
 # -- long frames and ping_timeout (ping_timeout runs from the Ping's write,
 #    and any byte from the client proves it alive) ------------------------------
 
-LONG_PINGS = '\n[keepalive]\nping_interval = "1s"\nping_timeout = "3s"\n'
+LONG_PING_INTERVAL = 0.5  # seconds
+LONG_PING_TIMEOUT = 1.5
+LONG_PINGS = (
+    f'\n[keepalive]\nping_interval = "{LONG_PING_INTERVAL * 1000:.0f}ms"\n'
+    f'ping_timeout = "{LONG_PING_TIMEOUT * 1000:.0f}ms"\n'
+)
 LONG_FRAME = 200_000  # bytes, streamed over LONG_SECONDS in LONG_PIECES writes
-LONG_SECONDS = 10.0
+# 2.5 x interval + timeout: a Ping written into the frame, or one left unanswered
+# while it lasts, would have ended the tunnel twice over.
+LONG_SECONDS = 2.5 * (LONG_PING_INTERVAL + LONG_PING_TIMEOUT)
 LONG_PIECES = 100
 
 
@@ -222,7 +229,7 @@ def receive_message(sock: socket.socket, ws: WSConnection) -> tuple[bytes, list[
 def test_a_client_sending_one_long_frame_slowly_keeps_its_tunnel(
     backend: WsBackend, start_proxy: Callable[..., Proxy]
 ) -> None:
-    """10 s inside one frame, with a Ping due every second and 3 s to answer:
+    """5 s inside one frame, with a Ping due every 0.5 s and 1.5 s to answer:
     the proxy writes no Ping into the client's frame (the client could only
     answer inside it), and the client's bytes prove it alive. A client that
     is silent all along is still ended within interval + timeout."""
@@ -247,7 +254,8 @@ def test_a_client_sending_one_long_frame_slowly_keeps_its_tunnel(
     assert [e["client"]["port"] for e in timeouts] == [silent.getsockname()[1]]
     (closed,) = proxy.actions("tunnel-closed")
     assert closed["shardproxy"]["outcome"] == "ping_timeout"
-    assert closed["event"]["duration"] / 1e9 < 1 + 3 + 1  # interval + timeout, with room
+    # ended within interval + timeout, with a second of room
+    assert closed["event"]["duration"] / 1e9 < LONG_PING_INTERVAL + LONG_PING_TIMEOUT + 1
     sock.close()
     silent.close()
 
