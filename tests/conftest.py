@@ -78,7 +78,11 @@ def toml_config(
 class Proxy:
     """A running ``shardproxy run -c FILE`` and its JSON log."""
 
-    def __init__(self, config_path: Path, port: int, workers: int) -> None:
+    def __init__(
+        self, config_path: Path, port: int, workers: int, handshake_engine: str | None = None
+    ) -> None:
+        """``handshake_engine``: the one the workers must say they run when
+        it is not the engine's own (a TLS listener's is the Python one)."""
         self.port = port
         self.workers = workers
         self.log_path = config_path.with_suffix(".log")
@@ -89,12 +93,12 @@ class Proxy:
             stderr=subprocess.STDOUT,
         )
         try:
-            self._started(workers)
+            self._started(workers, handshake_engine)
         except BaseException:  # no one else holds it yet: a failed start leaves nothing running
             self.stop()
             raise
 
-    def _started(self, workers: int) -> None:
+    def _started(self, workers: int, handshake_engine: str | None) -> None:
         """Every worker ready, on the engine the test asked for: the
         supervisor's worker-ready for each, and each worker's own, which
         says its engines (the two lines come in either order: a test that
@@ -123,6 +127,7 @@ class Proxy:
             for e in self.actions("worker-ready")
             if e.get("process", {}).get("name") == "worker"
         }
+        expected = handshake_engine or expected
         assert handshakes == {expected}, f"workers' handshakes run {handshakes}, not {expected!r}"
 
     @property

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from http import HTTPStatus
@@ -48,8 +49,9 @@ FLOOD_SIZE = 1 << 20
 
 
 class WsBackend:
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, tls: ssl.SSLContext | None = None) -> None:
         self.port = port  # 0: any free port
+        self.tls = tls  # a server context: wss://
         self.close_codes: list[int | None] = []
         self._closed = threading.Condition()  # notified as each connection's code is recorded
         self.peers: list[tuple[str, int]] = []
@@ -97,6 +99,7 @@ class WsBackend:
             ping_interval=None,
             backlog=4096,
             process_request=self._health,
+            ssl=self.tls,
         ) as server:
             self.port = server.sockets[0].getsockname()[1]
             self._ready.set()
@@ -294,9 +297,11 @@ class WsClient:
         address: str = "127.0.0.1",
         source: str = "",
         preamble: bytes = b"",
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         """Connect to ``address:port`` (from ``source``, if given), send
-        ``preamble`` (a PROXY header), then upgrade."""
+        ``preamble`` (a PROXY header), then upgrade; with ``tls``, over
+        TLS with SNI ``host`` (after the preamble)."""
         from wsproto import ConnectionType, WSConnection
         from wsproto.events import AcceptConnection, Request
 
@@ -304,6 +309,11 @@ class WsClient:
         self.sock = socket.create_connection(
             (address, port), timeout=10, source_address=(source, 0) if source else None
         )
+        if tls is not None:
+            if preamble:
+                self.sock.sendall(preamble)
+                preamble = b""
+            self.sock = tls.wrap_socket(self.sock, server_hostname=host)
         self.sock.sendall(preamble + self.ws.send(Request(host=host, target=path)))
         events = self._events()
         assert isinstance(events[0], AcceptConnection), events

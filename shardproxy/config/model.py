@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 Balance = Literal["round_robin", "least_conn", "hash"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-HashKind = Literal["header", "cookie", "query", "client_ip"]
+HashKind = Literal["header", "cookie", "query", "client_ip", "client_cert"]
 
 Allocator = Literal["auto", "kernel", "userspace"]
 
@@ -49,7 +49,7 @@ class HashKey:
     name: str = ""  # header, cookie or query parameter name; "" for client_ip
 
     def __str__(self) -> str:
-        return self.kind if self.kind == "client_ip" else f"{self.kind}:{self.name}"
+        return f"{self.kind}:{self.name}" if self.name else self.kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +84,50 @@ class HealthConfig:
     on_server_down: OnServerDown  # what happens to tunnels of a server that goes down
 
 
+TlsVersion = Literal["1.2", "1.3"]
+TLS_VERSIONS: tuple[TlsVersion, ...] = ("1.2", "1.3")
+VerifyClient = Literal["none", "optional", "required"]
+VERIFY_CLIENT: tuple[VerifyClient, ...] = ("none", "optional", "required")
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateFiles:
+    """One certificate of a TLS profile: its PEM chain (the leaf first),
+    its key, and the names (SNI) it answers for: the ones listed, else
+    every DNS name of the certificate (its subjectAltNames, or its CN
+    when it has none). Names are lower-case; "*.example.com" is a
+    wildcard of one label, as in RFC 6125 §6.4.3."""
+
+    cert: str
+    key: str
+    names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TlsProfile:
+    """``[tls.NAME]``: how a listener that names it terminates TLS."""
+
+    name: str
+    certificates: tuple[CertificateFiles, ...]  # chosen by SNI; the first is the default
+    min_version: TlsVersion = "1.2"
+    ciphers: str = ""  # TLS 1.2 suites, an OpenSSL string; "" = OpenSSL's default
+    session_tickets: int = 2  # tickets per handshake; 0 = none
+    strict_sni: bool = False  # an unknown (or absent) name gets the unrecognized_name alert
+    client_ca: str = ""  # PEM bundle the client certificates are verified against
+    verify_client: VerifyClient = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class BackendTls:
+    """``[pools.NAME.tls]``: TLS towards the pool's servers (wss://)."""
+
+    verify: bool = True
+    ca_file: str = ""  # "" = the system's store
+    server_name: str = ""  # SNI and the name checked; "" = the server's address
+    cert: str = ""  # a client certificate to present (PEM), with its key
+    key: str = ""
+
+
 @dataclass(frozen=True, slots=True)
 class PoolConfig:
     name: str
@@ -92,6 +136,7 @@ class PoolConfig:
     servers: tuple[ServerConfig, ...]
     health: HealthConfig | None = None
     send_proxy: str = ""  # "v2": a PROXY protocol v2 header to the backends, no X-Forwarded-*
+    tls: BackendTls | None = None  # None: plain TCP to the servers
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +168,14 @@ class ProxyConfig:
     max_handshakes: int  # per worker, in progress at once; the rest wait in the accept queue
     accept_proxy: frozenset[Endpoint] = frozenset()  # listeners that read a PROXY header
     trusted_proxies: tuple[IPNetwork, ...] = ()  # who may send one
+    tls_listeners: tuple[tuple[Endpoint, str], ...] = ()  # listener → the [tls.NAME] it names
+
+    def tls_profile_of(self, listener: Endpoint) -> str | None:
+        """The TLS profile ``listener`` terminates with; None: plain TCP."""
+        for endpoint, profile in self.tls_listeners:
+            if endpoint == listener:
+                return profile
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +246,14 @@ class Config:
     log: LogConfig
     routes: tuple[RouteConfig, ...]
     pools: tuple[PoolConfig, ...]
+    tls: tuple[TlsProfile, ...] = ()
     source: str = field(default="<config>", compare=False)
+
+    def tls_profile(self, name: str) -> TlsProfile:
+        for profile in self.tls:
+            if profile.name == name:
+                return profile
+        raise KeyError(name)
 
     def pool(self, name: str) -> PoolConfig:
         for pool in self.pools:
@@ -214,10 +274,7 @@ class Config:
         p, u = self.proxy, self.upstream
         return {
             "proxy": {
-                "listen": [
-                    {"address": str(e), "accept_proxy": True} if e in p.accept_proxy else str(e)
-                    for e in p.listen
-                ],
+                "listen": [_listen_entry(p, e) for e in p.listen],
                 "trusted_proxies": [str(n) for n in p.trusted_proxies],
                 "workers": p.workers,
                 "header_timeout": format_duration(p.header_timeout),
@@ -275,6 +332,7 @@ class Config:
                     **({"hash_key": str(pool.hash_key)} if pool.hash_key else {}),
                     **({"health": _health_dict(pool.health)} if pool.health else {}),
                     **({"send_proxy": pool.send_proxy} if pool.send_proxy else {}),
+                    **({"tls": _backend_tls_dict(pool.tls)} if pool.tls else {}),
                     "servers": [
                         {
                             "name": s.name,
@@ -287,6 +345,7 @@ class Config:
                 }
                 for pool in self.pools
             },
+            **({"tls": {t.name: _tls_dict(t) for t in self.tls}} if self.tls else {}),
         }
 
 
@@ -299,6 +358,41 @@ def format_duration(seconds: float) -> str:
     if ms % 1000 == 0:
         return f"{ms // 1000}s"
     return f"{ms}ms"
+
+
+def _listen_entry(p: ProxyConfig, e: Endpoint) -> str | dict[str, Any]:
+    tls = p.tls_profile_of(e)
+    if e not in p.accept_proxy and tls is None:
+        return str(e)
+    entry: dict[str, Any] = {"address": str(e)}
+    if e in p.accept_proxy:
+        entry["accept_proxy"] = True
+    if tls is not None:
+        entry["tls"] = tls
+    return entry
+
+
+def _tls_dict(t: TlsProfile) -> dict[str, Any]:
+    return {
+        "certificates": [
+            {"cert": c.cert, "key": c.key, "names": list(c.names)} for c in t.certificates
+        ],
+        "min_version": t.min_version,
+        "ciphers": t.ciphers,
+        "session_tickets": t.session_tickets,
+        "strict_sni": t.strict_sni,
+        **({"client_ca": t.client_ca} if t.client_ca else {}),
+        "verify_client": t.verify_client,
+    }
+
+
+def _backend_tls_dict(t: BackendTls) -> dict[str, Any]:
+    out: dict[str, Any] = {"verify": t.verify, "server_name": t.server_name}
+    if t.ca_file:
+        out["ca_file"] = t.ca_file
+    if t.cert:
+        out["cert"], out["key"] = t.cert, t.key
+    return out
 
 
 def _health_dict(h: HealthConfig) -> dict[str, Any]:

@@ -8,17 +8,22 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from decimal import Decimal
 from typing import Any
 
+from shardproxy.config import certs
 from shardproxy.config.model import (
     ALLOCATORS,
     BALANCES,
     HEALTH_KINDS,
     LOG_LEVELS,
     ON_SERVER_DOWN,
+    TLS_VERSIONS,
+    VERIFY_CLIENT,
     AdminConfig,
+    BackendTls,
+    CertificateFiles,
     Config,
     ConfigError,
     Endpoint,
@@ -33,6 +38,7 @@ from shardproxy.config.model import (
     ProxyConfig,
     RouteConfig,
     ServerConfig,
+    TlsProfile,
     UpstreamConfig,
 )
 
@@ -209,9 +215,20 @@ class _Parser:
         top = self.table(
             data,
             "",
-            {"proxy", "upstream", "lifecycle", "keepalive", "admin", "log", "routes", "pools"},
+            {
+                "proxy",
+                "upstream",
+                "lifecycle",
+                "keepalive",
+                "admin",
+                "log",
+                "routes",
+                "pools",
+                "tls",
+            },
         )
-        proxy = self.proxy(top.get("proxy", {}))
+        tls = self.tls_profiles(top.get("tls", {}))
+        proxy = self.proxy(top.get("proxy", {}), {p.name for p in tls})
         upstream = self.upstream(top.get("upstream", {}), proxy)
         lifecycle = self.lifecycle(top.get("lifecycle", {}))
         keepalive = self.keepalive(top.get("keepalive", {}))
@@ -229,17 +246,144 @@ class _Parser:
             log=log,
             routes=routes,
             pools=pools,
+            tls=tls,
             source=self.source,
         )
 
-    def proxy(self, value: Any) -> ProxyConfig:
+    # -- TLS ------------------------------------------------------------------
+
+    def path(self, value: Any, key: str) -> str:
+        """A file's path, relative ones to the config file's directory."""
+        text = self.string(value, key)
+        if not text:
+            raise self.fail(key, "must name a file")
+        if os.path.isabs(text):
+            return text
+        base = os.path.dirname(os.path.abspath(self.source)) if os.path.isfile(self.source) else ""
+        return os.path.abspath(os.path.join(base, text))
+
+    def ca_bundle(self, value: Any, key: str) -> str:
+        path = self.path(value, key)
+        try:
+            certs.inspect_bundle(path)
+        except ValueError as e:
+            raise self.fail(key, str(e)) from None
+        return path
+
+    def tls_profiles(self, value: Any) -> tuple[TlsProfile, ...]:
+        profiles = self.table(value, "tls", set(value) if isinstance(value, Mapping) else set())
+        return tuple(self.tls_profile(name, raw) for name, raw in profiles.items())
+
+    def tls_profile(self, name: str, value: Any) -> TlsProfile:
+        key = f"tls.{name}"
+        raw = self.table(
+            value,
+            key,
+            {
+                "certificates",
+                "min_version",
+                "ciphers",
+                "session_tickets",
+                "strict_sni",
+                "client_ca",
+                "verify_client",
+            },
+        )
+        listed = self.array(raw.get("certificates", []), f"{key}.certificates")
+        if not listed:
+            raise self.fail(f"{key}.certificates", "needs at least one { cert, key }")
+        files = tuple(
+            self.certificate(item, f"{key}.certificates[{i}]") for i, item in enumerate(listed)
+        )
+        version = self.string(raw.get("min_version", "1.2"), f"{key}.min_version")
+        if version not in TLS_VERSIONS:
+            raise self.fail(f"{key}.min_version", f'must be "1.2" or "1.3", got {version!r}')
+        # OpenSSL's verdict on the cipher string is host/tls.py's trial (sans-IO here).
+        ciphers = self.string(raw.get("ciphers", ""), f"{key}.ciphers")
+        verify = self.string(raw.get("verify_client", "none"), f"{key}.verify_client")
+        if verify not in VERIFY_CLIENT:
+            raise self.fail(
+                f"{key}.verify_client", f"must be one of {', '.join(VERIFY_CLIENT)}, got {verify!r}"
+            )
+        client_ca = ""
+        if raw.get("client_ca", ""):
+            client_ca = self.ca_bundle(raw["client_ca"], f"{key}.client_ca")
+        elif verify != "none":
+            raise self.fail(f"{key}.client_ca", f'is required with verify_client = "{verify}"')
+        return TlsProfile(
+            name=name,
+            certificates=files,
+            min_version=version,
+            ciphers=ciphers,
+            session_tickets=self.integer(
+                raw.get("session_tickets", 2), f"{key}.session_tickets", 0, 10
+            ),
+            strict_sni=self.boolean(raw.get("strict_sni", False), f"{key}.strict_sni"),
+            client_ca=client_ca,
+            verify_client=verify,
+        )
+
+    def certificate(self, value: Any, key: str) -> CertificateFiles:
+        """``{ cert, key, names? }``: the pair is loaded and checked now
+        (a broken file refuses the start or the reload); the names are
+        the ones listed, each a name of the certificate, else all of its."""
+        raw = self.table(value, key, {"cert", "key", "names"})
+        for part in ("cert", "key"):
+            if part not in raw:
+                raise self.fail(f"{key}.{part}", "is required (a PEM file)")
+        cert, private = self.path(raw["cert"], f"{key}.cert"), self.path(raw["key"], f"{key}.key")
+        try:
+            info = certs.inspect_pair(cert, private)
+        except ValueError as e:
+            raise self.fail(key, str(e)) from None
+        if "names" not in raw:
+            if not info.names:
+                raise self.fail(key, f"{cert} has no DNS name (subjectAltName or CN)")
+            return CertificateFiles(cert, private, info.names)
+        names = []
+        for i, item in enumerate(self.array(raw["names"], f"{key}.names")):
+            name = self.string(item, f"{key}.names[{i}]").lower()
+            if not certs.covers(info.names, name):
+                raise self.fail(
+                    f"{key}.names[{i}]",
+                    f"{name} is not a name of {cert} (its names: {', '.join(info.names)})",
+                )
+            names.append(name)
+        if not names:
+            raise self.fail(f"{key}.names", "needs at least one name (or leave it out: all)")
+        return CertificateFiles(cert, private, tuple(names))
+
+    def backend_tls(self, value: Any, key: str) -> BackendTls:
+        raw = self.table(value, key, {"verify", "ca_file", "server_name", "cert", "key"})
+        verify = self.boolean(raw.get("verify", True), f"{key}.verify")
+        ca_file = self.ca_bundle(raw["ca_file"], f"{key}.ca_file") if raw.get("ca_file") else ""
+        server_name = self.string(raw.get("server_name", ""), f"{key}.server_name")
+        cert = private = ""
+        if ("cert" in raw) != ("key" in raw):
+            raise self.fail(f"{key}.cert", "cert and key go together (a client certificate)")
+        if "cert" in raw:
+            cert, private = (
+                self.path(raw["cert"], f"{key}.cert"),
+                self.path(raw["key"], f"{key}.key"),
+            )
+            try:
+                certs.inspect_pair(cert, private)
+            except ValueError as e:
+                raise self.fail(key, str(e)) from None
+        return BackendTls(verify, ca_file, server_name, cert, private)
+
+    def proxy(self, value: Any, tls_profiles: Collection[str] = ()) -> ProxyConfig:
         raw = {**_PROXY_DEFAULTS, **self.table(value, "proxy", set(_PROXY_DEFAULTS))}
         listen_raw = self.array(raw["listen"], "proxy.listen")
         if not listen_raw:
             raise self.fail("proxy.listen", "needs at least one address")
-        entries = [self.listen_entry(v, f"proxy.listen[{i}]") for i, v in enumerate(listen_raw)]
-        listen = tuple(ep for ep, _ in entries)
-        accept_proxy = frozenset(ep for ep, proxied in entries if proxied)
+        entries = [
+            self.listen_entry(v, f"proxy.listen[{i}]", tls_profiles)
+            for i, v in enumerate(listen_raw)
+        ]
+        listen = tuple(ep for ep, _, _ in entries)
+        accept_proxy = frozenset(ep for ep, proxied, _ in entries if proxied)
+        tls_listeners = tuple((ep, tls) for ep, _, tls in entries if tls)
         trusted_raw = self.array(raw["trusted_proxies"], "proxy.trusted_proxies")
         trusted = tuple(
             self.network(v, f"proxy.trusted_proxies[{i}]") for i, v in enumerate(trusted_raw)
@@ -276,20 +420,29 @@ class _Parser:
             ),
             accept_proxy=accept_proxy,
             trusted_proxies=trusted,
+            tls_listeners=tls_listeners,
         )
 
-    def listen_entry(self, value: Any, key: str) -> tuple[Endpoint, bool]:
-        """``"ip:port"``, or ``{ address = "ip:port", accept_proxy = true }``."""
+    def listen_entry(
+        self, value: Any, key: str, tls_profiles: Collection[str]
+    ) -> tuple[Endpoint, bool, str]:
+        """``"ip:port"``, or ``{ address = "ip:port", accept_proxy = true,
+        tls = "NAME" }``: the address, whether it reads PROXY headers, the
+        TLS profile ("" for none)."""
         if isinstance(value, Mapping):
-            raw = self.table(value, key, {"address", "accept_proxy"})
+            raw = self.table(value, key, {"address", "accept_proxy", "tls"})
             if "address" not in raw:
                 raise self.fail(f"{key}.address", "is required")
             address = self.string(raw["address"], f"{key}.address")
             proxied = self.boolean(raw.get("accept_proxy", False), f"{key}.accept_proxy")
-            return self.check(f"{key}.address", parse_host_port, address), proxied
+            tls = self.string(raw.get("tls", ""), f"{key}.tls")
+            if tls and tls not in tls_profiles:
+                known = ", ".join(sorted(tls_profiles)) or "none defined"
+                raise self.fail(f"{key}.tls", f"no [tls.{tls}] profile (profiles: {known})")
+            return self.check(f"{key}.address", parse_host_port, address), proxied, tls
         if not isinstance(value, str):
             raise self.fail(key, f'must be "ip:port" or a table with address, got {_kind(value)}')
-        return self.check(key, parse_host_port, value), False
+        return self.check(key, parse_host_port, value), False, ""
 
     def upstream(self, value: Any, proxy: ProxyConfig) -> UpstreamConfig:
         raw = self.table(value, "upstream", {"source_addresses", "port_range", "port_allocator"})
@@ -450,7 +603,9 @@ class _Parser:
 
     def pool(self, name: str, value: Any) -> PoolConfig:
         key = f"pools.{name}"
-        raw = self.table(value, key, {"balance", "hash_key", "servers", "health", "send_proxy"})
+        raw = self.table(
+            value, key, {"balance", "hash_key", "servers", "health", "send_proxy", "tls"}
+        )
         send_proxy = self.string(raw.get("send_proxy", ""), f"{key}.send_proxy")
         if send_proxy not in ("", "v2"):
             raise self.fail(f"{key}.send_proxy", f'must be "v2" or "" (none), got {send_proxy!r}')
@@ -483,7 +638,8 @@ class _Parser:
                 raise self.fail(f"{key}.servers[{i}].name", f"{s.name!r} is used twice")
             seen.add(s.name)
         health = self.health(raw["health"], f"{key}.health") if "health" in raw else None
-        return PoolConfig(name, balance, hash_key, servers, health, send_proxy)
+        tls = self.backend_tls(raw["tls"], f"{key}.tls") if "tls" in raw else None
+        return PoolConfig(name, balance, hash_key, servers, health, send_proxy, tls)
 
     def health(self, value: Any, key: str) -> HealthConfig:
         raw = self.table(value, key, set(_HEALTH_DEFAULTS) | {"kind"})
@@ -550,11 +706,13 @@ _HEALTH_DEFAULTS: dict[str, Any] = {
 
 
 def _parse_hash_key(text: str) -> HashKey:
-    if text == "client_ip":
-        return HashKey("client_ip")
+    if text in ("client_ip", "client_cert"):
+        return HashKey(text)  # type: ignore[arg-type]
     kind, sep, name = text.partition(":")
     if not sep or kind not in ("header", "cookie", "query") or not name:
-        raise ValueError(f"must be header:NAME, cookie:NAME, query:NAME or client_ip, got {text!r}")
+        raise ValueError(
+            f"must be header:NAME, cookie:NAME, query:NAME, client_ip or client_cert, got {text!r}"
+        )
     if kind == "header":
         name = name.lower()
     return HashKey(kind, name)  # type: ignore[arg-type]

@@ -47,6 +47,9 @@ class Start:
     config: dict[str, Any]
     source: str  # where the configuration came from, for its error messages
     upstream: UpstreamSlice
+    # TLS session ticket keys common to every worker (hex; engine/tls.py's
+    # share_ticket_keys): made by the supervisor at start, kept across reloads.
+    ticket_keys: str = ""
 
 
 @dataclass(frozen=True, slots=True)

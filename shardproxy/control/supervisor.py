@@ -190,6 +190,10 @@ class Supervisor:
         self.admin_socket: socket.socket | None = None
         self._health_scope = trio.CancelScope()
         self._stopping = False
+        # Every worker's TLS listeners encrypt session tickets with these, so
+        # that a client resumes on whichever worker SO_REUSEPORT gives it.
+        # They live as long as the supervisor (a restart makes new ones).
+        self.ticket_keys = os.urandom(80).hex()
 
     def prepare(self) -> None:
         """Check the address plan against this host, then bind every (slot,
@@ -519,7 +523,9 @@ class Supervisor:
         upstream = UpstreamSlice(
             ports.first, ports.last, gen.plan.allocator, tuple(gen.plan.excluded_in(ports))
         )
-        return Start(slot, gen.number, gen.config.to_dict(), gen.config.source, upstream)
+        return Start(
+            slot, gen.number, gen.config.to_dict(), gen.config.source, upstream, self.ticket_keys
+        )
 
     async def _send(self, w: WorkerProcess, message: Message) -> None:
         try:

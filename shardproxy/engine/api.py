@@ -64,11 +64,24 @@ class FlowStats(NamedTuple):
     frame_error: str | None  # why the frame tracker lost this direction's framing
 
 
+class TlsInfo(NamedTuple):
+    """A client's TLS connection, for the access event (ECS ``tls.*``)."""
+
+    version: str  # "TLSv1.3"
+    cipher: str
+    server_name: str  # the client's SNI; "" for none
+    alpn: str  # the protocol agreed by ALPN; "" for none
+    resumed: bool
+    client_subject: str  # the client certificate's subject (RFC 4514); "" for none
+    client_fingerprint: str  # its SHA-256, lower-case hex; "" for none
+
+
 class TunnelStats(NamedTuple):
     up: FlowStats  # client → backend
     down: FlowStats  # backend → client
     duration: float  # seconds, from the 101 to the end
     note: bytes = b""  # what the owner gave ``add`` (TunnelEngine.add)
+    tls: TlsInfo | None = None  # the client's TLS connection; None: plain TCP
 
 
 class EndSummary(NamedTuple):
@@ -233,6 +246,11 @@ class HandshakeEvents(Protocol):
 
     def handshake_failed(self, lease: AdmissionLease, e: OSError) -> None:
         """The client's socket failed before its tunnel was up."""
+
+    def tls_failed(self, lease: AdmissionLease, reason: str, detail: str, server_name: str) -> None:
+        """The client's TLS handshake failed (``reason``: one of
+        engine/tls.py's REASONS; ``server_name``: its SNI, "" for none);
+        the connection is closed (a plain 400 first, for plain HTTP)."""
 
     def connect_failed(
         self, pool: str, server: ServerState, endpoint: EndpointState, reason: str

@@ -26,7 +26,7 @@ those are Python objects the policy code takes anyway, and they live only
 until the 101 or the close.
 
 Which listeners: the core reads plain TCP, so a worker with a non-plain
-(TLS, issue 15) listener runs the Python engine instead (:func:`serves`;
+(TLS) listener, or a pool connected with TLS, runs the Python engine instead (:func:`serves`;
 the factory decides, engine/factory.py). A PROXY-protocol (``accept_proxy``)
 listener's connections are read raw: every read goes to this module, which
 reads the PROXY header and then the head with the Python engine's readers,
@@ -60,7 +60,7 @@ from shardproxy.engine.handshake import (
     proxied_by,
 )
 from shardproxy.engine.loop import BUSY_ROUND
-from shardproxy.engine.transport import PLAIN, PLAIN_PAIR, Transport, local_address
+from shardproxy.engine.transport import PLAIN, PLAIN_PAIR, local_address
 from shardproxy.engine.upstream import Exhausted, TupleSpace, Upstream
 from shardproxy.policy.admission import Admission, AdmissionLease
 from shardproxy.policy.decisions import Decisions
@@ -85,9 +85,13 @@ if TYPE_CHECKING:
 _FD = 0xFFFFFFFF  # a handshake id's low half: its client descriptor (see the C head comment)
 
 
-def serves(transports: Sequence[Transport]) -> bool:
-    """Whether the core can take listeners with these transports: plain TCP only."""
-    return choice.COMPILED is not None and all(t is PLAIN for t in transports)
+def serves(transports: Sequence[object], decisions: Decisions | None = None) -> bool:
+    """Whether the core can take listeners with these transports, and
+    connect to the pools of ``decisions``: plain TCP only, both ways."""
+    if choice.COMPILED is None or not all(t is PLAIN for t in transports):
+        return False
+    pools = () if decisions is None else decisions.pools.values()
+    return all(pool.config.tls is None for pool in pools)
 
 
 class _Pending:
@@ -139,7 +143,7 @@ class CompiledHandshakeEngine:
         upstream: Upstream,
         decisions: Decisions,
         events: HandshakeEvents,
-        transports: Sequence[Transport] = (),
+        transports: Sequence[object] = (),
         parsers: HeadParsers = choice.PARSERS,
         relay: CompiledRelayEngine | None = None,
     ) -> None:
@@ -147,8 +151,8 @@ class CompiledHandshakeEngine:
         this engine then shares (CompiledRelayEngine.attach); None: a set
         and a loop (:meth:`run`) of its own."""
         compiled = choice.COMPILED
-        if compiled is None or not serves(transports):
-            raise ValueError("the compiled handshake engine takes plain listeners only")
+        if compiled is None or not serves(transports, decisions):
+            raise ValueError("the compiled handshake engine takes plain TCP only, both ways")
         self.proxy = proxy
         self.admission = admission
         self.upstream = upstream

@@ -10,6 +10,7 @@ from shardproxy.engine import choice
 from shardproxy.engine.api import HandshakeEvents, Handshakes, Keepalive, TunnelEngine, TunnelEvents
 from shardproxy.engine.handshake import HandshakeEngine
 from shardproxy.engine.relay import RelayEngine
+from shardproxy.engine.tls import TlsServer
 from shardproxy.engine.transport import Transport
 from shardproxy.engine.upstream import Upstream
 from shardproxy.policy.admission import Admission
@@ -32,19 +33,19 @@ def handshake_engine(
     upstream: Upstream,
     decisions: Decisions,
     events: HandshakeEvents,
-    transports: Sequence[Transport] = (),
+    transports: Sequence[Transport | TlsServer] = (),
     relay: TunnelEngine | None = None,
 ) -> Handshakes:
     """The compiled handshake engine where it was built and takes these
-    listeners (plain TCP: engine/chandshake.py's serves), else the Python
-    one. A compiled engine shares the epoll set and the loop of ``relay``
+    listeners and pools (plain TCP: engine/chandshake.py's serves), else
+    the Python one (TLS). A compiled engine shares the epoll set and the loop of ``relay``
     when that is the compiled relay: one set per worker."""
     args = (proxy, listeners, admission, upstream, decisions, events, transports)
     if choice.ENGINE == "compiled":
         from shardproxy.engine import chandshake
         from shardproxy.engine.crelay import CompiledRelayEngine
 
-        if chandshake.serves(transports):
+        if chandshake.serves(transports, decisions):
             shared = relay if isinstance(relay, CompiledRelayEngine) else None
             return chandshake.CompiledHandshakeEngine(*args, relay=shared)
     return HandshakeEngine(*args)

@@ -56,6 +56,14 @@ from shardproxy.config import Endpoint, ProxyConfig
 from shardproxy.engine import choice
 from shardproxy.engine.api import HandshakeEvents, Upgraded
 from shardproxy.engine.loop import Timers, run_epoll
+from shardproxy.engine.tls import (
+    PLAIN_HTTP,
+    TIMEOUT,
+    TlsClient,
+    TlsConnection,
+    TlsFailure,
+    TlsServer,
+)
 from shardproxy.engine.transport import PLAIN, Transport, Transports, local_address, pair
 from shardproxy.engine.upstream import Exhausted, TupleSpace, Upstream
 from shardproxy.policy.admission import Admission, AdmissionLease
@@ -95,8 +103,10 @@ _OUT = select.EPOLLOUT
 _ERR = select.EPOLLERR | select.EPOLLHUP
 
 # Handshake.state
+TLS_ACCEPT = "tls_accept"  # the client's TLS handshake (a TLS listener)
 READ_REQUEST = "read_request"
 CONNECTING = "connecting"
+TLS_CONNECT = "tls_connect"  # the TLS handshake with the backend (a TLS pool)
 READ_RESPONSE = "read_response"
 PASS_BODY = "pass_body"
 WRITE = "write"
@@ -112,6 +122,7 @@ class Listener:
     proto: str  # X-Forwarded-Proto
     proxied: bool  # connections open with a PROXY protocol header
     transport: Transport = PLAIN  # what its connections' bytes go through
+    tls: TlsServer | None = None  # a TLS listener: each connection gets its own transport
 
 
 class Handshake:
@@ -122,6 +133,7 @@ class Handshake:
         "backend",
         "backend_io",
         "client",
+        "client_io",
         "deadline",
         "exhausted",
         "first_up",
@@ -148,6 +160,7 @@ class Handshake:
         self.lease = lease  # its slot, client, route, endpoint and upstream tuple
         lease.client_port = addr[1]
         self.listener = listener  # what the client connected to
+        self.client_io: Transport = listener.transport  # a TLS connection's own, on a TLS listener
         self.started = time.monotonic()
         self.state = READ_REQUEST
         self.deadline = deadline
@@ -176,13 +189,16 @@ class Handshake:
         return self.lease.client_port
 
     @property
-    def client_io(self) -> Transport:
-        return self.listener.transport
-
-    @property
     def transports(self) -> Transports:
         """Both sides' transports, for the relay."""
-        return pair(self.listener.transport, self.backend_io)
+        return pair(self.client_io, self.backend_io)
+
+    @property
+    def client_cert(self) -> str:
+        """The SHA-256 of the client's certificate; "" for none."""
+        io = self.client_io
+        info = io.tls_info if isinstance(io, TlsConnection) else None
+        return "" if info is None else info.client_fingerprint
 
 
 class HandshakeEngine:
@@ -199,12 +215,13 @@ class HandshakeEngine:
         upstream: Upstream,
         decisions: Decisions,
         events: HandshakeEvents,
-        transports: Sequence[Transport] = (),
+        transports: Sequence[Transport | TlsServer] = (),
         parsers: HeadParsers = choice.PARSERS,
     ) -> None:
         """``transports[i]``: what the connections of ``listeners[i]`` go
-        through (plain where none is given); ``parsers``: the HTTP head
-        parsers (the compiled ones where they were built)."""
+        through (plain where none is given; a TlsServer: TLS, a transport
+        per connection); ``parsers``: the HTTP head parsers (the compiled
+        ones where they were built). Pools with ``tls`` connect with TLS."""
         self.proxy = proxy
         self._parsers = parsers
         self.admission = admission
@@ -220,9 +237,15 @@ class HandshakeEngine:
                 port=s.getsockname()[1],
                 proto=transport.forwarded_proto,
                 proxied=Endpoint(*s.getsockname()[:2]) in accept_proxy,
-                transport=transport,
+                transport=PLAIN if isinstance(transport, TlsServer) else transport,
+                tls=transport if isinstance(transport, TlsServer) else None,
             )
             for s, transport in zip(listeners, kinds, strict=True)
+        }
+        self._tls_clients = {
+            name: TlsClient(pool.config.tls)
+            for name, pool in decisions.pools.items()
+            if pool.config.tls is not None
         }
         self._by_fd: dict[int, Handshake] = {}
         self._masks: dict[int, int] = {}  # what each handshake descriptor waits for
@@ -296,8 +319,12 @@ class HandshakeEngine:
         state = h.state
         if state == READ_REQUEST:
             self._read_request(h)
+        elif state == TLS_ACCEPT:
+            self._tls_accept(h)
         elif state == CONNECTING:
             self._connected(h)
+        elif state == TLS_CONNECT:
+            self._tls_connect(h)
         elif state == READ_RESPONSE:
             self._read_response(h)
         elif state == WRITE:
@@ -394,22 +421,100 @@ class HandshakeEngine:
             else:
                 refuse = UNTRUSTED
         if refuse is not None:
-            self._reject(h, refuse)
+            self._reject(h, refuse)  # in plain HTTP, on a TLS listener too: there is no TLS yet
+            return
+        self._arm(h, self.proxy.header_timeout)  # the TLS handshake's time too
+        if listener.tls is not None:
+            h.client_io = listener.tls.connection()
+            h.state = TLS_ACCEPT
+            self._tls_accept(h)
             return
         h.reader = RequestReader(self.proxy.max_header_bytes, self._parsers)
-        self._arm(h, self.proxy.header_timeout)
         self._read_request(h)  # the head usually came with the connection
+
+    # -- TLS ----------------------------------------------------------------
+
+    def _tls_accept(self, h: Handshake) -> None:
+        """The client's TLS handshake (after its PROXY header, read in
+        plain), then the request head through it."""
+        tls = h.client_io
+        assert isinstance(tls, TlsConnection)
+        if h.header is not None:
+            data = self._read_client(h, PLAIN)
+            if data is None:
+                return
+            try:
+                header = h.header.feed(data)
+            except Reject as r:
+                h.client_io = PLAIN  # the answer goes in plain: no TLS began
+                self._reject(h, r)
+                return
+            if header is NEED_DATA:
+                self._want(h.client, _IN)
+                return
+            assert isinstance(header, ProxyHeader)
+            tls.feed(proxied_by(h, header))
+        try:
+            wait = tls.handshake(h.client)
+        except TlsFailure as f:
+            self._tls_failed(h, f)
+            return
+        if wait:
+            self._want(h.client, wait)
+            return
+        tls.tls_info = tls.info()
+        h.state = READ_REQUEST
+        h.reader = RequestReader(self.proxy.max_header_bytes, self._parsers)
+        self._want(h.client, _IN)
+        self._read_request(h)  # it may have come with the handshake's last flight
+
+    def _tls_failed(self, h: Handshake, f: TlsFailure) -> None:
+        """A client's TLS handshake failed: told with its reason, then
+        closed; plain HTTP gets a plain 400 first, as nginx answers it."""
+        tls = h.client_io
+        assert isinstance(tls, TlsConnection)
+        self.events.tls_failed(h.lease, f.reason, f.detail, tls.server_name or "")
+        if f.reason != PLAIN_HTTP:
+            self._close(h)
+            return
+        h.client_io = PLAIN
+        h.reject = None
+        answer = error_response(400, "plain HTTP request sent to a TLS port", ())
+        self._send(h, h.client, answer, self._linger_out)
+
+    def _tls_connect(self, h: Handshake) -> None:
+        """The TLS handshake with the backend, then the request head."""
+        tls = h.backend_io
+        assert isinstance(tls, TlsConnection) and h.backend is not None
+        try:
+            wait = tls.handshake(h.backend.fileno())
+        except TlsFailure as f:
+            endpoint = h.lease.endpoint
+            assert endpoint is not None
+            self._connect_failed(h, endpoint.server, endpoint, f"TLS: {f}")
+            self._reject(h, Reject(502, "backend_tls_failed", f"TLS to the backend failed: {f}"))
+            return
+        if wait:
+            self._want(h.backend.fileno(), wait)
+            return
+        self._send_head(h)
 
     # -- the request --------------------------------------------------------
 
-    def _read_request(self, h: Handshake) -> None:
+    def _read_client(self, h: Handshake, io: Transport) -> bytes | None:
+        """A read from the client through ``io``; None: nothing yet (it
+        waits for more), or the connection failed (it is closed)."""
         try:
-            data = h.client_io.read(h.client, RECV_SIZE)
+            return io.read(h.client, RECV_SIZE)
         except BlockingIOError:
             self._want(h.client, _IN)
-            return
         except OSError as e:
             self._failed(h, e)
+        return None
+
+    def _read_request(self, h: Handshake) -> None:
+        data = self._read_client(h, h.client_io)
+        if data is None:
             return
         assert h.reader is not None
         try:
@@ -448,8 +553,9 @@ class HandshakeEngine:
         request, route = h.request, h.lease.route
         assert request is not None
         now = time.monotonic()
+        cert = h.client_cert
         while (
-            server := self.decisions.next_server(route, request, h.client_ip, h.tried, now)
+            server := self.decisions.next_server(route, request, h.client_ip, h.tried, now, cert)
         ) is not None:
             h.tried.append(server)
             if self._connect_server(h, server):
@@ -468,7 +574,8 @@ class HandshakeEngine:
                 return False
             h.lease.hold_upstream(endpoint, space, port)
             h.backend = sock
-            h.backend_io = PLAIN  # a TLS pool's transport goes here (issue 15)
+            tls = self._tls_clients.get(h.lease.route.pool)
+            h.backend_io = PLAIN if tls is None else tls.connection(endpoint.endpoint)
             h.state = CONNECTING
             self._by_fd[sock.fileno()] = h
             self._want(sock.fileno(), _OUT)
@@ -492,6 +599,18 @@ class HandshakeEngine:
         assert isinstance(space, TupleSpace)
         if space.seen_address is None:
             space.seen_address = address
+        if isinstance(h.backend_io, TlsConnection):
+            h.state = TLS_CONNECT
+            self._arm(h, self.proxy.connect_timeout)
+            self._tls_connect(h)
+            return
+        self._send_head(h)
+
+    def _send_head(self, h: Handshake) -> None:
+        """The request head to the connected backend (with a PROXY header
+        when its pool wants one)."""
+        sock = h.backend
+        assert sock is not None and h.request is not None
         if self.decisions.sends_proxy_header(h.lease.route):
             # The backend learns the client from the PROXY header: the head
             # goes as the client sent it.
@@ -529,6 +648,10 @@ class HandshakeEngine:
         if head is NEED_DATA:
             return
         assert isinstance(head, ResponseHead)
+        if isinstance(h.backend_io, TlsConnection):
+            endpoint = h.lease.endpoint
+            assert endpoint is not None
+            self._tls_clients[h.lease.route.pool].keep_session(endpoint.endpoint, h.backend_io)
         self._want(h.backend.fileno(), 0)
         after = self._hand_over if head.status == 101 else self._start_body
         if head.status != 101:
@@ -603,6 +726,10 @@ class HandshakeEngine:
         r = h.reject
         assert r is not None
         self._report_reject(h, r)
+        self._linger_out(h)
+
+    def _linger_out(self, h: Handshake) -> None:
+        """FIN after the answer, then read until the client closes."""
         h.state = LINGER
         self._arm(h, LINGER_TIMEOUT)
         try:
@@ -630,7 +757,16 @@ class HandshakeEngine:
         its event still queued behind others (a worker catching up after a
         spike), so look once more before giving up."""
         state = h.state
-        if state == READ_REQUEST:
+        if state == TLS_ACCEPT:
+            self._tls_accept(h)
+            if h.state == TLS_ACCEPT:
+                detail = f"not done within header_timeout ({self.proxy.header_timeout:g} s)"
+                self._tls_failed(h, TlsFailure(TIMEOUT, detail))
+        elif state == TLS_CONNECT:
+            self._tls_connect(h)
+            if h.state == TLS_CONNECT:
+                self._reject(h, Reject(504, "upstream_timeout", "backend TLS handshake timed out"))
+        elif state == READ_REQUEST:
             self._read_request(h)
             if h.state == READ_REQUEST:
                 self._reject(h, Reject(408, "header_timeout", "request head not complete in time"))

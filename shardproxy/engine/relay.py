@@ -819,5 +819,7 @@ class RelayEngine:
         io.client.close(t.client_fd)
         io.backend.close(t.backend_fd)
         duration = time.monotonic() - self._started[t.up.src]
-        stats = TunnelStats(_flow_stats(t.up), _flow_stats(t.down), duration, t.note)
+        # A TLS client's record (engine/tls.py's TlsConnection.tls_info); None: plain.
+        tls = getattr(io.client, "tls_info", None)
+        stats = TunnelStats(_flow_stats(t.up), _flow_stats(t.down), duration, t.note, tls)
         self._events.tunnel_closed(t.token, outcome, stats)

@@ -172,15 +172,19 @@ def extract_hash_key(
     headers: Sequence[tuple[bytes, bytes]],
     target: bytes,
     client_ip: str,
+    client_cert: str = "",
 ) -> bytes | None:
     """The bytes to hash for this request, or None when the request lacks them.
 
-    ``headers`` are (lower-case name, value) pairs as h11 gives them.
+    ``headers`` are (lower-case name, value) pairs as h11 gives them;
+    ``client_cert``: the SHA-256 of the client's TLS certificate, "" for none.
     """
     if key is None:
         return None
     if key.kind == "client_ip":
         return client_ip.encode()
+    if key.kind == "client_cert":
+        return client_cert.encode() if client_cert else None
     if key.kind == "header":
         wanted = key.name.encode()
         values = [v for n, v in headers if n == wanted]

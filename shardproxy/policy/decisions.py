@@ -28,13 +28,15 @@ class Decisions:
         client_ip: str,
         tried: Sequence[ServerState],
         now: float,
+        client_cert: str = "",
     ) -> ServerState | None:
         """The next server of the route's pool to connect to, none of
         ``tried`` (every server once), with the weights at ``now``; None
-        when none is left."""
+        when none is left. ``client_cert``: the SHA-256 of the client's
+        TLS certificate, "" for none (hash_key = "client_cert")."""
         pool = self.pools[route.pool]
         key = balancer.extract_hash_key(
-            pool.config.hash_key, request.headers, request.target, client_ip
+            pool.config.hash_key, request.headers, request.target, client_ip, client_cert
         )
         return pool.choose(key, tried, now=now)
 

@@ -63,6 +63,11 @@ _ALWAYS: dict[str, tuple[str, str, str | None]] = {
 _BY_LABEL: dict[str, tuple[str, str, str]] = {
     "rejected": ("shardproxy_rejected_total", "Requests refused, by reason.", "reason"),
     "closed": ("shardproxy_tunnels_closed_total", "Tunnels ended, by outcome.", "outcome"),
+    "tls_failed": (
+        "shardproxy_tls_handshake_failures_total",
+        "Client TLS handshakes that failed, by reason (engine/tls.py's REASONS).",
+        "reason",
+    ),
     "log_suppressed": (
         "shardproxy_log_events_suppressed_total",
         "Events [log] error_rate left out of the log, by event.action.",

@@ -39,7 +39,15 @@ SINGLE = {
     "internal_error": ("internal_error",),
 }
 # The counts by one label (a reason, an outcome, a direction, an action).
-LABELLED = ("rejected", "closed", "frame_error", "log_suppressed", "bytes", "messages")
+LABELLED = (
+    "rejected",
+    "closed",
+    "frame_error",
+    "log_suppressed",
+    "bytes",
+    "messages",
+    "tls_failed",
+)
 
 
 def _fields(data: Any, cls: type[Any]) -> dict[str, Any]:
@@ -73,6 +81,7 @@ class Counts:
     log_suppressed: Mapping[str, int] = field(default_factory=dict)  # by event.action
     bytes: Mapping[str, int] = field(default_factory=dict)  # of ended tunnels, by direction
     messages: Mapping[str, int] = field(default_factory=dict)  # of ended tunnels, by direction
+    tls_failed: Mapping[str, int] = field(default_factory=dict)  # TLS handshakes, by reason
     # Tunnels a side closed with 1002 or 1007, by (side, close code).
     bad_stream: Mapping[tuple[str, int], int] = field(default_factory=dict)
 
@@ -140,6 +149,7 @@ class Tally:
         self.log_suppressed: Counter[str] = Counter()
         self.bytes: Counter[str] = Counter()
         self.messages: Counter[str] = Counter()
+        self.tls_failed: Counter[str] = Counter()
         self.bad_stream: Counter[tuple[str, int]] = Counter()
 
     def freeze(self) -> Counts:

@@ -26,7 +26,7 @@ import re
 import time
 from typing import Any
 
-from shardproxy.engine.api import CLOSED, DRAINED, FlowStats
+from shardproxy.engine.api import CLOSED, DRAINED, FlowStats, TlsInfo
 from shardproxy.telemetry import logs
 from shardproxy.worker.tunnels import Placement
 
@@ -55,6 +55,7 @@ def fields(
     down: FlowStats,
     duration: float,
     error_by: str | None,
+    tls: TlsInfo | None = None,
 ) -> dict[str, Any]:
     """The event's fields, nested (``logs.emit_nested``'s input)."""
     route = info.route
@@ -95,7 +96,32 @@ def fields(
         out["user_agent"] = {"original": info.user_agent}
     if forwarded_ip is not None:
         out["network"] = {"forwarded_ip": forwarded_ip}
+    if tls is not None:
+        out["tls"] = tls_fields(tls)
     return out
+
+
+def tls_fields(tls: TlsInfo) -> dict[str, Any]:
+    """ECS ``tls.*`` of a client's TLS connection."""
+    protocol, _, version = tls.version.partition("v")
+    doc: dict[str, Any] = {
+        "established": True,
+        "version_protocol": protocol.lower() or "tls",
+        "version": version,
+        "cipher": tls.cipher,
+        "resumed": tls.resumed,
+    }
+    if tls.alpn:
+        doc["next_protocol"] = tls.alpn
+    client: dict[str, Any] = {}
+    if tls.server_name:
+        client["server_name"] = tls.server_name
+    if tls.client_subject:
+        client["subject"] = tls.client_subject
+        client["hash"] = {"sha256": tls.client_fingerprint.upper()}
+    if client:
+        doc["client"] = client
+    return doc
 
 
 # The template's slots, in document order (logs.template): the marker in
@@ -228,9 +254,10 @@ def write(
     down: FlowStats,
     duration: float,
     error_by: str | None,
+    tls: TlsInfo | None = None,
 ) -> None:
     """Write the event (at info level): from the placement's template when
-    it has the common shape, else whole."""
+    it has the common shape, else whole (a TLS tunnel's too)."""
     if not logs.enabled("info"):
         return
     source_ip = info.space.seen_address  # type: ignore[attr-defined]  # a TupleSpace
@@ -243,10 +270,11 @@ def write(
         or source_ip is None
         or up.frame_error is not None
         or down.frame_error is not None
+        or tls is not None
     ):
         doc = fields(
             info, client_ip, client_port, source_ip, source_port, forwarded_ip, outcome, up,
-            down, duration, error_by,
+            down, duration, error_by, tls,
         )  # fmt: skip
         logs.emit_nested(MESSAGE, doc)
         return

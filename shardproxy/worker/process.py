@@ -66,6 +66,8 @@ from shardproxy.engine.api import (
     Upgraded,
 )
 from shardproxy.engine.factory import handshake_engine, relay_engine
+from shardproxy.engine.tls import TlsServer
+from shardproxy.engine.transport import PLAIN, Transport
 from shardproxy.engine.upstream import TupleSpace, Upstream
 from shardproxy.host.rlimits import fd_capacity, raise_nofile_limit
 from shardproxy.policy.admission import Admission, AdmissionLease
@@ -120,7 +122,9 @@ class Worker:
         ports: PortRange,
         allocator: str,
         excluded: list[int],
+        ticket_keys: bytes = b"",
     ) -> None:
+        """``ticket_keys``: the TLS session ticket keys every worker shares (b"": its own)."""
         self.slot = slot
         self.config = cfg
         self.upstream = Upstream(
@@ -164,6 +168,7 @@ class Worker:
             self.upstream,
             Decisions(self.router, self.pools),
             self,
+            listener_transports(cfg, listeners, ticket_keys),
             relay=self.relay,
         )
 
@@ -289,6 +294,30 @@ class Worker:
             },
         )
 
+    def tls_failed(self, lease: AdmissionLease, reason: str, detail: str, server_name: str) -> None:
+        self.counts.tls_failed[reason] += 1
+        if not self.may_log("tls-handshake-failed"):
+            return
+        tls: dict[str, Any] = {"tls.established": False}
+        if server_name:
+            tls["tls.client.server_name"] = server_name
+        self.log.info(
+            "client TLS handshake failed",
+            **{
+                "event.kind": _EVENT,
+                "event.category": _NETWORK,
+                "event.type": _CONNECTION,
+                "event.action": "tls-handshake-failed",
+                "event.outcome": "failure",
+                "event.reason": reason,
+                "client.ip": lease.client_ip,
+                "client.port": lease.client_port,
+                "error.type": reason,
+                "error.message": detail,
+                **tls,
+            },
+        )
+
     def connect_failed(
         self, pool: str, server: ServerState, endpoint: EndpointState, reason: str
     ) -> None:
@@ -348,7 +377,7 @@ class Worker:
             return
         access.write(
             info, client_ip, client_port, source_port, forwarded_ip, outcome, up, down,
-            duration, error_by,
+            duration, error_by, stats.tls,
         )  # fmt: skip
 
     def tunnels_closed(self, token: Any, summary: EndSummary) -> None:
@@ -512,6 +541,25 @@ class Worker:
         )
 
 
+def listener_transports(
+    cfg: Config, listeners: list[socket.socket], ticket_keys: bytes = b""
+) -> list[Transport | TlsServer]:
+    """What each listen socket's connections go through: plain TCP, or
+    TLS with the profile its listen entry names (one TlsServer per
+    profile, its certificates loaded now: a new worker reads renewed files)."""
+    servers: dict[str, TlsServer] = {}
+    out: list[Transport | TlsServer] = []
+    for s in listeners:
+        profile = cfg.proxy.tls_profile_of(Endpoint(*s.getsockname()[:2]))
+        if profile is None:
+            out.append(PLAIN)
+            continue
+        if profile not in servers:
+            servers[profile] = TlsServer(cfg.tls_profile(profile), ticket_keys)
+        out.append(servers[profile])
+    return out
+
+
 async def serve(slot: int, control_fd: int, listen_fds: list[int]) -> None:
     channel = Channel(trio.socket.from_stdlib_socket(socket.socket(fileno=control_fd)))
     start = await channel.receive()
@@ -530,7 +578,14 @@ async def serve(slot: int, control_fd: int, listen_fds: list[int]) -> None:
     up = start.upstream
     ports = PortRange(up.first, up.last)
     worker = Worker(
-        slot, cfg, raise_nofile_limit(), listeners, ports, up.allocator, list(up.excluded)
+        slot,
+        cfg,
+        raise_nofile_limit(),
+        listeners,
+        ports,
+        up.allocator,
+        list(up.excluded),
+        bytes.fromhex(start.ticket_keys),
     )
     worker.generation = generation
     try:
