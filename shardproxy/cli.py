@@ -12,12 +12,12 @@ import tomli_w
 import trio
 
 from shardproxy import __version__, config
-from shardproxy.config import Config, ConfigError
+from shardproxy.config import Config, ConfigError, certs
 from shardproxy.control import addrplan
 from shardproxy.control.addrplan import Plan
 from shardproxy.control.supervisor import StartError, Supervisor
 from shardproxy.demo.echo import serve_echo
-from shardproxy.host import runtime
+from shardproxy.host import runtime, tls
 from shardproxy.telemetry import logs, status
 
 DEMO_PORT = 8080
@@ -45,8 +45,15 @@ def _plan(cfg: Config) -> Plan:
 
 def cmd_check(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
+    with _exit_on_config_error():
+        tls.trial(cfg)  # what only OpenSSL can tell: ciphers, keys it can use
     _plan(cfg)  # what only this host can tell: source addresses, system port range
+    for line in certs.expiry_warnings(cfg):
+        print(f"shardproxy: warning: {line}", file=sys.stderr)
     print(f"# {args.config}: OK. Effective configuration (defaults filled in):")
+    for key, info in certs.profile_certificates(cfg):
+        names = ", ".join(info.names)
+        print(f"# {key}: {info.path}: names {names}; {certs.expiry_note(info)}")
     print(tomli_w.dumps(cfg.to_dict()), end="")
     return 0
 

@@ -55,6 +55,7 @@ class WsBackend:
         self.close_codes: list[int | None] = []
         self._closed = threading.Condition()  # notified as each connection's code is recorded
         self.peers: list[tuple[str, int]] = []
+        self.paths: list[str] = []  # of every websocket connection, in order
         self.flood_sent = 0
         self.healthy = True
         self._loop = asyncio.new_event_loop()
@@ -115,6 +116,7 @@ class WsBackend:
     async def _handler(self, ws: ServerConnection) -> None:
         path = ws.request.path if ws.request else "/"
         self.peers.append(ws.remote_address[:2])
+        self.paths.append(path)
         try:
             if path == "/greet":
                 await ws.send("hello from backend")

@@ -15,6 +15,7 @@ supervisor sends each worker :meth:`Config.to_dict` (the effective config, all
 defaults filled in) and the worker parses it again with :func:`from_mapping`.
 """
 
+from shardproxy.config import certs
 from shardproxy.config.model import (
     ALLOCATORS,
     BALANCES,
@@ -95,6 +96,7 @@ __all__ = [
     "UpstreamConfig",
     "VerifyClient",
     "available_cpus",
+    "certs",
     "format_duration",
     "from_mapping",
     "load",

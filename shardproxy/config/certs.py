@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from cryptography import x509
 
+    from shardproxy.config.model import Config
+
 # ``cryptography`` is imported where it is used: loading it loads ``socket``
 # and ``select``, which the sans-IO packages must not (tests/unit/test_layout.py),
 # and a configuration without TLS never needs it.
@@ -149,3 +151,24 @@ def expiry_note(info: CertificateInfo, now: float | None = None) -> str:
     if days < 0:
         return f"expired {day} ({-days:.0f} days ago)"
     return f"expires {day} (in {days:.0f} days)"
+
+
+def profile_certificates(cfg: Config) -> list[tuple[str, CertificateInfo]]:
+    """(key path, what it says) of every listener certificate of ``cfg``;
+    read now, so a renewed file shows its new dates."""
+    out = []
+    for profile in cfg.tls:
+        for i, files in enumerate(profile.certificates):
+            key = f"tls.{profile.name}.certificates[{i}]"
+            out.append((key, inspect_pair(files.cert, files.key)))
+    return out
+
+
+def expiry_warnings(cfg: Config, now: float | None = None) -> list[str]:
+    """One line per listener certificate that expires within EXPIRY_WARNING
+    (or has expired), for check and the supervisor's log."""
+    return [
+        f"{key}: {info.path}: {expiry_note(info, now)}"
+        for key, info in profile_certificates(cfg)
+        if expires_within(info, EXPIRY_WARNING, now)
+    ]

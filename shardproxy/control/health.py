@@ -25,6 +25,7 @@ import base64
 import hashlib
 import os
 import random
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -32,6 +33,7 @@ import trio
 
 from shardproxy.config import Config, Endpoint, HealthConfig, parse_host_port
 from shardproxy.control.messages import Health
+from shardproxy.host.tls import client_context
 from shardproxy.protocol.frames import close_frame
 from shardproxy.protocol.http1 import HeadError, head_end, parse_response
 from shardproxy.protocol.proxyproto import encode_v2_local
@@ -97,6 +99,8 @@ class HealthMonitor:
         keeps its state. Restart :meth:`run` to apply."""
         endpoints: dict[Endpoint, tuple[EndpointHealth, HealthConfig]] = {}
         self.preambles: dict[Endpoint, bytes] = {}  # a PROXY LOCAL header for send_proxy pools
+        # Pools connected with TLS are checked with TLS: (context, server name).
+        self.tls: dict[Endpoint, tuple[ssl.SSLContext, str]] = {}
         for pool in cfg.pools:
             if pool.health is None:
                 continue
@@ -109,6 +113,9 @@ class HealthMonitor:
                     state.rise, state.fall = pool.health.rise, pool.health.fall
                     endpoints[ep] = (state, pool.health)
                     self.preambles[ep] = encode_v2_local() if pool.send_proxy else b""
+                    if pool.tls is not None:
+                        ctx = client_context(pool.tls)
+                        self.tls[ep] = (ctx, pool.tls.server_name or ep.host)
         self.endpoints = endpoints
 
     async def run(self) -> None:
@@ -120,7 +127,8 @@ class HealthMonitor:
         cfg = self.endpoints[endpoint][1]
         await trio.sleep(random.uniform(0, cfg.interval))  # endpoints not all at once
         while True:
-            await self.record(endpoint, await run_check(endpoint, cfg, self.preambles[endpoint]))
+            error = await run_check(endpoint, cfg, self.preambles[endpoint], self.tls.get(endpoint))
+            await self.record(endpoint, error)
             await trio.sleep(cfg.interval)
 
     async def passive_failures(self, text: str, n: int, worker: int) -> None:
@@ -165,9 +173,16 @@ class HealthMonitor:
 # -- the checks -------------------------------------------------------------
 
 
-async def run_check(endpoint: Endpoint, cfg: HealthConfig, preamble: bytes = b"") -> str | None:
+async def run_check(
+    endpoint: Endpoint,
+    cfg: HealthConfig,
+    preamble: bytes = b"",
+    tls: tuple[ssl.SSLContext, str] | None = None,
+) -> str | None:
     """One check of ``endpoint``: None if healthy, else why not. ``preamble``
-    goes first (a PROXY header, for backends that want one)."""
+    goes first (a PROXY header, for backends that want one); with ``tls``
+    (a context and the server name), the check speaks TLS after it, as
+    the workers do, and a certificate that does not verify fails it."""
     try:
         with trio.fail_after(cfg.timeout):
             family = trio.socket.AF_INET6 if ":" in endpoint.host else trio.socket.AF_INET
@@ -177,9 +192,13 @@ async def run_check(endpoint: Endpoint, cfg: HealthConfig, preamble: bytes = b""
             except BaseException:
                 sock.close()
                 raise
+            stream: trio.abc.Stream
             async with trio.SocketStream(sock) as stream:
                 if preamble:
                     await stream.send_all(preamble)
+                if tls is not None:
+                    stream = trio.SSLStream(stream, tls[0], server_hostname=tls[1])
+                    await stream.do_handshake()
                 if cfg.kind == "tcp":
                     return None
                 if cfg.kind == "http":
@@ -190,6 +209,9 @@ async def run_check(endpoint: Endpoint, cfg: HealthConfig, preamble: bytes = b""
     except OSError as e:
         return os.strerror(e.errno) if e.errno else str(e)
     except trio.BrokenResourceError as e:
+        cause = e.__cause__
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS: {getattr(cause, 'verify_message', None) or cause.reason or cause}"
         return f"connection broken: {e}"
 
 
@@ -197,7 +219,7 @@ def _host(endpoint: Endpoint) -> str:
     return str(endpoint)
 
 
-async def _read_head(stream: trio.SocketStream) -> tuple[int, dict[bytes, bytes]]:
+async def _read_head(stream: trio.abc.Stream) -> tuple[int, dict[bytes, bytes]]:
     data = bytearray()
     while (end := head_end(data)) < 0:
         if len(data) > MAX_HEAD:
@@ -210,7 +232,7 @@ async def _read_head(stream: trio.SocketStream) -> tuple[int, dict[bytes, bytes]
     return status, {name.lower(): value for name, value in headers}
 
 
-async def _http(stream: trio.SocketStream, endpoint: Endpoint, cfg: HealthConfig) -> str | None:
+async def _http(stream: trio.abc.Stream, endpoint: Endpoint, cfg: HealthConfig) -> str | None:
     await stream.send_all(
         f"GET {cfg.path} HTTP/1.1\r\nHost: {_host(endpoint)}\r\n"
         "User-Agent: shardproxy-health\r\nConnection: close\r\n\r\n".encode()
@@ -222,9 +244,7 @@ async def _http(stream: trio.SocketStream, endpoint: Endpoint, cfg: HealthConfig
     return None if status == cfg.expect else f"status {status}, expected {cfg.expect}"
 
 
-async def _websocket(
-    stream: trio.SocketStream, endpoint: Endpoint, cfg: HealthConfig
-) -> str | None:
+async def _websocket(stream: trio.abc.Stream, endpoint: Endpoint, cfg: HealthConfig) -> str | None:
     key = base64.b64encode(os.urandom(16))
     await stream.send_all(
         f"GET {cfg.path} HTTP/1.1\r\nHost: {_host(endpoint)}\r\n"

@@ -61,7 +61,7 @@ import psutil
 import trio
 
 from shardproxy import config
-from shardproxy.config import Config, ConfigError, Endpoint, format_duration
+from shardproxy.config import Config, ConfigError, Endpoint, certs, format_duration
 from shardproxy.control import addrplan
 from shardproxy.control.addrplan import Plan
 from shardproxy.control.admin import AdminRoutes, serve_admin
@@ -77,7 +77,7 @@ from shardproxy.control.messages import (
     Stats,
     UpstreamSlice,
 )
-from shardproxy.host import runtime
+from shardproxy.host import runtime, tls
 from shardproxy.host.rlimits import fd_capacity, raise_nofile_limit
 from shardproxy.host.sockopts import set_tcp_keepalive
 from shardproxy.telemetry import logs, metrics, stats
@@ -195,13 +195,19 @@ class Supervisor:
         # They live as long as the supervisor (a restart makes new ones).
         self.ticket_keys = os.urandom(80).hex()
 
+    def _warn_expiring(self, cfg: Config) -> None:
+        for line in certs.expiry_warnings(cfg):
+            self.log.warning(line, **{"event.action": "certificate-expiring"})
+
     def prepare(self) -> None:
         """Check the address plan against this host, then bind every (slot,
         address) socket; all or nothing. Raises :class:`StartError`."""
         try:
+            tls.trial(self.config)
             self.plan = addrplan.build(self.config)
         except ConfigError as e:
             raise StartError(str(e)) from None
+        self._warn_expiring(self.config)
         slots = self._open_slots(self.config)
         self.gen = Generation(1, self.config, self.plan, slots)
         if self.config.admin.listen is not None:
@@ -383,6 +389,7 @@ class Supervisor:
         source = self.config.source
         try:
             cfg = config.load(source)
+            tls.trial(cfg)  # a renewed certificate OpenSSL cannot use refuses the reload
             plan = addrplan.build(cfg)
             slots = self._open_slots(cfg)
         except (ConfigError, StartError) as e:
@@ -392,6 +399,7 @@ class Supervisor:
                 **{"event.action": "reload-refused", "error.message": str(e)},
             )
             return False
+        self._warn_expiring(cfg)
         old = self.gen
         new = Generation(old.number + 1, cfg, plan, slots)
         self.log.info(

@@ -491,8 +491,9 @@ class HandshakeEngine:
         except TlsFailure as f:
             endpoint = h.lease.endpoint
             assert endpoint is not None
+            # The why goes to the log (upstream-connect-failed), not to the client.
             self._connect_failed(h, endpoint.server, endpoint, f"TLS: {f}")
-            self._reject(h, Reject(502, "backend_tls_failed", f"TLS to the backend failed: {f}"))
+            self._reject(h, Reject(502, "backend_tls_failed", "TLS to the backend failed"))
             return
         if wait:
             self._want(h.backend.fileno(), wait)

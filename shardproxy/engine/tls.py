@@ -52,6 +52,7 @@ from shardproxy.config import BackendTls, Endpoint, TlsProfile
 from shardproxy.config.certs import describe_der
 from shardproxy.engine.api import TlsInfo
 from shardproxy.engine.transport import PLAIN
+from shardproxy.host.tls import client_context, server_context
 
 __all__ = [
     "REASONS",
@@ -63,9 +64,6 @@ __all__ = [
 ]
 
 HANDSHAKE_READ = 16384  # raw bytes per read while handshaking: a ClientHello, or a flight
-_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
-_VERIFY = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
-_ALPN = ["http/1.1"]
 
 # Why a handshake failed, in our words: the label of
 # shardproxy_tls_handshake_failures_total and the access event's error.type.
@@ -187,13 +185,6 @@ def share_ticket_keys(ctx: ssl.SSLContext, keys: bytes) -> bool:
     return bool(_libssl.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, len(keys), buffer))
 
 
-def _base_context(protocol: int) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(protocol)
-    ctx.set_alpn_protocols(_ALPN)
-    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
-    return ctx
-
-
 class TlsServer:
     """The TLS side of one listener: makes a :class:`TlsConnection` per
     accepted connection (see the module docstring for SNI)."""
@@ -204,7 +195,7 @@ class TlsServer:
         """``ticket_keys``: session ticket keys common to every worker (the
         supervisor's); b"": this process's own."""
         self.profile = profile
-        self._contexts = [self._context(c.cert, c.key) for c in profile.certificates]
+        self._contexts = [server_context(profile, c.cert, c.key) for c in profile.certificates]
         # Whether the workers' tickets are common (share_ticket_keys).
         self.shared_tickets = bool(ticket_keys) and all(
             share_ticket_keys(ctx, ticket_keys) for ctx in self._contexts
@@ -219,21 +210,6 @@ class TlsServer:
                     self._exact.setdefault(name, ctx)
         self.default = self._contexts[0]
         self.default.sni_callback = self._choose
-
-    def _context(self, cert: str, key: str) -> ssl.SSLContext:
-        p = self.profile
-        ctx = _base_context(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = _VERSIONS[p.min_version]
-        if p.ciphers:
-            ctx.set_ciphers(p.ciphers)
-        ctx.num_tickets = p.session_tickets
-        if not p.session_tickets:
-            ctx.options |= ssl.OP_NO_TICKET
-        ctx.load_cert_chain(cert, key)
-        if p.verify_client != "none":
-            ctx.load_verify_locations(p.client_ca)
-            ctx.verify_mode = _VERIFY[p.verify_client]
-        return ctx
 
     def context_for(self, server_name: str | None) -> ssl.SSLContext | None:
         """The context of the certificate for ``server_name``; None: no
@@ -272,19 +248,7 @@ class TlsClient:
 
     def __init__(self, tls: BackendTls) -> None:
         self.tls = tls
-        ctx = _base_context(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        if tls.verify:
-            if tls.ca_file:
-                ctx.load_verify_locations(tls.ca_file)
-            else:
-                ctx.load_default_certs()
-        else:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        if tls.cert:
-            ctx.load_cert_chain(tls.cert, tls.key)
-        self.context = ctx
+        self.context = client_context(tls)
         self._sessions: dict[Endpoint, ssl.SSLSession] = {}
 
     def connection(self, endpoint: Endpoint) -> TlsConnection:
