@@ -300,6 +300,7 @@ class WsClient:
         source: str = "",
         preamble: bytes = b"",
         tls: ssl.SSLContext | None = None,
+        session: ssl.SSLSession | None = None,
     ) -> None:
         """Connect to ``address:port`` (from ``source``, if given), send
         ``preamble`` (a PROXY header), then upgrade; with ``tls``, over
@@ -315,7 +316,7 @@ class WsClient:
             if preamble:
                 self.sock.sendall(preamble)
                 preamble = b""
-            self.sock = tls.wrap_socket(self.sock, server_hostname=host)
+            self.sock = tls.wrap_socket(self.sock, server_hostname=host, session=session)
         self.sock.sendall(preamble + self.ws.send(Request(host=host, target=path)))
         events = self._events()
         assert isinstance(events[0], AcceptConnection), events

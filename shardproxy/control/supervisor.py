@@ -51,6 +51,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -194,10 +195,15 @@ class Supervisor:
         # that a client resumes on whichever worker SO_REUSEPORT gives it.
         # They live as long as the supervisor (a restart makes new ones).
         self.ticket_keys = os.urandom(80).hex()
+        self.certificates: dict[str, tuple[str, float]] = {}  # the serving generation's
 
-    def _warn_expiring(self, cfg: Config) -> None:
+    def _read_certificates(self, cfg: Config) -> dict[str, tuple[str, float]]:
+        """What the listener certificates of ``cfg`` say now (key → file,
+        expiry: the /metrics gauge), with a warning logged for each that
+        expires within 30 days."""
         for line in certs.expiry_warnings(cfg):
             self.log.warning(line, **{"event.action": "certificate-expiring"})
+        return {key: (i.path, i.not_after) for key, i in certs.profile_certificates(cfg)}
 
     def prepare(self) -> None:
         """Check the address plan against this host, then bind every (slot,
@@ -207,7 +213,7 @@ class Supervisor:
             self.plan = addrplan.build(self.config)
         except ConfigError as e:
             raise StartError(str(e)) from None
-        self._warn_expiring(self.config)
+        self.certificates = self._read_certificates(self.config)
         slots = self._open_slots(self.config)
         self.gen = Generation(1, self.config, self.plan, slots)
         if self.config.admin.listen is not None:
@@ -399,7 +405,7 @@ class Supervisor:
                 **{"event.action": "reload-refused", "error.message": str(e)},
             )
             return False
-        self._warn_expiring(cfg)
+        self.certificates = self._read_certificates(cfg)
         old = self.gen
         new = Generation(old.number + 1, cfg, plan, slots)
         self.log.info(
@@ -655,6 +661,10 @@ class Supervisor:
             },
             "restarts": self.restarts,
             "reloads": dict(self.reloads),
+            "certificates": {
+                key: (path, not_after - time.time())
+                for key, (path, not_after) in self.certificates.items()
+            },
             "backends": {
                 str(ep): state.state == UP for ep, (state, _) in self.health.endpoints.items()
             },

@@ -254,7 +254,15 @@ def _supervisor(s: Mapping[str, Any]) -> list[Metric]:
     )
     for endpoint, n in sorted(s.get("check_failures", {}).items()):
         failed.add_metric([endpoint], n)
-    out: list[Metric] = [restarts, reloads, up, failed]
+    expiry = GaugeMetricFamily(
+        "shardproxy_tls_certificate_expiry_seconds",
+        "Seconds until each listener certificate expires (negative: expired), "
+        "as read at start or at the last reload.",
+        labels=["certificate", "file"],
+    )
+    for key, (path, seconds) in sorted(s.get("certificates", {}).items()):
+        expiry.add_metric([key, path], seconds)
+    out: list[Metric] = [restarts, reloads, up, failed, expiry]
     per_process = [
         (key, kind(name, doc, labels=["process"])) for key, kind, name, doc in _PER_PROCESS
     ]

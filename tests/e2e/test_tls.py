@@ -225,6 +225,56 @@ def test_mtls_required_takes_a_good_certificate_and_logs_its_subject(lab: Lab) -
     assert event["tls"]["client"]["hash"]["sha256"] == alice.fingerprint.upper()
 
 
+def test_sessions_resume_on_every_worker(lab: Lab) -> None:
+    """The workers share their ticket keys (engine/tls.py's
+    share_ticket_keys): a session from one resumes on the other, which
+    SO_REUSEPORT picks for about half of the reconnections."""
+    ctx = lab.context()  # a session resumes through the context that made it
+    first = WsClient(lab.ports["edge"], "/resume", host="chat.example.com", tls=ctx)
+    first.echo("ticket")  # the tickets came with the 101
+    assert isinstance(first.sock, ssl.SSLSocket)
+    session = first.sock.session
+    first.close()
+    reused = []
+    for i in range(20):
+        ws = WsClient(
+            lab.ports["edge"], f"/resume/{i}", host="chat.example.com", tls=ctx, session=session,
+        )  # fmt: skip
+        assert isinstance(ws.sock, ssl.SSLSocket)
+        reused.append(ws.sock.session_reused)
+        ws.close()
+    assert all(reused), reused
+    events = lab.proxy.wait_for(
+        lambda _: (
+            found
+            if len(
+                found := [
+                    e
+                    for e in lab.proxy.actions("tunnel-closed")
+                    if e["url"]["path"].startswith("/resume/")
+                ]
+            )
+            == 20
+            else None
+        ),
+        "the 20 resumed tunnels' events",
+    )
+    assert all(e["tls"]["resumed"] for e in events)
+    assert len({e["process"]["pid"] for e in events}) == 2, "both workers resumed sessions"
+
+
+def test_metrics_give_each_certificate_its_seconds_to_expiry(lab: Lab) -> None:
+    found = samples(get(lab.ports["admin"], "/metrics")[2].decode())
+    left = {
+        dict(labels)["certificate"]: value
+        for (name, labels), value in found.items()
+        if name == "shardproxy_tls_certificate_expiry_seconds"
+    }
+    assert set(left) >= {"tls.edge.certificates[0]", "tls.edge.certificates[1]"}
+    # tlscerts issues for 30 days by default
+    assert 29 * 86400 < left["tls.edge.certificates[0]"] <= 30 * 86400
+
+
 # -- refusals, each with its reason ----------------------------------------------
 
 
