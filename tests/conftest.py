@@ -190,11 +190,18 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
     """Factory: ``start_proxy(backend_ports, workers=2, port=0, proxy={...}, extra=...)``."""
     started: list[Proxy] = []
 
-    def start(backends: list[int], *, workers: int = 2, port: int = 0, **kw: Any) -> Proxy:
+    def start(
+        backends: list[int],
+        *,
+        workers: int = 2,
+        port: int = 0,
+        handshake_engine: str | None = None,
+        **kw: Any,
+    ) -> Proxy:
         port = port or free_port()
         path = tmp_path / f"shardproxy-{len(started)}.toml"
         path.write_text(toml_config(backends, port=port, workers=workers, **kw))
-        proxy = Proxy(path, port, workers)
+        proxy = Proxy(path, port, workers, handshake_engine)
         started.append(proxy)
         return proxy
 

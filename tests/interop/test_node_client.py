@@ -7,14 +7,17 @@ installs Node and its ``node_modules``.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, Proxy
+from conftest import REPO, Proxy, free_port
 from peers import WsBackend, parse_json_lines
+from tlscerts import TestCA
 
 NODE_DIR = REPO / "tests" / "node"
 CLIENT = NODE_DIR / "ws_client.mjs"
@@ -53,11 +56,15 @@ def node() -> str:
     return exe
 
 
-def run_client(exe: str, url: str, *args: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Run ws_client.mjs; return its check lines and its summary line."""
+def run_client(
+    exe: str, url: str, *args: str, env: dict[str, str] | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run ws_client.mjs (with ``env`` added to the environment); return
+    its check lines and its summary line."""
     proc = subprocess.run(
         [exe, str(CLIENT), url, *args],
         cwd=NODE_DIR,
+        env={**os.environ, **(env or {})},
         capture_output=True,
         text=True,
         timeout=60,  # the client has its own 20 s overall timeout
@@ -134,3 +141,31 @@ def test_node_ws_concurrent_connections(start_proxy: Callable[..., Proxy]) -> No
         for e in closed
     }
     assert outcomes == {("closed", 1000, 1, 1)}, outcomes
+
+
+@pytest.mark.usefixtures("proxy_engine")  # on both engines: the relay's TLS path
+def test_node_ws_conversation_over_wss(start_proxy: Callable[..., Proxy], tmp_path: Path) -> None:
+    """The same conversation over wss://, Node trusting the tests' CA
+    (NODE_EXTRA_CA_CERTS): 5 MiB messages cross many TLS records."""
+    exe = node()
+    ca = TestCA(tmp_path)
+    leaf = ca.issue(["localhost"], stem="localhost")
+    port = free_port()
+    pair = f'{{ cert = "{leaf.cert}", key = "{leaf.key}" }}'
+    with WsBackend() as backend:
+        proxy = start_proxy(
+            [backend.port],
+            port=port,
+            proxy={"listen": [{"address": f"127.0.0.1:{port}", "tls": "edge"}]},
+            extra=f"\n[tls.edge]\ncertificates = [{pair}]\n",
+            handshake_engine="python",
+        )
+        checks, summary = run_client(
+            exe, f"wss://localhost:{port}/echo", env={"NODE_EXTRA_CA_CERTS": str(ca.ca_file)}
+        )
+        assert [c["check"] for c in checks] == CONVERSATION_CHECKS, checks
+        assert summary["received"]["messages"] == CONVERSATION_MESSAGES, summary
+        assert backend.wait_close_code(CLOSE_CODE), "the backend did not record 4100"
+    closed = proxy.wait_for(lambda _: proxy.actions("tunnel-closed"), "the tunnel-closed event")
+    assert closed[0]["tls"]["client"]["server_name"] == "localhost"
+    assert closed[0]["shardproxy"]["messages"]["down"] == CONVERSATION_MESSAGES
