@@ -89,7 +89,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory, module_proxy_engine: str) -> I
     }
     other = TestCA(tmp, name="another CA")
     certs["stranger"] = other.issue(["mallory"], common_name="mallory", client=True)
-    ports = {name: free_port() for name in ("edge", "strict", "mtls", "admin")}
+    ports = {name: free_port() for name in ("edge", "strict", "mtls", "proxied", "admin")}
     with WsBackend() as backend:
         text = f"""
 [proxy]
@@ -97,7 +97,9 @@ listen = [
   {{ address = "127.0.0.1:{ports["edge"]}", tls = "edge" }},
   {{ address = "127.0.0.1:{ports["strict"]}", tls = "strict" }},
   {{ address = "127.0.0.1:{ports["mtls"]}", tls = "mtls" }},
+  {{ address = "127.0.0.1:{ports["proxied"]}", tls = "edge", accept_proxy = true }},
 ]
+trusted_proxies = ["127.0.0.1/32"]
 workers = 2
 header_timeout = "{int(HEADER_TIMEOUT * 1000)}ms"
 
@@ -273,6 +275,22 @@ def test_metrics_give_each_certificate_its_seconds_to_expiry(lab: Lab) -> None:
     assert set(left) >= {"tls.edge.certificates[0]", "tls.edge.certificates[1]"}
     # tlscerts issues for 30 days by default
     assert 29 * 86400 < left["tls.edge.certificates[0]"] <= 30 * 86400
+
+
+def test_a_proxy_protocol_listener_reads_the_header_then_tls(lab: Lab) -> None:
+    header = b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 443\r\n"
+    ws = WsClient(
+        lab.ports["proxied"], "/proxied", host="chat.example.com", tls=lab.context(),
+        preamble=header,
+    )  # fmt: skip
+    assert ws.echo("through both") == "through both"
+    ws.close()
+    event = lab.proxy.wait_for(
+        lambda _: [e for e in lab.proxy.actions("tunnel-closed") if e["url"]["path"] == "/proxied"],
+        "the tunnel-closed event of the proxied wss tunnel",
+    )[0]
+    assert event["client"]["ip"] == "203.0.113.7"
+    assert event["tls"]["client"]["server_name"] == "chat.example.com"
 
 
 # -- refusals, each with its reason ----------------------------------------------

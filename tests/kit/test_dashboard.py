@@ -15,11 +15,13 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from conftest import REPO, Proxy, free_port
 from peers import WsBackend, WsClient, read_head, read_until_closed
 from prometheus_client.parser import text_string_to_metric_families
+from tlscerts import TestCA
 from websockets.asyncio.client import connect
 
 from shardproxy.telemetry import metrics
@@ -182,7 +184,7 @@ def total(found: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str
 
 
 def test_every_metric_the_dashboard_queries_is_exported(
-    start_proxy: Callable[..., Proxy],
+    start_proxy: Callable[..., Proxy], tmp_path: Path
 ) -> None:
     aport = free_port()
     extra = (
@@ -192,8 +194,21 @@ def test_every_metric_the_dashboard_queries_is_exported(
         # the refused requests below are counted as suppressed.
         "\n[log]\nerror_rate = 1\nerror_burst = 1\n"
     )
+    # A TLS listener, and one plain HTTP request to it below: the TLS
+    # families then have samples too.
+    ca = TestCA(tmp_path)
+    leaf = ca.issue(["dashboard.example.com"])
+    tls_port, port = free_port(), free_port()
+    extra += f'\n[tls.edge]\ncertificates = [{{ cert = "{leaf.cert}", key = "{leaf.key}" }}]\n'
+    listen = [f"127.0.0.1:{port}", {"address": f"127.0.0.1:{tls_port}", "tls": "edge"}]
     with WsBackend() as backend:
-        proxy = start_proxy([backend.port], extra=extra)
+        proxy = start_proxy(
+            [backend.port], port=port, proxy={"listen": listen}, extra=extra,
+            handshake_engine="python",
+        )  # fmt: skip
+        with socket.create_connection(("127.0.0.1", tls_port), timeout=10) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_head(s).startswith(b"HTTP/1.1 400")
 
         async def tunnels() -> list[Any]:
             opened = [await connect(proxy.url + "/echo", ping_interval=None) for _ in range(10)]
@@ -238,6 +253,7 @@ def test_every_metric_the_dashboard_queries_is_exported(
                 and total(found, "shardproxy_log_events_suppressed_total") > 0
                 and total(found, "shardproxy_reloads_total") == 1
                 and total(found, "shardproxy_backend_up") == 1
+                and total(found, "shardproxy_tls_handshake_failures_total") == 1
             )
             if ready or time.monotonic() > deadline:
                 break
