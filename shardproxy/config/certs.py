@@ -149,8 +149,13 @@ def expiry_note(info: CertificateInfo, now: float | None = None) -> str:
     day = time.strftime("%Y-%m-%d", time.gmtime(info.not_after))
     days = (info.not_after - now) / 86400
     if days < 0:
-        return f"expired {day} ({-days:.0f} days ago)"
-    return f"expires {day} (in {days:.0f} days)"
+        return f"expired {day} ({_days(-days)} ago)"
+    return f"expires {day} (in {_days(days)})"
+
+
+def _days(days: float) -> str:
+    whole = round(days)
+    return "1 day" if whole == 1 else f"{whole} days"
 
 
 def profile_certificates(cfg: Config) -> list[tuple[str, CertificateInfo]]:

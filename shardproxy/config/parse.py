@@ -359,9 +359,14 @@ class _Parser:
         ca_file = self.ca_bundle(raw["ca_file"], f"{key}.ca_file") if raw.get("ca_file") else ""
         server_name = self.string(raw.get("server_name", ""), f"{key}.server_name")
         cert = private = ""
-        if ("cert" in raw) != ("key" in raw):
-            raise self.fail(f"{key}.cert", "cert and key go together (a client certificate)")
-        if "cert" in raw:
+        given = {part for part in ("cert", "key") if raw.get(part, "") != ""}  # "": none
+        if len(given) == 1:
+            (present,) = given
+            missing = "key" if present == "cert" else "cert"
+            raise self.fail(
+                f"{key}.{missing}", f"is required with {present} (a client certificate is both)"
+            )
+        if given:
             cert, private = (
                 self.path(raw["cert"], f"{key}.cert"),
                 self.path(raw["key"], f"{key}.key"),
@@ -624,7 +629,7 @@ class _Parser:
             raise self.fail(
                 f"{key}.hash_key",
                 'is required with balance = "hash" '
-                "(header:NAME, cookie:NAME, query:NAME or client_ip)",
+                "(header:NAME, cookie:NAME, query:NAME, client_ip or client_cert)",
             )
         servers_raw = self.array(raw.get("servers", []), f"{key}.servers")
         if not servers_raw:

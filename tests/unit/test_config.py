@@ -17,6 +17,7 @@ import tomli_w
 from configs import GOOD_TOML, write
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tlscerts import TestCA
 
 from shardproxy import config
 from shardproxy.config import (
@@ -135,6 +136,56 @@ def test_to_dict_round_trips_through_toml(tmp_path: Path) -> None:
     assert d["proxy"]["max_connections"] == "auto"
     assert d["pools"]["chat"]["hash_key"] == "header:x-user-id"
     assert "hash_key" not in d["pools"]["other"]
+
+
+def test_to_dict_round_trips_with_tls(tmp_path: Path) -> None:
+    """TLS profiles, TLS listeners and a pool's TLS, with relative paths
+    and the certificates' names left out: the effective config has them
+    absolute and filled in, and parses back to the same objects."""
+    ca = TestCA(tmp_path)
+    chat = ca.issue(["chat.example.com", "*.example.com"], stem="chat")
+    api = ca.issue(["api.example.com"], key_type="rsa", stem="api")
+    client = ca.issue([], common_name="shardproxy", client=True, stem="client")
+    data = tomllib.loads(GOOD_TOML)
+    data["proxy"]["listen"] = [
+        "127.0.0.1:9000",
+        {"address": "127.0.0.1:9443", "tls": "edge"},
+        {"address": "[::1]:9443", "tls": "mtls", "accept_proxy": True},
+    ]
+    data["proxy"]["trusted_proxies"] = ["10.0.0.0/8"]
+    data["tls"] = {
+        "edge": {"certificates": [{"cert": "chat.pem", "key": "chat.key"}, {
+            "cert": "api.pem", "key": "api.key", "names": ["API.example.com"]
+        }]},
+        "mtls": {
+            "certificates": [{"cert": "chat.pem", "key": "chat.key", "names": ["*.example.com"]}],
+            "min_version": "1.3",
+            "session_tickets": 0,
+            "strict_sni": True,
+            "client_ca": ca.ca_file.name,
+            "verify_client": "required",
+        },
+    }  # fmt: skip
+    data["pools"]["chat"]["tls"] = {
+        "ca_file": ca.ca_file.name,
+        "cert": "client.pem",
+        "key": "client.key",
+    }
+    data["pools"]["other"].update(balance="hash", hash_key="client_cert", tls={"verify": False})
+    c = config.load(write(tmp_path, tomli_w.dumps(data)))
+    d = c.to_dict()
+    assert from_mapping(d) == c
+    assert from_mapping(tomllib.loads(tomli_w.dumps(d))) == c
+    assert from_mapping(d).to_dict() == d
+    assert [f["names"] for f in d["tls"]["edge"]["certificates"]] == [
+        ["chat.example.com", "*.example.com"],
+        ["api.example.com"],
+    ]
+    assert d["tls"]["edge"]["certificates"][0]["cert"] == str(chat.cert)
+    assert d["tls"]["edge"]["certificates"][1]["key"] == str(api.key)
+    assert d["pools"]["chat"]["tls"]["cert"] == str(client.cert)
+    assert d["proxy"]["listen"][2] == {"address": "[::1]:9443", "accept_proxy": True, "tls": "mtls"}
+    assert c.pool("other").hash_key == HashKey("client_cert")
 
 
 # Valid configs, generated. Each raw value is written in one of the forms an
